@@ -1,0 +1,457 @@
+"""One DICOM instance → one BigQuery row and that row's schema fragment (SPEC §2).
+
+Pure Python: a pydicom dataset in, plain data out. The row is ready for a BigQuery JSON
+load (DATE, TIME and TIMESTAMP as text, records as dicts, repeated fields as lists). The
+fragment is a set of *field paths*: each path is the tuple of fields from a top-level
+column down to one leaf, and each field is ``(kind, order, name, type, mode)``, where
+``kind`` and ``order`` place it among its siblings (SPEC §3). A set of paths merges by
+union, which is what makes the table's schema independent of the order of instances
+(see :mod:`schemas.merge`).
+
+Values are converted from the raw bytes pydicom leaves unparsed wherever the VR is
+known, which is both faster than pydicom's own value classes and keeps DS/IS text as
+written; pydicom does the rest (ambiguous VRs, UN, private dictionaries, charsets).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from typing import Callable, Iterable, NamedTuple
+
+from pydicom import charset as dicom_charset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
+
+from schemas import values as bq_values
+from schemas import vr_types
+from schemas.columns import (
+    DROPPED_TAGS,
+    OTHER_ELEMENTS,
+    PRIVATE_SEQUENCE,
+    REPEATING_GROUP,
+    STANDARD,
+    Column,
+    column_for_tag,
+    tag_name,
+)
+from schemas.vr_types import (
+    DATE,
+    FLOAT,
+    INTEGER,
+    NULLABLE,
+    RECORD,
+    REPEATED,
+    STRING,
+    TIME,
+    TIMESTAMP,
+)
+
+#: BigQuery allows at most 15 levels of nested RECORDs.
+MAX_RECORD_DEPTH = 15
+
+SPECIFIC_CHARACTER_SET = 0x00080005
+PIXEL_DATA_KEYWORDS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+
+Field = tuple  # (kind, order, name, type, mode)
+Path = tuple  # (Field, ...), from a top-level column to a leaf
+
+OTHER_ELEMENTS_FIELD: Field = (OTHER_ELEMENTS, 0, "OtherElements", RECORD, REPEATED)
+OTHER_ELEMENTS_PATHS = frozenset(
+    {
+        (OTHER_ELEMENTS_FIELD, (STANDARD, 0, "Tag", STRING, NULLABLE)),
+        (OTHER_ELEMENTS_FIELD, (STANDARD, 1, "Data", STRING, REPEATED)),
+    }
+)
+DROPPED_TAGS_PATHS = frozenset(
+    {((DROPPED_TAGS, 0, "DroppedTags", RECORD, REPEATED), (STANDARD, 0, "TagName", STRING, NULLABLE))}
+)
+PERSON_NAME_PATHS = frozenset(
+    ((STANDARD, g, group, RECORD, NULLABLE), (STANDARD, c, component, STRING, NULLABLE))
+    for g, group in enumerate(bq_values.PN_GROUPS)
+    for c, component in enumerate(bq_values.PN_COMPONENTS)
+)
+_ID_PATH = ((STANDARD, 0, "Id", STRING, NULLABLE),)
+
+# Binary VRs: struct format character and size in bytes.
+_BINARY = {
+    "US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4), "UV": ("Q", 8),
+    "SV": ("q", 8), "FL": ("f", 4), "FD": ("d", 8), "AT": ("I", 4),
+}
+_TEXT_DELIMITERS = TEXT_VR_DELIMS
+_PN_DELIMITERS = PN_DELIMS
+
+
+class Flattened(NamedTuple):
+    """The row, its schema fragment, and counts of what did not go into its own column."""
+
+    row: dict
+    fragment: frozenset
+    counts: Counter
+
+
+class _NotFit(Exception):
+    """A value that does not fit its column; carries the value's text for OtherElements."""
+
+    def __init__(self, texts: list[str], undecodable: bool = False):
+        self.texts = texts
+        self.undecodable = undecodable
+
+
+def flatten_instance(
+    dataset: Dataset,
+    *,
+    pixel_data_tag: int | None = None,
+    read_deferred: Callable[[RawDataElement], bytes] | None = None,
+) -> Flattened:
+    """Flatten an instance: file meta (if any) and dataset → row, fragment, counts.
+
+    ``pixel_data_tag`` names the pixel data element reading stopped before, so that it is
+    listed in DroppedTags without its bytes ever being read. ``read_deferred`` reads a
+    top-level value that parsing skipped (see :mod:`transforms.header`).
+    """
+    flattener = _Flattener(read_deferred)
+    meta = getattr(dataset, "file_meta", None)
+    encodings = flattener.encodings(dataset)
+    row, paths = flattener.record(dataset, encodings, "", 0, meta)
+    if pixel_data_tag is not None:
+        flattener.drop(PIXEL_DATA_KEYWORDS.get(pixel_data_tag, tag_name(pixel_data_tag)))
+    if flattener.dropped:
+        row["DroppedTags"] = [{"TagName": name} for name in flattener.dropped]
+    flattener.counts["dropped_tags"] += len(flattener.dropped)
+    paths |= OTHER_ELEMENTS_PATHS | DROPPED_TAGS_PATHS
+    return Flattened(row, frozenset(paths), flattener.counts)
+
+
+class _Flattener:
+    def __init__(self, read_deferred: Callable[[RawDataElement], bytes] | None):
+        self.read_deferred = read_deferred
+        self.counts: Counter = Counter()
+        self.dropped: dict[str, None] = {}  # ordered set
+
+    def drop(self, name: str) -> None:
+        self.dropped.setdefault(name)
+
+    def encodings(self, dataset: Dataset, inherited: list[str] | None = None) -> list[str]:
+        """Python encodings from this dataset's Specific Character Set, else ``inherited``.
+
+        A term pydicom does not know is counted (``charset_fallbacks``); pydicom then
+        corrects common misspellings or falls back to the default repertoire.
+        """
+        element = dataset.get_item(SPECIFIC_CHARACTER_SET, keep_deferred=True)
+        if element is None:
+            return inherited or [dicom_charset.default_encoding]
+        if isinstance(element, RawDataElement):
+            terms = (element.value or b"").decode("latin-1").split("\\")
+        else:
+            value = element.value or ""
+            terms = [value] if isinstance(value, str) else list(value)
+        terms = [term.strip(" \0") for term in terms]
+        if any(term and term not in dicom_charset.python_encoding for term in terms):
+            self.counts["charset_fallbacks"] += 1
+        return dicom_charset.convert_encodings(terms)
+
+    # -- datasets ---------------------------------------------------------------------
+
+    def record(
+        self, dataset: Dataset, encodings: list[str], prefix: str, depth: int, meta=None
+    ) -> tuple[dict, set]:
+        """Flatten one dataset (the instance, or a sequence item) at ``depth`` records deep."""
+        row: dict = {}
+        paths: set = set()
+        others: list[dict] = []
+        elements: Iterable = _elements(meta) if meta else ()
+        for source, tag, element in _chain((meta, elements), (dataset, _elements(dataset))):
+            column = column_for_tag(tag)
+            try:
+                if column.kind == OTHER_ELEMENTS:
+                    self._other(source, tag, element, column, encodings, prefix, depth, row, paths, others)
+                else:
+                    self._column(source, tag, element, column, encodings, prefix, depth, row, paths)
+            except _NotFit as not_fit:
+                self.counts["moved_to_other_elements"] += 1
+                if not_fit.undecodable:
+                    self.counts["undecodable_values"] += 1
+                if depth + 1 > MAX_RECORD_DEPTH:
+                    self._too_deep(prefix + column.name)
+                else:
+                    others.append({"Tag": tag_name(tag), "Data": not_fit.texts})
+        if others:
+            row["OtherElements"] = others
+            paths |= OTHER_ELEMENTS_PATHS
+        return row, paths
+
+    def _too_deep(self, name: str) -> None:
+        self.counts["too_deep"] += 1
+        self.drop(name)
+
+    def _column(self, source, tag, element, column: Column, encodings, prefix, depth, row, paths):
+        """A keyword column: a standard element or one of a repeating group (50xx/60xx)."""
+        name = column.name
+        if column.bq_type is None:
+            self.drop(prefix + name)
+            return
+        vr, element = self._resolve_vr(source, tag, element, column.vr)
+        if vr_types.is_excluded(vr):
+            self.drop(prefix + name)
+            return
+        is_group = column.kind == REPEATING_GROUP
+        value_depth = depth + 1 if is_group else depth
+        if column.bq_type == RECORD and column.vr == "SQ":
+            if vr != "SQ":
+                self.drop(prefix + name)
+                return
+            value, child_paths = self._sequence(
+                source[tag], encodings, prefix + name + ".", value_depth
+            )
+            if not child_paths:
+                return
+            mode = REPEATED
+        else:
+            if vr == "SQ":
+                self.drop(prefix + name)
+                return
+            needed = 2 if column.bq_type == RECORD else 0
+            if value_depth + needed > MAX_RECORD_DEPTH or (is_group and depth + 1 > MAX_RECORD_DEPTH):
+                self._too_deep(prefix + name)
+                return
+            value = self._fit(vr, element, encodings, column.bq_type, column.mode)
+            child_paths = PERSON_NAME_PATHS if column.bq_type == RECORD else None
+            mode = column.mode
+        if is_group:
+            field = (REPEATING_GROUP, column.order, name, RECORD, REPEATED)
+            value_field = (STANDARD, 1, "Value", column.bq_type, mode)
+            paths.add((field,) + _ID_PATH)
+            _add_paths(paths, (field, value_field), child_paths)
+            entry = {"Id": f"{tag >> 16:04X}"}
+            if value is not None:
+                entry["Value"] = value
+            row.setdefault(name, []).append(entry)
+        else:
+            _add_paths(paths, ((STANDARD, column.order, name, column.bq_type, mode),), child_paths)
+            if value is not None:
+                row[name] = value
+
+    def _other(self, source, tag, element, column, encodings, prefix, depth, row, paths, others):
+        """A private or keyword-less element: OtherElements, a Tag_ sequence, or dropped."""
+        name = column.name
+        vr, element = self._resolve_vr(source, tag, element, None)
+        if vr == "SQ":
+            value, child_paths = self._sequence(source[tag], encodings, prefix + name + ".", depth)
+            if child_paths:
+                field = (PRIVATE_SEQUENCE, tag, name, RECORD, REPEATED)
+                _add_paths(paths, (field,), child_paths)
+                row[name] = value
+            return
+        if vr_types.is_excluded(vr):
+            self.drop(prefix + name)
+            return
+        if depth + 1 > MAX_RECORD_DEPTH:
+            self._too_deep(prefix + name)
+            return
+        texts, undecodable = self._texts(vr, element, encodings)
+        if undecodable:
+            self.counts["undecodable_values"] += 1
+        others.append({"Tag": name, "Data": texts})
+
+    def _sequence(self, element, encodings, prefix: str, depth: int) -> tuple[list, set]:
+        """A sequence at ``depth``: its items as records, and the union of their paths.
+
+        ``element`` is converted (``dataset[tag]``): pydicom parses defined-length
+        sequences only when asked."""
+        if depth + 1 > MAX_RECORD_DEPTH:
+            self._too_deep(prefix[:-1])
+            return [], set()
+        items, paths = [], set()
+        for item in element.value:
+            record, item_paths = self.record(item, self.encodings(item, encodings), prefix, depth + 1)
+            items.append(record)
+            paths |= item_paths
+        return items, paths
+
+    # -- values -----------------------------------------------------------------------
+
+    def _resolve_vr(self, source: Dataset, tag: int, element, dictionary_vr: str | None):
+        """The element's actual VR, converting through pydicom where only it knows.
+
+        pydicom resolves what the raw bytes cannot tell: an implicit VR that is ambiguous
+        (``US or SS``), a private tag's VR from its private dictionary, a public element
+        stored as UN.
+        """
+        if isinstance(element, RawDataElement):
+            vr = element.VR
+            if vr is None:
+                if dictionary_vr and " or " not in dictionary_vr:
+                    return dictionary_vr, element
+            elif vr != "UN":
+                return vr, element
+            element = source[tag]
+        return element.VR, element
+
+    def _raw_bytes(self, element: RawDataElement) -> bytes:
+        value = element.value
+        if value is None:
+            if element.length == 0 or self.read_deferred is None:
+                return b""
+            value = self.read_deferred(element)
+        return value
+
+    def _values(self, vr: str, element, encodings) -> tuple[list, bool]:
+        """The element's values: text (split on backslash), numbers, or PN group lists."""
+        if isinstance(element, RawDataElement):
+            raw = self._raw_bytes(element)
+            binary = _BINARY.get(vr)
+            if binary is not None:
+                code, size = binary
+                if len(raw) % size:
+                    raise _NotFit([raw.hex()])
+                count = len(raw) // size
+                order = "<" if element.is_little_endian else ">"
+                if vr == "AT":
+                    pairs = struct.unpack(f"{order}{2 * count}H", raw)
+                    return [pairs[i] << 16 | pairs[i + 1] for i in range(0, len(pairs), 2)], False
+                return list(struct.unpack(f"{order}{count}{code}", raw)), False
+            if vr == "PN":
+                names, undecodable = [], False
+                for token in raw.rstrip(b"\0 ").split(b"\\"):
+                    groups = [
+                        dicom_charset.decode_bytes(group, encodings, _PN_DELIMITERS)
+                        for group in token.split(b"=")
+                    ]
+                    undecodable = undecodable or any("\ufffd" in group for group in groups)
+                    names.append(groups)
+                return ([] if names == [[""]] else names), undecodable
+            if vr in vr_types.CHARSET_VRS:
+                text = dicom_charset.decode_bytes(raw, encodings, _TEXT_DELIMITERS)
+                undecodable = "\ufffd" in text
+            else:
+                text = raw.decode("latin-1")
+                undecodable = False
+            tokens = [text] if vr in vr_types.SINGLE_VALUE_TEXT_VRS else text.split("\\")
+            return _clean(vr, tokens), undecodable
+        value = element.value
+        if value is None or value == "" or value == b"":
+            return [], False
+        items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+        if vr == "PN":
+            names = [str(v).split("=") for v in items]
+            return names, any("\ufffd" in str(v) for v in items)
+        if vr in _BINARY:
+            return [int(v) if vr != "FL" and vr != "FD" else float(v) for v in items], False
+        return _clean(vr, [str(v) for v in items]), any("\ufffd" in str(v) for v in items)
+
+    def _texts(self, vr: str, element, encodings) -> tuple[list[str], bool]:
+        """The element's values as text, for OtherElements."""
+        try:
+            values, undecodable = self._values(vr, element, encodings)
+        except _NotFit as not_fit:
+            return not_fit.texts, not_fit.undecodable
+        return [_as_text(vr, v) for v in values], undecodable
+
+    def _fit(self, vr: str, element, encodings, bq_type: str, mode: str):
+        """The column value for the element, or ``_NotFit`` with its text."""
+        values, undecodable = self._values(vr, element, encodings)
+        if undecodable:
+            raise _NotFit([_as_text(vr, v) for v in values], undecodable=True)
+        if not values or values == [""]:
+            return None
+        if mode == NULLABLE and len(values) > 1:
+            raise _NotFit([_as_text(vr, v) for v in values])
+        convert = _CONVERTERS[bq_type]
+        try:
+            converted = [convert(v) for v in values]
+        except (ValueError, TypeError, OverflowError):
+            raise _NotFit([_as_text(vr, v) for v in values]) from None
+        if mode == NULLABLE:
+            return converted[0]
+        if bq_type == RECORD:  # an empty name keeps its place in a list of names
+            converted = [{} if v is None else v for v in converted]
+        return converted
+
+
+def _elements(dataset: Dataset):
+    for tag in sorted(dataset.keys()):
+        yield tag, dataset.get_item(tag, keep_deferred=True)
+
+
+def _chain(*sources):
+    for source, elements in sources:
+        for tag, element in elements:
+            yield source, tag, element
+
+
+def _add_paths(paths: set, prefix: tuple, child_paths) -> None:
+    if child_paths is None:
+        paths.add(prefix)
+    else:
+        paths.update(prefix + child for child in child_paths)
+
+
+def _clean(vr: str, tokens: list[str]) -> list[str]:
+    """Remove padding: trailing spaces and NULs always, leading spaces where insignificant."""
+    if vr in vr_types.LEADING_SPACE_PADDED_VRS:
+        tokens = [token.strip(" \0") for token in tokens]
+    else:
+        tokens = [token.rstrip(" \0") for token in tokens]
+    return [] if tokens == [""] else tokens
+
+
+def _as_text(vr: str, value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # PN component groups
+        return "=".join(value)
+    if vr == "AT":
+        return f"{value:08X}"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _to_string(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "=".join(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _to_integer(value) -> int:
+    if isinstance(value, str):
+        value = int(value.strip())
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("not an integer")
+        value = int(value)
+    return bq_values.to_integer(value)
+
+
+def _to_float(value) -> float | str:
+    return bq_values.to_float(float(value))
+
+
+def _text_only(function: Callable[[str], str]) -> Callable:
+    def convert(value):
+        if not isinstance(value, str):
+            raise TypeError("not text")
+        return function(value)
+
+    return convert
+
+
+def _to_person_name(value) -> dict | None:
+    groups = value if isinstance(value, list) else str(value).split("=")
+    return bq_values.to_person_name(groups)
+
+
+_CONVERTERS: dict[str, Callable] = {
+    STRING: _to_string,
+    INTEGER: _to_integer,
+    FLOAT: _to_float,
+    DATE: _text_only(bq_values.to_date),
+    TIME: _text_only(bq_values.to_time),
+    TIMESTAMP: _text_only(bq_values.to_timestamp),
+    RECORD: _to_person_name,
+}
+
+__all__ = ["Flattened", "flatten_instance", "MAX_RECORD_DEPTH"]

@@ -1,0 +1,267 @@
+"""Header-only reading of one DICOM instance from any seekable file object.
+
+Pure Python (pydicom, no Beam): the Beam transforms call :func:`read_header` on the file
+objects Beam's filesystems open, and ``dicom-bq-export inspect`` calls it on local files.
+
+What is read: the preamble and file meta, then the dataset up to Pixel Data (or Float /
+Double Float Pixel Data), whose bytes are never read: only its presence is recorded.
+Large values before it (ICC profiles, encapsulated documents, vendor blobs) are skipped
+with a seek, not read, and read later only if their VR is exported. So on Cloud Storage
+a ranged reader fetches a few KB of a 40 MB object.
+
+Every way a file can fail to be an instance is an :class:`InstanceError` subclass whose
+message never contains a tag value (DICOM headers hold patient data).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import warnings
+from typing import BinaryIO, NamedTuple
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+
+
+def silence_pydicom() -> None:
+    """Keep pydicom's warnings and log records out of every log.
+
+    pydicom puts tag values (names, UIDs, dates) into its messages. The converter counts
+    what those messages would report (bad values, charset fallbacks) itself.
+    """
+    logging.getLogger("pydicom").disabled = True
+    warnings.filterwarnings("ignore", module=r"(pydicom|schemas|transforms)(\.|$)")
+
+
+silence_pydicom()
+
+#: Top-level values larger than this are skipped while parsing, read only if exported.
+DEFER_SIZE = 64 * 1024
+
+#: Reading stops at these (PS3.6: Pixel Data, Float Pixel Data, Double Float Pixel Data).
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+SOP_INSTANCE_UID = 0x00080018
+_UID_KEYWORDS = {
+    STUDY_INSTANCE_UID: "StudyInstanceUID",
+    SERIES_INSTANCE_UID: "SeriesInstanceUID",
+    SOP_INSTANCE_UID: "SOPInstanceUID",
+}
+
+#: Groups a dataset written without preamble and file meta plausibly starts with.
+_FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
+
+
+class InstanceError(Exception):
+    """An input that cannot become a row. Its class name is the dead letter's error type;
+    its message says what is wrong without quoting any value."""
+
+
+class EmptyFileError(InstanceError):
+    pass
+
+
+class NotDicomError(InstanceError):
+    pass
+
+
+class TruncatedFileError(InstanceError):
+    pass
+
+
+class MissingInstanceUIDError(InstanceError):
+    pass
+
+
+class InstanceUIDs(NamedTuple):
+    study: str
+    series: str
+    instance: str
+
+
+class InstanceHeader(NamedTuple):
+    """What :func:`read_header` found: the parsed header and how it was read."""
+
+    dataset: FileDataset
+    uids: InstanceUIDs
+    pixel_data_tag: int | None
+
+    def read_deferred(self, raw: RawDataElement) -> bytes:
+        """The value of a top-level element that parsing skipped (see ``DEFER_SIZE``)."""
+        source = self.dataset.buffer  # the file object, or the inflated deflate stream
+        source.seek(raw.value_tell)
+        value = source.read(raw.length)
+        if len(value) != raw.length:
+            raise TruncatedFileError("the file ends inside an element's value")
+        return value
+
+
+class _ShortReadDetector(io.RawIOBase):
+    """Forwards reads to a file object, noticing reads that return less than asked.
+
+    pydicom treats a file that ends mid-element as a shorter dataset; a short read is
+    how a truncated header is told apart from a clean end of file.
+    """
+
+    def __init__(self, fileobj: BinaryIO):
+        self._fileobj = fileobj
+        self.short_read = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fileobj.read(size)
+        if 0 < len(data) < size:
+            self.short_read = True
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fileobj.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fileobj.tell()
+
+
+def read_header(fileobj: BinaryIO) -> InstanceHeader:
+    """Read one instance's header from a seekable binary file object.
+
+    Raises :class:`InstanceError` (empty, not DICOM, truncated, missing a UID) or
+    pydicom's own errors for a file it cannot parse.
+    """
+    reader = _ShortReadDetector(fileobj)
+    start = reader.read(132)
+    if not start:
+        raise EmptyFileError("the file is empty")
+    has_prefix = start[128:132] == b"DICM"
+    if not has_prefix and not _starts_like_a_dataset(start):
+        raise NotDicomError(
+            "no DICM prefix at byte 128 and the content does not start with a DICOM element"
+        )
+    reader.seek(0)
+    reader.short_read = False
+
+    stopped_at: list[int] = []
+
+    def stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+        if tag in PIXEL_DATA_TAGS:
+            stopped_at.append(int(tag))
+            return True
+        return False
+
+    dataset = read_partial(
+        reader, stop_when=stop_at_pixel_data, defer_size=DEFER_SIZE, force=not has_prefix
+    )
+    if reader.short_read or _has_cut_value(dataset, reader):
+        raise TruncatedFileError("the file ends inside the header")
+    return InstanceHeader(
+        dataset=dataset,
+        uids=_instance_uids(dataset),
+        pixel_data_tag=stopped_at[0] if stopped_at else None,
+    )
+
+
+def _starts_like_a_dataset(start: bytes) -> bool:
+    """True if ``start`` begins with a plausible element tag of a dataset without meta."""
+    if len(start) < 8:
+        return False
+    little, big = struct.unpack("<H", start[:2])[0], struct.unpack(">H", start[:2])[0]
+    return little in _FIRST_GROUPS or big in _FIRST_GROUPS
+
+
+def _has_cut_value(dataset: Dataset, reader: _ShortReadDetector) -> bool:
+    """True if a top-level value is shorter than its length, or a skipped one runs past the end."""
+    end = None
+    for raw in dataset._dict.values():
+        if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+            continue
+        if raw.value is not None:
+            if len(raw.value) < raw.length:
+                return True
+        elif dataset.buffer is reader:
+            if end is None:
+                position = reader.tell()
+                end = reader.seek(0, io.SEEK_END)
+                reader.seek(position)
+            if raw.value_tell + raw.length > end:
+                return True
+    return False
+
+
+def _instance_uids(dataset: Dataset) -> InstanceUIDs:
+    values = {}
+    for tag, keyword in _UID_KEYWORDS.items():
+        raw = dataset._dict.get(tag)
+        value = None
+        if raw is not None:
+            value = raw.value
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace")
+            if isinstance(value, str):
+                value = value.strip("\0 ")
+        if not value or not isinstance(value, str):
+            missing = [k for t, k in _UID_KEYWORDS.items() if not _has_value(dataset, t)]
+            raise MissingInstanceUIDError(
+                "not an instance: no " + ", ".join(missing)
+                + " (a DICOMDIR or other non-instance object?)"
+            )
+        values[keyword] = value
+    return InstanceUIDs(
+        values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]
+    )
+
+
+def _has_value(dataset: Dataset, tag: int) -> bool:
+    raw = dataset._dict.get(tag)
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        value = value.strip(b"\0 ")
+    return bool(value) and isinstance(value, (bytes, str))
+
+
+#: Exceptions whose messages describe structure, never values: safe for dead letters.
+_VALUE_FREE_ERRORS = (InstanceError, InvalidDicomError, EOFError, struct.error, OSError)
+
+
+def describe_error(error: BaseException) -> str:
+    """A dead-letter message for ``error`` that cannot leak a tag value.
+
+    Messages of unknown exception types may quote values (a decoder quoting bytes, a
+    parser quoting text), so for those only the place that raised is reported.
+    """
+    if isinstance(error, _VALUE_FREE_ERRORS):
+        return str(error) or type(error).__name__
+    frame = None
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback
+        traceback = traceback.tb_next
+    where = ""
+    if frame is not None:
+        code = frame.tb_frame.f_code
+        where = f" in {code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.tb_lineno})"
+    return f"{type(error).__name__}{where}; message withheld as it may quote tag values"
+
+
+__all__ = [
+    "DEFER_SIZE",
+    "EmptyFileError",
+    "InstanceError",
+    "InstanceHeader",
+    "InstanceUIDs",
+    "MissingInstanceUIDError",
+    "NotDicomError",
+    "TruncatedFileError",
+    "describe_error",
+    "read_header",
+]
