@@ -214,25 +214,28 @@ class _Flattener:
                 self.drop(prefix + name)
                 return
             needed = 2 if column.bq_type == RECORD else 0
-            if value_depth + needed > MAX_RECORD_DEPTH or (is_group and depth + 1 > MAX_RECORD_DEPTH):
+            if value_depth + needed > MAX_RECORD_DEPTH or value_depth > MAX_RECORD_DEPTH:
                 self._too_deep(prefix + name)
                 return
-            value = self._fit(vr, element, encodings, column.bq_type, column.mode)
-            child_paths = PERSON_NAME_PATHS if column.bq_type == RECORD else None
-            mode = column.mode
+            value, child_paths, mode = None, None, column.mode
+            if column.bq_type == RECORD:
+                child_paths = PERSON_NAME_PATHS
         if is_group:
             field = (REPEATING_GROUP, column.order, name, RECORD, REPEATED)
-            value_field = (STANDARD, 1, "Value", column.bq_type, mode)
             paths.add((field,) + _ID_PATH)
-            _add_paths(paths, (field, value_field), child_paths)
+            _add_paths(paths, (field, (STANDARD, 1, "Value", column.bq_type, mode)), child_paths)
+        else:
+            _add_paths(paths, ((STANDARD, column.order, name, column.bq_type, mode),), child_paths)
+        if column.vr != "SQ":
+            # The column is in the schema even if this value does not fit it (_NotFit).
+            value = self._fit(vr, element, encodings, column.bq_type, column.mode)
+        if is_group:
             entry = {"Id": f"{tag >> 16:04X}"}
             if value is not None:
                 entry["Value"] = value
             row.setdefault(name, []).append(entry)
-        else:
-            _add_paths(paths, ((STANDARD, column.order, name, column.bq_type, mode),), child_paths)
-            if value is not None:
-                row[name] = value
+        elif value is not None:
+            row[name] = value
 
     def _other(self, source, tag, element, column, encodings, prefix, depth, row, paths, others):
         """A private or keyword-less element: OtherElements, a Tag_ sequence, or dropped."""

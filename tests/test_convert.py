@@ -1,0 +1,537 @@
+"""SPEC §2: one row per instance. One test per rule, on built datasets and pydicom's files."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import pydicom
+import pytest
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.dataset import Dataset
+
+from schemas.convert import MAX_RECORD_DEPTH, flatten_instance
+from schemas.vr_types import VR_TO_BIGQUERY
+from tests.builders import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    flatten,
+    flatten_bytes,
+    instance,
+    item,
+    schema_fields,
+    sequence,
+    to_bytes,
+)
+from transforms.header import read_header
+
+
+def other(row: dict, tag: str) -> list[str] | None:
+    for entry in row.get("OtherElements", []):
+        if entry["Tag"] == tag:
+            return entry["Data"]
+    return None
+
+
+def dropped(row: dict) -> list[str]:
+    return [entry["TagName"] for entry in row.get("DroppedTags", [])]
+
+
+# -- VR → BigQuery type -------------------------------------------------------------------
+
+# One public keyword per VR, with a value, the expected column type and row value.
+VR_EXAMPLES = [
+    ("AE", "RetrieveAETitle", ["STORESCP"], "STRING", ["STORESCP"]),
+    ("AS", "PatientAge", "042Y", "STRING", "042Y"),
+    ("CS", "Modality", "MR", "STRING", "MR"),
+    ("DS", "SliceThickness", " 2.50 ", "STRING", "2.50"),
+    ("IS", "InstanceNumber", "007 ", "STRING", "007"),
+    ("LO", "Manufacturer", "ACME", "STRING", "ACME"),
+    ("LT", "AdditionalPatientHistory", " line1\\still one value", "STRING", " line1\\still one value"),
+    ("SH", "StationName", "CT01", "STRING", "CT01"),
+    ("ST", "InstitutionAddress", "1 Main St", "STRING", "1 Main St"),
+    ("UC", "StrainDescription", "free text", "STRING", "free text"),
+    ("UI", "FrameOfReferenceUID", "1.2.3.4", "STRING", "1.2.3.4"),
+    ("UR", "PixelDataProviderURL", "https://example.org/x", "STRING", "https://example.org/x"),
+    ("UT", "TextValue", "long text", "STRING", "long text"),
+    ("DA", "StudyDate", "20240229", "DATE", "2024-02-29"),
+    ("TM", "StudyTime", "0930", "TIME", "09:30:00.000000"),
+    ("DT", "AcquisitionDateTime", "20240229093000.25+0100", "TIMESTAMP", "2024-02-29 08:30:00.250000+00:00"),
+    ("FL", "RecommendedDisplayFrameRateInFloat", 29.5, "FLOAT", 29.5),
+    ("FD", "RealWorldValueSlope", 1.75, "FLOAT", 1.75),
+    ("AT", "FrameIncrementPointer", [0x00181063], "INTEGER", [0x0018 * 65536 + 0x1063]),
+    ("SL", "ReferencePixelX0", -7, "INTEGER", -7),
+    ("SS", "TagAngleSecondAxis", -3, "INTEGER", -3),
+    ("UL", "SimpleFrameList", [1, 70000], "INTEGER", [1, 70000]),
+    ("US", "Rows", 512, "INTEGER", 512),
+    ("SV", "SelectorSVValue", [-(2**40)], "INTEGER", [-(2**40)]),
+    ("UV", "SelectorUVValue", [2**40], "INTEGER", [2**40]),
+]
+
+
+@pytest.mark.parametrize("vr, keyword, value, bq_type, expected", VR_EXAMPLES, ids=[e[0] for e in VR_EXAMPLES])
+def test_vr_maps_to_bigquery_type(vr, keyword, value, bq_type, expected):
+    ds = instance()
+    ds.add_new(pydicom.datadict.tag_for_keyword(keyword), vr, value)
+    flat = flatten(ds)
+    assert schema_fields(flat)[keyword][0] == bq_type
+    assert flat.row[keyword] == expected
+
+
+def test_every_vr_of_the_table_has_an_example_or_is_excluded():
+    covered = {e[0] for e in VR_EXAMPLES} | {"PN", "SQ"}
+    excluded = {vr for vr, bq_type in VR_TO_BIGQUERY.items() if bq_type is None}
+    assert covered | excluded == set(VR_TO_BIGQUERY)
+
+
+@pytest.mark.parametrize("vr", ["OB", "OD", "OF", "OL", "OV", "OW", "UN"])
+def test_excluded_vrs_have_no_column_and_are_named_in_dropped_tags(vr):
+    keywords = {
+        "OB": "ICCProfile", "OD": "DoubleFloatPixelData", "OF": "FloatPixelData",
+        "OL": "LongPrimitivePointIndexList", "OV": "ExtendedOffsetTable", "OW": "RedPaletteColorLookupTableData",
+        "UN": "Tag_00111010",
+    }
+    ds = instance()
+    if vr == "UN":
+        ds.add_new(0x00110010, "LO", "CREATOR")
+        ds.add_new(0x00111010, "UN", b"\x01\x02")
+    else:
+        ds.add_new(pydicom.datadict.tag_for_keyword(keywords[vr]), vr, b"\0" * 8)
+    flat = flatten(ds)
+    assert keywords[vr] not in flat.row
+    assert keywords[vr] not in schema_fields(flat)
+    assert keywords[vr] in dropped(flat.row)
+
+
+def test_ds_and_is_keep_their_text_trimmed_of_padding():
+    ds = instance()
+    ds.add_new(0x00281050, "DS", [" 40 ", "+1.50E2"])  # WindowCenter
+    ds.add_new(0x00200013, "IS", " +12")  # InstanceNumber
+    row = flatten(ds).row
+    assert row["WindowCenter"] == ["40", "+1.50E2"]
+    assert row["InstanceNumber"] == "+12"
+
+
+def test_da_becomes_an_iso_date():
+    ds = instance()
+    ds.StudyDate = "19991231"
+    ds.add_new(0x00080021, "DA", "1999.12.30")  # SeriesDate, ACR-NEMA style
+    row = flatten(ds).row
+    assert (row["StudyDate"], row["SeriesDate"]) == ("1999-12-31", "1999-12-30")
+
+
+@pytest.mark.parametrize(
+    "tm, expected",
+    [("07", "07:00:00.000000"), ("0705", "07:05:00.000000"), ("070509", "07:05:09.000000"),
+     ("070509.1", "07:05:09.100000"), ("070509.123456", "07:05:09.123456"), ("07:05:09", "07:05:09.000000")],
+)
+def test_tm_partial_values_are_completed_with_zeros(tm, expected):
+    ds = instance()
+    ds.StudyTime = tm
+    assert flatten(ds).row["StudyTime"] == expected
+
+
+@pytest.mark.parametrize(
+    "dt, expected",
+    [("2024", "2024-01-01 00:00:00.000000+00:00"),
+     ("20240615123000", "2024-06-15 12:30:00.000000+00:00"),
+     ("20240615123000-0500", "2024-06-15 17:30:00.000000+00:00"),
+     ("20240101003000.5+0100", "2023-12-31 23:30:00.500000+00:00")],
+)
+def test_dt_offset_is_applied_and_no_offset_means_utc(dt, expected):
+    ds = instance()
+    ds.AcquisitionDateTime = dt
+    assert flatten(ds).row["AcquisitionDateTime"] == expected
+
+
+def test_at_is_group_times_65536_plus_element():
+    ds = instance()
+    ds.add_new(0x00209165, "AT", [0x00209056, 0x00209057])  # DimensionIndexPointer (VM 1)
+    flat = flatten(ds)
+    # VM 1 in the dictionary but two values: does not fit, kept as text.
+    assert other(flat.row, "Tag_00209165") == ["00209056", "00209057"]
+    ds = instance()
+    ds.add_new(0x00209165, "AT", 0x00209056)
+    assert flatten(ds).row["DimensionIndexPointer"] == 0x0020 * 65536 + 0x9056
+
+
+def test_binary_numbers_read_in_big_endian_files():
+    ds = instance()
+    ds.Rows, ds.Columns = 300, 2
+    ds.RealWorldValueSlope = 1.5
+    row = flatten(ds, ExplicitVRBigEndian).row
+    assert (row["Rows"], row["Columns"], row["RealWorldValueSlope"]) == (300, 2, 1.5)
+
+
+def test_column_name_is_the_keyword_and_file_meta_elements_are_columns():
+    flat = flatten(instance())
+    assert flat.row["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
+    assert flat.row["MediaStorageSOPClassUID"] == flat.row["SOPClassUID"]
+    assert {"SOPInstanceUID", "StudyInstanceUID", "TransferSyntaxUID"} <= set(schema_fields(flat))
+
+
+def test_mode_comes_from_the_dictionary_vm_not_the_instance():
+    ds = instance()
+    ds.ImageType = "ORIGINAL"  # VM 2-n, one value here
+    ds.Modality = "CT"  # VM 1
+    flat = flatten(ds)
+    fields = schema_fields(flat)
+    assert fields["ImageType"] == ("STRING", "REPEATED")
+    assert flat.row["ImageType"] == ["ORIGINAL"]
+    assert fields["Modality"] == ("STRING", "NULLABLE")
+
+
+def test_type_comes_from_the_dictionary_vr_even_when_the_file_says_otherwise():
+    ds = instance()
+    ds.add_new(0x00180050, "FD", 2.5)  # SliceThickness is DS in the dictionary
+    flat = flatten(ds)
+    assert schema_fields(flat)["SliceThickness"] == ("STRING", "NULLABLE")
+    assert flat.row["SliceThickness"] == "2.5"
+
+
+@pytest.mark.parametrize("pixel_representation, expected", [(0, 65535), (1, -1)])
+def test_ambiguous_us_or_ss_is_integer_with_the_sign_pydicom_resolves(pixel_representation, expected):
+    ds = instance()
+    ds.PixelRepresentation = pixel_representation
+    ds.add_new(0x00280106, "US" if pixel_representation == 0 else "SS", expected)  # SmallestImagePixelValue
+    flat = flatten(ds, ImplicitVRLittleEndian)  # implicit: the VR must be resolved
+    assert schema_fields(flat)["SmallestImagePixelValue"] == ("INTEGER", "NULLABLE")
+    assert flat.row["SmallestImagePixelValue"] == expected
+
+
+def test_ambiguous_vr_with_a_binary_alternative_is_excluded():
+    ds = instance()
+    ds.add_new(0x00281201, "OW", b"\0\1" * 4)  # RedPaletteColorLookupTableData: OW
+    ds.add_new(0x00283006, "US", [1, 2, 3])  # LUTData: "US or OW"
+    flat = flatten(ds, ImplicitVRLittleEndian)
+    assert "LUTData" not in schema_fields(flat)
+    assert "LUTData" in dropped(flat.row)
+
+
+def test_pn_is_a_record_of_three_groups_of_five_components():
+    ds = instance()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Yamada^Tarou^^Dr^III=山田^太郎=やまだ^たろう"
+    flat = flatten(ds)
+    assert flat.row["PatientName"] == {
+        "Alphabetic": {"FamilyName": "Yamada", "GivenName": "Tarou", "NamePrefix": "Dr", "NameSuffix": "III"},
+        "Ideographic": {"FamilyName": "山田", "GivenName": "太郎"},
+        "Phonetic": {"FamilyName": "やまだ", "GivenName": "たろう"},
+    }
+
+
+def test_pn_schema_always_has_the_full_structure():
+    ds = instance()
+    ds.PatientName = "Doe"
+    ds.OperatorsName = ["A^B", "C^D"]  # VM 1-n
+    fields = schema_fields(flatten(ds))
+    for group in ("Alphabetic", "Ideographic", "Phonetic"):
+        assert fields[f"PatientName.{group}"] == ("RECORD", "NULLABLE")
+        for component in ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix"):
+            assert fields[f"PatientName.{group}.{component}"] == ("STRING", "NULLABLE")
+    assert fields["OperatorsName"] == ("RECORD", "REPEATED")
+
+
+def test_sq_items_become_repeated_records_recursively():
+    ds = instance()
+    ds.ReferencedSeriesSequence = sequence(
+        item(SeriesInstanceUID="1.2", ReferencedInstanceSequence=sequence(
+            item(ReferencedSOPClassUID="1.2.3", ReferencedSOPInstanceUID="1.2.3.4"),
+        )),
+        item(SeriesInstanceUID="1.3"),
+    )
+    ds.ReferencedSeriesSequence[1].add_new(0x00290010, "LO", "ACME 1.0")
+    flat = flatten(ds)
+    assert flat.row["ReferencedSeriesSequence"] == [
+        {"SeriesInstanceUID": "1.2", "ReferencedInstanceSequence": [
+            {"ReferencedSOPClassUID": "1.2.3", "ReferencedSOPInstanceUID": "1.2.3.4"}]},
+        {"SeriesInstanceUID": "1.3", "OtherElements": [{"Tag": "Tag_00290010", "Data": ["ACME 1.0"]}]},
+    ]
+    fields = schema_fields(flat)
+    assert fields["ReferencedSeriesSequence"] == ("RECORD", "REPEATED")
+    assert fields["ReferencedSeriesSequence.ReferencedInstanceSequence.ReferencedSOPInstanceUID"] == ("STRING", "NULLABLE")
+    assert fields["ReferencedSeriesSequence.OtherElements.Data"] == ("STRING", "REPEATED")
+
+
+def test_private_elements_go_to_other_elements_as_text():
+    ds = instance()
+    ds.add_new(0x00430010, "LO", "GEMS_PARM_01")
+    ds.add_new(0x00431039, "IS", ["1", "2", "3"])
+    ds.add_new(0x00431040, "FL", [1.5, 2.0])
+    row = flatten(ds).row
+    assert other(row, "Tag_00430010") == ["GEMS_PARM_01"]
+    assert other(row, "Tag_00431039") == ["1", "2", "3"]
+    assert other(row, "Tag_00431040") == ["1.5", "2.0"]
+
+
+def test_private_elements_in_implicit_vr_files_use_the_private_dictionary():
+    ds = instance()
+    ds.add_new(0x00090010, "LO", "GEMS_IDEN_01")
+    ds.add_new(0x00091001, "LO", "GE_GENESIS_FF")  # known to pydicom's private dictionary as LO
+    ds.add_new(0x00091080, "UN", b"\x01\x02\x03\x04")  # unknown: UN, dropped
+    row = flatten(ds, ImplicitVRLittleEndian).row
+    assert other(row, "Tag_00091001") == ["GE_GENESIS_FF"]
+    assert "Tag_00091080" in dropped(row)
+
+
+def test_public_elements_without_keyword_go_to_other_elements():
+    ds = instance()
+    ds.add_new(0x0018EEEE, "LO", "FUTURE")  # a public tag not in the dictionary
+    ds.add_new(0x00203101, "CS", "RETIRED")  # a retired repeater that is no curve or overlay
+    row = flatten(ds).row
+    assert other(row, "Tag_0018EEEE") == ["FUTURE"]
+    assert other(row, "Tag_00203101") == ["RETIRED"]
+
+
+def test_private_sequences_become_their_own_tag_column():
+    ds = instance()
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(0x00291102, "SQ", sequence(item(Rows=10, Columns=20)))
+    flat = flatten(ds)
+    assert flat.row["Tag_00291102"] == [{"Rows": 10, "Columns": 20}]
+    assert schema_fields(flat)["Tag_00291102"] == ("RECORD", "REPEATED")
+    assert other(flat.row, "Tag_00291102") is None
+
+
+def test_private_elements_of_excluded_vrs_go_to_dropped_tags():
+    ds = instance()
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(0x00291010, "OB", b"CSA2" * 10)
+    row = flatten(ds).row
+    assert "Tag_00291010" in dropped(row)
+    assert other(row, "Tag_00291010") is None
+
+
+def test_repeating_groups_become_id_value_records():
+    ds = instance()
+    for group in (0x6000, 0x6002):
+        ds.add_new(group << 16 | 0x0010, "US", 64 + group - 0x6000)  # OverlayRows
+        ds.add_new(group << 16 | 0x0050, "SS", [1, 1])  # OverlayOrigin, VM 2
+        ds.add_new(group << 16 | 0x3000, "OW", b"\0" * 8)  # OverlayData
+    ds.add_new(0x50000005, "US", 2)  # CurveDimensions
+    flat = flatten(ds)
+    assert flat.row["OverlayRows"] == [{"Id": "6000", "Value": 64}, {"Id": "6002", "Value": 66}]
+    assert flat.row["OverlayOrigin"] == [{"Id": "6000", "Value": [1, 1]}, {"Id": "6002", "Value": [1, 1]}]
+    assert flat.row["CurveDimensions"] == [{"Id": "5000", "Value": 2}]
+    fields = schema_fields(flat)
+    assert fields["OverlayRows"] == ("RECORD", "REPEATED")
+    assert fields["OverlayRows.Id"] == ("STRING", "NULLABLE")
+    assert fields["OverlayRows.Value"] == ("INTEGER", "NULLABLE")
+    assert fields["OverlayOrigin.Value"] == ("INTEGER", "REPEATED")
+    assert "OverlayData" in dropped(flat.row)
+
+
+def test_dropped_tags_are_path_prefixed_and_list_pixel_data_without_reading_it():
+    ds = instance()
+    ds.IconImageSequence = sequence(item(Rows=1, Columns=1, PixelData=b"\0\0"))
+    ds.IconImageSequence[0]["PixelData"].VR = "OW"
+    ds.Rows, ds.Columns, ds.BitsAllocated = 1024, 1024, 16
+    ds.PixelData = b"\0" * (2 * 1024 * 1024)
+    ds["PixelData"].VR = "OW"
+    data = to_bytes(ds)
+
+    class CountingFile(io.BytesIO):
+        def __init__(self, data):
+            super().__init__(data)
+            self.bytes_read = 0
+
+        def read(self, size=-1):
+            chunk = super().read(size)
+            self.bytes_read += len(chunk)
+            return chunk
+
+    fileobj = CountingFile(data)
+    header = read_header(fileobj)
+    flat = flatten_instance(header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred)
+    assert dropped(flat.row) == ["FileMetaInformationVersion", "IconImageSequence.PixelData", "PixelData"]
+    assert fileobj.bytes_read < 4096 < len(data)
+    assert schema_fields(flat)["DroppedTags.TagName"] == ("STRING", "NULLABLE")
+
+
+def test_large_values_before_pixel_data_are_skipped_unless_exported():
+    ds = instance()
+    ds.ICCProfile = b"\0" * 500_000  # OB: dropped, never read
+    ds.TextValue = "x" * 200_000  # UT: exported, read on demand
+    flat = flatten(ds)
+    assert flat.row["TextValue"] == "x" * 200_000
+    assert "ICCProfile" in dropped(flat.row)
+
+
+@pytest.mark.parametrize(
+    "keyword, vr, value",
+    [("StudyDate", "DA", "2024-13-45"), ("StudyDate", "DA", "20230229"), ("StudyTime", "TM", "256000"),
+     ("AcquisitionDateTime", "DT", "yesterday"), ("Modality", "CS", ["CT", "MR"]),
+     ("SelectorUVValue", "UV", [2**64 - 1])],
+)
+def test_values_that_do_not_fit_go_to_other_elements_and_are_counted(keyword, vr, value):
+    ds = instance()
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    ds.add_new(tag, vr, value)
+    flat = flatten(ds)
+    assert keyword not in flat.row
+    expected = [value] if isinstance(value, str) else [str(v) for v in value]
+    assert other(flat.row, f"Tag_{tag:08X}") == expected
+    assert flat.counts["moved_to_other_elements"] == 1
+    assert keyword in schema_fields(flat)  # the column exists; this instance's value is elsewhere
+
+
+def test_text_that_does_not_decode_goes_to_other_elements_with_replacement_characters():
+    ds = instance()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.add_new(0x00080080, "LO", "Caf\xe9".encode("latin-1"))  # InstitutionName: not UTF-8
+    flat = flatten(ds)
+    assert "InstitutionName" not in flat.row
+    assert other(flat.row, "Tag_00080080") == ["Caf\ufffd"]
+    assert flat.counts["undecodable_values"] == 1
+    assert flat.counts["moved_to_other_elements"] == 1
+
+
+CHARSET_FILES = {
+    "chrArab.dcm": "ISO_IR 127", "chrFren.dcm": "ISO_IR 100", "chrGerm.dcm": "ISO_IR 100",
+    "chrGreek.dcm": "ISO_IR 126", "chrH31.dcm": "ISO 2022 IR 87", "chrH32.dcm": "ISO 2022 IR 13",
+    "chrHbrw.dcm": "ISO_IR 138", "chrI2.dcm": "ISO 2022 IR 149", "chrJapMulti.dcm": "ISO 2022 IR 87",
+    "chrKoreanMulti.dcm": "ISO 2022 IR 149", "chrRuss.dcm": "ISO_IR 144", "chrX1.dcm": "ISO_IR 192",
+    "chrX2.dcm": "GB18030",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHARSET_FILES))
+def test_character_sets_decode_as_pydicom_does(name):
+    path = next(p for p in get_charset_files() if p.endswith("/" + name))
+    with open(path, "rb") as fileobj:
+        header = read_header(fileobj)
+        flat = flatten_instance(header.dataset, read_deferred=header.read_deferred)
+    reference = pydicom.dcmread(path)
+    assert CHARSET_FILES[name] in list(reference.SpecificCharacterSet) or CHARSET_FILES[name] == reference.SpecificCharacterSet
+    expected = str(reference.PatientName).split("=")
+    row_name = flat.row["PatientName"]
+    for group, text in zip(("Alphabetic", "Ideographic", "Phonetic"), expected):
+        assert "^".join(row_name.get(group, {}).values()) == "^".join(c for c in text.split("^") if c)
+    assert flat.counts["undecodable_values"] == 0
+    assert flat.counts["charset_fallbacks"] == 0
+
+
+def test_sequence_items_can_declare_their_own_character_set():
+    ds = instance()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    inner = item(SpecificCharacterSet="ISO_IR 144")
+    inner.add_new(0x00100010, "PN", "Люкceмбypг".encode("iso8859_5"))
+    ds.add_new(0x00081120, "SQ", sequence(inner))  # ReferencedPatientSequence
+    ds.add_new(0x00100010, "PN", "Müller".encode("latin-1"))
+    row = flatten(ds).row
+    assert row["PatientName"]["Alphabetic"]["FamilyName"] == "Müller"
+    assert row["ReferencedPatientSequence"][0]["PatientName"]["Alphabetic"]["FamilyName"] == "Люкceмбypг"
+
+
+def test_unknown_character_set_falls_back_and_is_counted_not_failed():
+    ds = instance()
+    ds.SpecificCharacterSet = "ISO_IR 999"
+    ds.add_new(0x00080080, "LO", b"Clinic")
+    flat = flatten(ds)
+    assert flat.row["InstitutionName"] == "Clinic"
+    assert flat.counts["charset_fallbacks"] == 1
+
+
+def test_sequences_deeper_than_15_levels_are_dropped_and_named():
+    leaf = item(CodeValue="X")
+    for _ in range(16):
+        leaf = item(CodeValue="X", ContentSequence=sequence(leaf))
+    ds = instance()
+    ds.ContentSequence = leaf.ContentSequence
+    flat = flatten(ds)
+    path = ".".join(["ContentSequence"] * 16)
+    assert path in dropped(flat.row)
+    assert flat.counts["too_deep"] == 1
+    fields = schema_fields(flat)
+    deepest = max((p for p in fields if p.startswith("ContentSequence")), key=lambda p: p.count("."))
+    records = [f for f in deepest.split(".")]
+    assert len(records) <= MAX_RECORD_DEPTH + 1
+    assert all(
+        sum(1 for i in range(len(p.split("."))) if fields[".".join(p.split(".")[: i + 1])][0] == "RECORD") <= MAX_RECORD_DEPTH
+        for p in fields
+    )
+
+
+def test_person_names_that_would_exceed_the_depth_limit_are_dropped():
+    leaf = item(PatientName="Deep^Name", CodeValue="X")
+    for _ in range(14):
+        leaf = item(ContentSequence=sequence(leaf))
+    ds = instance()
+    ds.ContentSequence = leaf.ContentSequence  # PN at depth 14 would need records 15 and 16
+    flat = flatten(ds)
+    assert ".".join(["ContentSequence"] * 14 + ["PatientName"]) in dropped(flat.row)
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian],
+    ids=["implicit", "big-endian", "deflated"],
+)
+def test_every_uncompressed_transfer_syntax_gives_the_same_row(transfer_syntax):
+    ds = instance()
+    ds.PatientName = "Doe^Jane"
+    ds.Rows = 512
+    ds.WindowCenter = ["40", "400"]
+    ds.ReferencedImageSequence = sequence(item(ReferencedSOPInstanceUID="1.2.3"))
+    expected = flatten(ds).row
+    row = flatten(ds, transfer_syntax).row
+    for key in ("TransferSyntaxUID", "FileMetaInformationGroupLength"):
+        expected.pop(key), row.pop(key)
+    assert row == expected
+
+
+def test_files_without_preamble_or_file_meta_are_read():
+    ds = instance()
+    ds.PatientID = "P1"
+    for transfer_syntax in (ImplicitVRLittleEndian, ExplicitVRBigEndian):
+        row = flatten_bytes(to_bytes(ds, transfer_syntax, file_meta=False)).row
+        assert row["PatientID"] == "P1"
+        assert "TransferSyntaxUID" not in row
+
+
+@pytest.mark.parametrize(
+    "name", ["JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm"]
+)
+def test_compressed_transfer_syntaxes_give_rows_without_decoding_pixels(name):
+    with open(get_testdata_file(name), "rb") as fileobj:
+        header = read_header(fileobj)
+        flat = flatten_instance(header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred)
+    reference = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    assert flat.row["SOPInstanceUID"] == reference.SOPInstanceUID
+    assert flat.row["Rows"] == reference.Rows
+    assert "PixelData" in dropped(flat.row)
+
+
+def test_pydicom_messages_never_reach_logs_or_warnings(caplog):
+    ds = instance()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.add_new(0x00100010, "PN", "Sm\xefth^J".encode("latin-1"))  # bad UTF-8
+    ds.add_new(0x00080020, "DA", "SECRET20")
+    ds.add_new(0x00280106, "US", 5)
+    data = to_bytes(ds, ImplicitVRLittleEndian)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("default")
+        from transforms.header import silence_pydicom
+
+        silence_pydicom()
+        flat = flatten_bytes(data)
+    assert flat.counts["undecodable_values"] == 1
+    leaked = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in leaked if "SECRET" in m or "Sm" in m], leaked
+
+
+def test_the_same_bytes_always_give_the_same_row_and_fragment():
+    ds = instance()
+    ds.PatientName = "A^B"
+    ds.add_new(0x00110010, "LO", "X")
+    data = to_bytes(ds)
+    first, second = flatten_bytes(data), flatten_bytes(data)
+    assert first.row == second.row and first.fragment == second.fragment
+
+
+def test_an_empty_dataset_item_keeps_its_place():
+    ds = instance()
+    ds.ReferencedImageSequence = sequence(Dataset(), item(ReferencedSOPInstanceUID="1.2"))
+    assert flatten(ds).row["ReferencedImageSequence"] == [{}, {"ReferencedSOPInstanceUID": "1.2"}]
