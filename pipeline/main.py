@@ -1,11 +1,195 @@
 """Entry point: ``dicom-bq-export`` (also ``python -m pipeline.main``).
 
-    dicom-bq-export inspect FILE...         what each file becomes (JSON lines)
+    dicom-bq-export --input PATTERN... [--bq-table URI] [--write-disposition D] ...
+    dicom-bq-export inspect FILE...
+
+``run(argv)``: parse → preflight (usage, filter file, destination; before any file is
+read) → build the graph → run → load the local destination → print the summary.
+
+Locally, without ``--runner``, it runs on Beam's portable in-process runner with one
+worker process per core. Examples:
+
+    dicom-bq-export --input samples/ --bq-table duckdb://dicom.duckdb#instances
+    dicom-bq-export --input 'gs://bucket/dicom/**' --bq-table bq://proj.ds.instances \\
+        --write-disposition WRITE_APPEND --temp_location gs://bucket/tmp \\
+        --runner DataflowRunner --project proj --region europe-west4
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import datetime as dt
+import logging
+import os
+import shutil
 import sys
+import tempfile
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipeline import summary as run_summary
+from pipeline.destinations import DestinationError, Disposition, resolve_disposition
+from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable
+from pipeline.graph import ExportPlan, build_pipeline
+from pipeline.options import ExportOptions
+from pipeline.staging import read_staged, stage_outputs
+from transforms.filter_file import FilterFileError, read_filter_file
+from transforms.header import silence_pydicom
+from transforms.match import input_root, listing_units, looks_laid_out_by_uid
+
+LOG = logging.getLogger("dicom-bq-export")
+
+#: Runners that execute in (or next to) this process, so the launcher waits and loads.
+LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PrismRunner", "SwitchingDirectRunner"}
+
+
+class UsageError(ValueError):
+    """Bad flags: reported before anything is read."""
+
+
+class TooManyFailures(RuntimeError):
+    """More instances failed than ``--max-failures`` allows; nothing was written."""
+
+
+def _runner_name(options: PipelineOptions) -> str:
+    runner = options.view_as(StandardOptions).runner
+    if runner is None:
+        return "FnApiRunner"
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def _local_defaults(options: PipelineOptions) -> None:
+    """Without ``--runner``: the in-process portable runner, one worker process per core.
+
+    (DirectRunner would first try to download the Prism runner from GitHub.)
+    """
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = "FnApiRunner"
+        direct = options.view_as(DirectOptions)
+        cores = os.cpu_count() or 1
+        if cores > 1 and direct.direct_running_mode == "in_memory":
+            direct.direct_running_mode = "multi_processing"
+            direct.direct_num_workers = cores
+
+
+def plan_export(export: ExportOptions) -> tuple[ExportPlan, object]:
+    """Check everything that can be checked before reading a file; return the plan.
+
+    Returns ``(plan, filter_file)``. Raises UsageError, FilterFileError or
+    DestinationError, each with a message saying what to fix.
+    """
+    if not export.input:
+        raise UsageError("give at least one --input (a folder, file, glob or gs:// pattern)")
+    units = tuple(unit for pattern in export.input for unit in listing_units(pattern))
+    filter_file = None
+    uid_roots: tuple[str, ...] = ()
+    if export.filter_config_gcs_uri:
+        filter_file = read_filter_file(export.filter_config_gcs_uri)
+        roots = [input_root(p) for p in export.input]
+        if export.input_layout == "by-uid":
+            if None in roots:
+                raise UsageError("--input-layout by-uid needs folder inputs (ROOT, ROOT/ or ROOT/**), not globs")
+            uid_roots = tuple(roots)
+        elif export.input_layout == "auto" and None not in roots and looks_laid_out_by_uid(roots, filter_file):
+            uid_roots = tuple(roots)
+    plan = ExportPlan(
+        listing_units=units,
+        filter_uri=export.filter_config_gcs_uri,
+        uid_roots=uid_roots,
+        progress_seconds=export.progress_seconds,
+    )
+    return plan, filter_file
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run an export; return the summary (also printed)."""
+    silence_pydicom()
+    options = PipelineOptions(argv)
+    export = options.view_as(ExportOptions)
+    try:
+        disposition = resolve_disposition(export.write_disposition, export.overwrite_table)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    uri = export.bq_table or DEFAULT_URI
+    if uri.startswith("bq://"):
+        from pipeline.destinations.bigquery import BigQueryTable
+
+        destination = BigQueryTable.parse(uri, options)
+    elif uri.startswith("duckdb://"):
+        destination = DuckDBTable.parse(uri)
+    else:
+        raise UsageError(f"--bq-table must be bq://PROJECT.DATASET.TABLE or duckdb://PATH#TABLE, not {uri!r}")
+    _local_defaults(options)
+    runner = _runner_name(options)
+    if isinstance(destination, DuckDBTable) and runner not in LOCAL_RUNNERS:
+        raise UsageError("a duckdb:// destination needs a local runner; use bq:// on Dataflow")
+
+    plan, filter_file = plan_export(export)
+    destination.preflight(disposition)
+
+    started = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc)
+    plan = dataclasses.replace(plan, run_started=started_at.isoformat(sep=" ", timespec="microseconds"))
+    staging = tempfile.mkdtemp(prefix="dicom-bq-export-")
+    try:
+        pipeline = beam.Pipeline(options=options)
+        outputs = build_pipeline(pipeline, plan, options)
+        if isinstance(destination, DuckDBTable):
+            stage_outputs(outputs, staging)
+        else:
+            destination.attach(outputs, disposition, started_at, export.max_failures)
+            stage_outputs(outputs, staging, rows=False)
+        result = pipeline.run()
+        if runner not in LOCAL_RUNNERS:
+            print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
+            return {"submitted": True, "destination": str(destination)}
+        result.wait_until_finish()
+        counts = run_summary.counters(result)
+        staged = read_staged(staging)
+        if export.max_failures is not None and counts["failed"] > export.max_failures:
+            raise TooManyFailures(
+                f"{counts['failed']:,} instances failed, more than --max-failures {export.max_failures:,}; "
+                f"nothing was written to {destination}"
+            )
+        if isinstance(destination, DuckDBTable):
+            destination.write(
+                staged.schema,
+                staged.row_files,
+                disposition,
+                error_files=staged.dead_letter_files,
+                run_started=started_at.isoformat(),
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    summary = run_summary.build(
+        counts,
+        duration=time.monotonic() - started,
+        destination=str(destination),
+        errors_table=destination.errors_table_uri(),
+        disposition=disposition,
+        filter_file=filter_file,
+        lines_used=staged.filter_lines_used,
+        listing="filter paths under " + ", ".join(plan.uid_roots) if plan.uid_roots else "patterns",
+    )
+    print(run_summary.render(summary))
+    if export.summary_json:
+        run_summary.write_json(summary, export.summary_json)
+    return summary
+
+
+def print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="dicom-bq-export",
+        description="Export DICOM metadata to BigQuery or DuckDB. Also: dicom-bq-export inspect FILE... "
+        "Standard Beam options (--runner, --project, --region, --temp_location, ...) pass through.",
+    )
+    ExportOptions._add_argparse_args(parser)
+    parser.print_help()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,8 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import inspect
 
         return inspect.run(argv[1:])
-    print("usage: dicom-bq-export inspect FILE...", file=sys.stderr)
-    return 2
+    if argv and argv[0] == "export":
+        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print_help()
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except (UsageError, FilterFileError, DestinationError, TooManyFailures) as error:
+        print(f"dicom-bq-export: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,15 @@ PERSON_NAME_PATHS = frozenset(
 )
 _ID_PATH = ((STANDARD, 0, "Id", STRING, NULLABLE),)
 
+#: The fields every table has, even one made by an export that selected no instance:
+#: the identifying UIDs (every exported instance has them), OtherElements, DroppedTags.
+BASE_FRAGMENT = frozenset(
+    {((STANDARD, column.order, column.name, column.bq_type, column.mode),)
+     for column in map(column_for_tag, (0x00080016, 0x00080018, 0x0020000D, 0x0020000E))}
+    | OTHER_ELEMENTS_PATHS
+    | DROPPED_TAGS_PATHS
+)
+
 # Binary VRs: struct format character and size in bytes.
 _BINARY = {
     "US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4), "UV": ("Q", 8),
@@ -457,4 +466,4 @@ _CONVERTERS: dict[str, Callable] = {
     RECORD: _to_person_name,
 }
 
-__all__ = ["Flattened", "flatten_instance", "MAX_RECORD_DEPTH"]
+__all__ = ["BASE_FRAGMENT", "Flattened", "flatten_instance", "MAX_RECORD_DEPTH"]

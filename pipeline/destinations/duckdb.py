@@ -104,6 +104,9 @@ class DuckDBTable:
     def __str__(self) -> str:
         return f"{SCHEME}{self.path}#{self.table}"
 
+    def errors_table_uri(self) -> str:
+        return f"{SCHEME}{self.path}#{errors_table_name(self.table)}"
+
     # -- reading the table's state -------------------------------------------------------
 
     def _connect(self, read_only: bool = False):

@@ -1,0 +1,87 @@
+"""The pipeline graph: listing units → files → instances → rows, schema, dead letters.
+
+``build_pipeline`` only assembles transforms; every rule lives in ``schemas`` and
+``transforms``. It returns its outputs so that destinations and tests can use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.pvalue import AsSingleton, PCollection
+
+from schemas.merge import to_bigquery_schema
+from transforms.filter_file import parse_filter_file, uid_layout_patterns
+from transforms.match import MatchInputs
+from transforms.read import InstanceFailure, MergeFragments, ReadInstances, UnionOfLines, dead_letter
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What preflight decided: how to list the input, and whether to filter.
+
+    ``listing_units`` are file patterns listed as given. With ``uid_roots``, each line
+    of the filter file instead becomes patterns under those roots (UID layout).
+    """
+
+    listing_units: tuple[str, ...] = ()
+    filter_uri: str | None = None
+    uid_roots: tuple[str, ...] = ()
+    progress_seconds: float = 0
+    run_started: str | None = None  # UTC timestamp stamped on the dead letters
+
+
+class ExportOutputs(NamedTuple):
+    rows: PCollection  # dict per instance, in the BigQuery JSON row form
+    schema: PCollection  # one element: the merged BigQuery schema (list of fields)
+    dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
+    filter_lines_used: PCollection | None  # one element: line numbers that selected something
+
+
+def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None) -> ExportOutputs:
+    filter_file = None
+    if plan.filter_uri:
+        filter_file = (
+            pipeline
+            | "MatchFilterFile" >> fileio.MatchFiles(plan.filter_uri)
+            | "ReadFilterFile" >> fileio.ReadMatches()
+            | "ParseFilterFile" >> beam.Map(lambda f: parse_filter_file(f.read().decode("utf-8-sig")))
+        )
+
+    if plan.uid_roots:
+        roots = plan.uid_roots
+        units = filter_file | "FilterLinesToPaths" >> beam.FlatMap(
+            lambda parsed: [p for root in roots for line in parsed.lines for p in uid_layout_patterns(root, line)]
+        )
+    else:
+        units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
+
+    files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds)
+
+    read = ReadInstances(pipeline_options, plan.progress_seconds)
+    side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
+    instances, failures = (
+        files
+        | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_exception_handling(exc_class=InstanceFailure)
+    )
+
+    rows = instances | "Rows" >> beam.Map(lambda instance: instance.row)
+    schema = (
+        instances
+        | "Fragments" >> beam.Map(lambda instance: instance.fragment)
+        | "MergeFragments" >> beam.CombineGlobally(MergeFragments())
+        | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
+    )
+    dead_letters = failures | "DeadLetters" >> beam.Map(dead_letter, plan.run_started)
+
+    lines_used = None
+    if filter_file is not None:
+        lines_used = (
+            instances
+            | "FilterLines" >> beam.Map(lambda instance: instance.filter_lines)
+            | "LinesThatSelected" >> beam.CombineGlobally(UnionOfLines())
+        )
+    return ExportOutputs(rows, schema, dead_letters, lines_used)

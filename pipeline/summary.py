@@ -1,0 +1,101 @@
+"""The result of a run (SPEC §6): Beam's counters, checked and printed.
+
+Like the Healthcare API operation's counters: instances succeeded and failed, plus
+dropped tags, values moved to OtherElements, bytes read and duration. The figures are
+the pipeline's Beam metrics, so a Dataflow job shows the same ones in its console.
+"""
+
+from __future__ import annotations
+
+import json
+
+from apache_beam.metrics.metric import MetricsFilter
+
+from transforms.match import NAMESPACE
+from transforms.read import COUNTERS
+
+_ALL_COUNTERS = ("files_listed", "files_matched") + COUNTERS
+
+
+class CountMismatch(RuntimeError):
+    """succeeded + failed != inputs: an input was lost, which must never happen."""
+
+
+def counters(result) -> dict[str, int]:
+    """The run's counters from a finished pipeline result (committed values)."""
+    values = dict.fromkeys(_ALL_COUNTERS, 0)
+    metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    for counter in metrics["counters"]:
+        name = counter.key.metric.name
+        value = counter.committed if counter.committed is not None else counter.attempted
+        values[name] = values.get(name, 0) + (value or 0)
+    return values
+
+
+def build(counts, *, duration, destination, errors_table, disposition, filter_file, lines_used, listing) -> dict:
+    inputs = counts["files_matched"] - counts["not_selected"]
+    if counts["succeeded"] + counts["failed"] != inputs:
+        raise CountMismatch(
+            f"{counts['succeeded']:,} succeeded + {counts['failed']:,} failed != {inputs:,} inputs"
+        )
+    summary = {
+        "destination": destination,
+        "errors_table": errors_table,
+        "write_disposition": disposition.value,
+        "listing": listing,
+        "files_matched": counts["files_matched"],
+        "not_selected_by_filter": counts["not_selected"],
+        "inputs": inputs,
+        "succeeded": counts["succeeded"],
+        "failed": counts["failed"],
+        "dropped_tags": counts["dropped_tags"],
+        "moved_to_other_elements": counts["moved_to_other_elements"],
+        "charset_fallbacks": counts["charset_fallbacks"],
+        "undecodable_values": counts["undecodable_values"],
+        "too_deep": counts["too_deep"],
+        "bytes_read": counts["bytes_read"],
+        "bytes_read_per_instance": round(counts["bytes_read"] / inputs) if inputs else 0,
+        "duration_seconds": round(duration, 3),
+        "instances_per_second": round(inputs / duration, 1) if duration else 0.0,
+    }
+    if filter_file is not None:
+        used = set(lines_used or ())
+        summary["filter_lines"] = len(filter_file)
+        summary["filter_lines_selecting_nothing"] = [line.number for line in filter_file.lines if line.number not in used]
+    return summary
+
+
+def render(summary: dict) -> str:
+    lines = [
+        f"dicom-bq-export: exported to {summary['destination']} ({summary['write_disposition']}) "
+        f"in {summary['duration_seconds']:.1f} s",
+        f"  files matched            {summary['files_matched']:>12,}",
+    ]
+    if "filter_lines" in summary:
+        lines.append(f"  not selected by filter   {summary['not_selected_by_filter']:>12,}")
+    lines += [
+        f"  instances succeeded      {summary['succeeded']:>12,}",
+        f"  instances failed         {summary['failed']:>12,}" + (
+            f"   (one row each in {summary['errors_table']})" if summary["failed"] else ""),
+        f"  dropped tags             {summary['dropped_tags']:>12,}",
+        f"  moved to OtherElements   {summary['moved_to_other_elements']:>12,}",
+        f"  charset fallbacks        {summary['charset_fallbacks']:>12,}",
+        f"  bytes read               {summary['bytes_read']:>12,}   "
+        f"({summary['bytes_read_per_instance']:,} per instance)",
+        f"  instances per second     {summary['instances_per_second']:>12,.1f}",
+    ]
+    if "filter_lines" in summary:
+        nothing = summary["filter_lines_selecting_nothing"]
+        shown = ", ".join(str(n) for n in nothing[:20]) + (" ..." if len(nothing) > 20 else "")
+        lines.append(
+            f"  filter lines             {summary['filter_lines']:>12,}"
+            + (f"   ({len(nothing)} selected nothing: line {shown})" if nothing else "")
+        )
+    return "\n".join(lines)
+
+
+def write_json(summary: dict, path: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as handle:
+        handle.write((json.dumps(summary, indent=2) + "\n").encode("utf-8"))
