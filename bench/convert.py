@@ -38,7 +38,7 @@ def bare_walk(path: str) -> int:
                     count += walk(item)
         return count
 
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     return walk(dataset.file_meta) + walk(dataset)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import uuid
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -23,23 +24,46 @@ SCHEMA = "schema"
 FILTER_LINES = "filter_lines_used"
 
 
-def stage_outputs(outputs: ExportOutputs, directory: str, rows: bool = True) -> None:
-    """Add the writes of ``outputs`` under ``directory`` to the pipeline."""
+class _WriteJsonLines(beam.DoFn):
+    """Each bundle's elements → one JSON-lines file in a local staging folder.
 
-    def write(pcoll, name, single=False):
-        pcoll | f"Stage_{name}" >> beam.io.WriteToText(
-            os.path.join(directory, name),
-            file_name_suffix=".json",
-            num_shards=1 if single else 0,
-            shard_name_template="" if single else None,
-        )
+    Unlike ``WriteToText`` this adds no stage to the graph (no temporary files to
+    finalise): the launcher globs the folder once the pipeline is done. Only for local
+    runners, where a failed bundle fails the run, so no bundle is ever written twice.
+    """
+
+    def __init__(self, directory: str, name: str):
+        self.directory = directory
+        self.name = name
+
+    def start_bundle(self):
+        self._handle = None
+
+    def process(self, element):
+        if self._handle is None:
+            path = os.path.join(self.directory, f"{self.name}-{uuid.uuid4().hex}.json.partial")
+            self._handle = open(path, "w", encoding="utf-8")
+        self._handle.write(json.dumps(element) + "\n")
+
+    def finish_bundle(self):
+        if self._handle is not None:
+            self._handle.close()
+            os.replace(self._handle.name, self._handle.name[: -len(".partial")])
+            self._handle = None
+
+
+def stage_outputs(outputs: ExportOutputs, directory: str, rows: bool = True) -> None:
+    """Add the writes of ``outputs`` under the local folder ``directory`` to the pipeline."""
+
+    def write(pcoll, name):
+        pcoll | f"Stage_{name}" >> beam.ParDo(_WriteJsonLines(directory, name))
 
     if rows:
-        write(outputs.rows | "RowsToJson" >> beam.Map(json.dumps), ROWS)
-    write(outputs.dead_letters | "DeadLettersToJson" >> beam.Map(json.dumps), DEAD_LETTERS)
-    write(outputs.schema | "SchemaToJson" >> beam.Map(json.dumps), SCHEMA, single=True)
+        write(outputs.rows, ROWS)
+    write(outputs.dead_letters, DEAD_LETTERS)
+    write(outputs.schema, SCHEMA)
     if outputs.filter_lines_used is not None:
-        write(outputs.filter_lines_used | "LinesToJson" >> beam.Map(json.dumps), FILTER_LINES, single=True)
+        write(outputs.filter_lines_used, FILTER_LINES)
 
 
 class StagedRun(NamedTuple):

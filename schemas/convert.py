@@ -383,9 +383,13 @@ class _Flattener:
         return converted
 
 
+def _tag_order(item) -> int:
+    return item[0].real  # a plain int: BaseTag's own comparisons are slow Python code
+
+
 def _elements(dataset: Dataset):
-    for tag in sorted(dataset.keys()):
-        yield tag, dataset.get_item(tag, keep_deferred=True)
+    """``(tag, element)`` in tag order, elements unconverted (raw where pydicom left them)."""
+    return sorted(dataset.items(), key=_tag_order)
 
 
 def _chain(*sources):

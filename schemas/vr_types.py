@@ -7,6 +7,8 @@ so neither ever depends on which instance an element came from (SPEC §2).
 
 from __future__ import annotations
 
+import functools
+
 STRING = "STRING"
 INTEGER = "INTEGER"
 FLOAT = "FLOAT"
@@ -73,6 +75,7 @@ SINGLE_VALUE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 LEADING_SPACE_PADDED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 
 
+@functools.lru_cache(maxsize=None)
 def bigquery_type(vr: str) -> str | None:
     """Return the BigQuery type for a dictionary VR, ``None`` if it is excluded.
 
@@ -91,6 +94,7 @@ def bigquery_mode(vm: str) -> str:
     return NULLABLE if vm == "1" else REPEATED
 
 
+@functools.lru_cache(maxsize=None)
 def is_excluded(vr: str | None) -> bool:
     """True for a VR (or an unknown one) whose values are never exported."""
     return vr is None or bigquery_type(vr) is None
