@@ -23,6 +23,7 @@ import datetime as dt
 import glob
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -151,9 +152,15 @@ def run(argv: list[str] | None = None) -> dict:
     plan, filter_file = plan_export(export)
     _local_defaults(options, plan)
     runner = _runner_name(options)
-    if isinstance(destination, DuckDBTable) and runner not in LOCAL_RUNNERS:
-        raise UsageError("a duckdb:// destination needs a local runner; use bq:// on Dataflow")
-    destination.preflight(disposition)
+    local = runner in LOCAL_RUNNERS
+    if isinstance(destination, DuckDBTable):
+        if not local:
+            raise UsageError("a duckdb:// destination needs a local runner; use bq:// on Dataflow")
+        if export.cluster_by:
+            raise UsageError("--cluster-by applies to BigQuery tables (bq://) only")
+        destination.preflight(disposition)
+    else:
+        destination.preflight(disposition, export.cluster_by)
 
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
@@ -166,20 +173,26 @@ def run(argv: list[str] | None = None) -> dict:
             stage_outputs(outputs, staging)
         else:
             destination.attach(outputs, disposition, started_at, export.max_failures)
-            stage_outputs(outputs, staging, rows=False)
-        result = pipeline.run()
-        if runner not in LOCAL_RUNNERS:
+            if local:
+                stage_outputs(outputs, staging, rows=False)
+        if not local:
+            pipeline.run()
             print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
             return {"submitted": True, "destination": str(destination)}
-        result.wait_until_finish()
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except Exception as error:
+            _raise_user_error(error)
+            raise
         counts = run_summary.counters(result)
         staged = read_staged(staging)
-        if export.max_failures is not None and counts["failed"] > export.max_failures:
-            raise TooManyFailures(
-                f"{counts['failed']:,} instances failed, more than --max-failures {export.max_failures:,}; "
-                f"nothing was written to {destination}"
-            )
         if isinstance(destination, DuckDBTable):
+            if export.max_failures is not None and counts["failed"] > export.max_failures:
+                raise TooManyFailures(
+                    f"{counts['failed']:,} instances failed, more than --max-failures {export.max_failures:,}; "
+                    f"nothing was written to {destination}"
+                )
             destination.write(
                 staged.schema,
                 staged.row_files,
@@ -204,6 +217,28 @@ def run(argv: list[str] | None = None) -> dict:
     if export.summary_json:
         run_summary.write_json(summary, export.summary_json)
     return summary
+
+
+_USER_ERRORS = {
+    "DestinationError": DestinationError,
+    "SchemaConflictError": DestinationError,
+    "SchemaTooWideError": DestinationError,
+    "FilterFileError": FilterFileError,
+}
+
+
+def _raise_user_error(error: Exception) -> None:
+    """A pipeline that failed on a user-fixable problem: re-raise it without Beam's wrapping.
+
+    Workers raise DestinationError (a conflicting field, --max-failures, a table that
+    changed since preflight) or SchemaTooWideError; Beam reports them inside a long
+    message with tracebacks.
+    """
+    text = str(error)
+    for name, error_type in _USER_ERRORS.items():
+        match = re.search(rf"{name}: (.+?)(?:\n|\\n| \[while running|$)", text)
+        if match:
+            raise error_type(match.group(1).strip()) from None
 
 
 def print_help() -> None:

@@ -53,14 +53,18 @@ class _WriteJsonLines(beam.DoFn):
 
 
 def stage_outputs(outputs: ExportOutputs, directory: str, rows: bool = True) -> None:
-    """Add the writes of ``outputs`` under the local folder ``directory`` to the pipeline."""
+    """Add the writes of ``outputs`` under the local folder ``directory`` to the pipeline.
+
+    With ``rows=False`` only what the summary needs is staged (the destination writes
+    rows and dead letters itself).
+    """
 
     def write(pcoll, name):
         pcoll | f"Stage_{name}" >> beam.ParDo(_WriteJsonLines(directory, name))
 
     if rows:
         write(outputs.rows, ROWS)
-    write(outputs.dead_letters, DEAD_LETTERS)
+        write(outputs.dead_letters, DEAD_LETTERS)
     write(outputs.schema, SCHEMA)
     if outputs.filter_lines_used is not None:
         write(outputs.filter_lines_used, FILTER_LINES)

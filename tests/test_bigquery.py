@@ -1,0 +1,293 @@
+"""The BigQuery destination against a real local BigQuery (local-bigquery) and a real GCS
+emulator, both started by the test session (SPEC §4)."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import uuid
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from pipeline.destinations import DestinationError
+from pipeline.destinations.bigquery import BigQueryTable, parse_cluster_by
+from pipeline.main import UsageError, run
+from transforms.header import read_header
+
+SAMPLES = pathlib.Path(__file__).resolve().parents[1] / "samples" / "dicom"
+PROJECT = "test-project"
+
+
+def sample_files() -> list[pathlib.Path]:
+    return sorted(SAMPLES.rglob("*.dcm"))
+
+
+def sop(path) -> str:
+    with open(path, "rb") as fileobj:
+        return read_header(fileobj).uids.instance
+
+
+def folder_of(files, folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(files):
+        shutil.copyfile(path, folder / f"f{index}")
+    return folder
+
+
+@pytest.fixture
+def client(gcp_local):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    return bigquery.Client(project=PROJECT, credentials=AnonymousCredentials())
+
+
+@pytest.fixture
+def dataset(client):
+    name = f"ds_{uuid.uuid4().hex[:10]}"
+    client.create_dataset(f"{PROJECT}.{name}")
+    return name
+
+
+@pytest.fixture
+def temp_location(gcs_bucket):
+    _, bucket = gcs_bucket
+    return f"gs://{bucket.name}/tmp"
+
+
+@pytest.fixture
+def export(gcp_local, temp_location):
+    def export(*args: str) -> dict:
+        return run(["--runner=FnApiRunner", "--progress-seconds=0", f"--project={PROJECT}",
+                    f"--temp_location={temp_location}", *args])
+
+    return export
+
+
+def table_rows(client, table_id: str) -> list[dict]:
+    return [dict(row) for row in client.list_rows(table_id)]
+
+
+def field_names(client, table_id: str) -> list[str]:
+    return [field.name for field in client.get_table(table_id).schema]
+
+
+def create_table(client, table_id: str, fields: list[tuple[str, str]], rows: list[dict] = ()):
+    from google.cloud import bigquery
+
+    table = client.create_table(bigquery.Table(table_id, schema=[bigquery.SchemaField(n, t) for n, t in fields]))
+    if rows:
+        job = client.load_table_from_json(list(rows), table_id,
+                                          job_config=bigquery.LoadJobConfig(write_disposition="WRITE_APPEND"))
+        job.result()
+    return table
+
+
+# -- SPEC §4: one test per row of the disposition table ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [[], ["--write-disposition=WRITE_EMPTY"], ["--write-disposition=WRITE_APPEND"],
+                ["--write-disposition=WRITE_TRUNCATE"], ["--overwrite-table"]],
+    ids=["neither", "empty", "append", "truncate", "overwrite"],
+)
+def test_absent_table_is_created_whatever_the_options(client, dataset, export, options):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    summary = export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", *options)
+    assert summary["succeeded"] == len(sample_files())
+    assert {row["SOPInstanceUID"] for row in table_rows(client, table_id)} == {sop(p) for p in sample_files()}
+    assert {"PatientName", "DroppedTags", "OtherElements"} <= set(field_names(client, table_id))
+    assert table_rows(client, table_id + "_errors") == []
+    leftovers = [t.table_id for t in client.list_tables(f"{PROJECT}.{dataset}") if "__staging_" in t.table_id]
+    assert leftovers == []
+
+
+def test_existing_table_with_overwrite_table_is_overwritten(client, dataset, export, tmp_path):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    files = sample_files()
+    export("--input", str(folder_of(files[:3], tmp_path / "a")), f"--bq-table=bq://{table_id}")
+    export("--input", str(folder_of(files[3:5], tmp_path / "b")), f"--bq-table=bq://{table_id}", "--overwrite-table")
+    assert {row["SOPInstanceUID"] for row in table_rows(client, table_id)} == {sop(p) for p in files[3:5]}
+
+
+def test_existing_table_without_an_option_is_an_error_even_if_empty(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("SOPInstanceUID", "STRING")])
+    with pytest.raises(DestinationError, match="already exists"):
+        export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}")
+    assert field_names(client, table_id) == ["SOPInstanceUID"] and table_rows(client, table_id) == []
+
+
+def test_existing_empty_table_with_write_empty_succeeds(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("SOPInstanceUID", "STRING")])
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_EMPTY")
+    assert {row["SOPInstanceUID"] for row in table_rows(client, table_id)} == {sop(p) for p in sample_files()}
+    assert field_names(client, table_id)[0] == "SOPInstanceUID"  # the existing schema, extended
+
+
+def test_existing_table_with_rows_and_write_empty_is_an_error_and_untouched(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("SOPInstanceUID", "STRING")], [{"SOPInstanceUID": "1.2.3"}])
+    with pytest.raises(DestinationError, match="not empty"):
+        export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--write-disposition=write-empty")
+    assert table_rows(client, table_id) == [{"SOPInstanceUID": "1.2.3"}]
+
+
+def test_write_append_adds_rows_and_extends_the_schema(client, dataset, export, tmp_path):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    files = sample_files()
+    ct = next(p for p in files if "20040119072730" in str(p))
+    others = [p for p in files if p != ct]
+    export("--input", str(folder_of(others, tmp_path / "a")), f"--bq-table=bq://{table_id}")
+    before = field_names(client, table_id)
+    assert "FilterType" not in before
+    export("--input", str(folder_of([ct], tmp_path / "b")), f"--bq-table=bq://{table_id}",
+           "--write-disposition=WRITE_APPEND")
+    after = field_names(client, table_id)
+    assert after[: len(before)] == before and "FilterType" in after
+    rows = {row["SOPInstanceUID"]: row for row in table_rows(client, table_id)}
+    assert len(rows) == len(files)
+    assert rows[sop(ct)]["FilterType"] == "LARGE BOWTIE FIL"
+
+
+def test_write_append_with_a_conflicting_field_fails_before_loading(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("SOPInstanceUID", "INTEGER")], [{"SOPInstanceUID": 7}])
+    with pytest.raises(DestinationError, match="SOPInstanceUID: the table has INTEGER NULLABLE, the export needs STRING"):
+        export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_APPEND")
+    assert table_rows(client, table_id) == [{"SOPInstanceUID": 7}]
+    assert field_names(client, table_id) == ["SOPInstanceUID"]
+
+
+def test_write_truncate_replaces_rows_and_schema(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("Legacy", "STRING")], [{"Legacy": "old"}])
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_TRUNCATE")
+    assert "Legacy" not in field_names(client, table_id)
+    assert {row["SOPInstanceUID"] for row in table_rows(client, table_id)} == {sop(p) for p in sample_files()}
+
+
+def test_a_run_failing_after_preflight_leaves_the_truncated_table_intact(client, dataset, export, tmp_path):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("Legacy", "STRING")], [{"Legacy": "old"}])
+    folder = folder_of(sample_files()[:2], tmp_path / "in")
+    (folder / "broken").write_bytes(b"not dicom")
+    with pytest.raises(DestinationError, match="more than --max-failures 0"):
+        export("--input", str(folder), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_TRUNCATE",
+               "--max-failures=0")
+    assert field_names(client, table_id) == ["Legacy"]
+    assert table_rows(client, table_id) == [{"Legacy": "old"}]
+
+
+def test_an_export_selecting_no_instance_creates_the_table(client, dataset, export, tmp_path):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    (tmp_path / "empty").mkdir()
+    summary = export("--input", str(tmp_path / "empty"), f"--bq-table=bq://{table_id}")
+    assert summary["inputs"] == 0
+    assert table_rows(client, table_id) == []
+    assert {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"} <= set(field_names(client, table_id))
+
+
+def test_an_export_selecting_no_instance_truncates_the_table(client, dataset, export, tmp_path):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}")
+    nothing = tmp_path / "filter.txt"
+    nothing.write_text("/studies/1.2.3.4.5.6\n")
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_TRUNCATE",
+           f"--filter-config-gcs-uri={nothing}")
+    assert table_rows(client, table_id) == []
+
+
+def test_dead_letters_go_to_the_errors_table_in_the_same_dataset(client, dataset, export, tmp_path):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    folder = folder_of(sample_files()[:2], tmp_path / "in")
+    (folder / "notes.txt").write_text("hello")
+    (folder / "empty").write_bytes(b"")
+    summary = export("--input", str(folder), f"--bq-table=bq://{table_id}")
+    assert (summary["succeeded"], summary["failed"]) == (2, 2)
+    errors = {pathlib.Path(row["path"]).name: row["error_type"] for row in table_rows(client, table_id + "_errors")}
+    assert errors == {"notes.txt": "NotDicomError", "empty": "EmptyFileError"}
+    assert summary["errors_table"] == f"bq://{table_id}_errors"
+
+
+def test_the_load_files_in_the_temp_location_are_removed(client, dataset, export, gcs_bucket):
+    storage_client, bucket = gcs_bucket
+    export("--input", str(SAMPLES), f"--bq-table=bq://{PROJECT}.{dataset}.instances")
+    assert [blob.name for blob in storage_client.list_blobs(bucket, prefix="tmp/dicom-bq-export/")] == []
+
+
+def test_cluster_by_clusters_a_new_table(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--cluster-by=StudyInstanceUID,SeriesInstanceUID")
+    assert client.get_table(table_id).clustering_fields == ["StudyInstanceUID", "SeriesInstanceUID"]
+
+
+def test_the_export_pages_example_queries_return_the_expected_rows(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}")
+    paths = client.query(f"""
+        SELECT CONCAT('/dicomWeb/studies/', StudyInstanceUID, '/series/', SeriesInstanceUID,
+                      '/instances/', SOPInstanceUID) AS DICOMwebPath
+        FROM `{table_id}`
+        WHERE PatientID = '1CT1'""").result()
+    ct = get_testdata_file("CT_small.dcm")
+    with open(ct, "rb") as fileobj:
+        uids = read_header(fileobj).uids
+    assert [row["DICOMwebPath"] for row in paths] == [
+        f"/dicomWeb/studies/{uids.study}/series/{uids.series}/instances/{uids.instance}"]
+    recent = client.query(f"""
+        SELECT StudyInstanceUID, MAX(StudyDate) AS StudyDate, MAX(StudyTime) AS StudyTime
+        FROM `{table_id}`
+        GROUP BY StudyInstanceUID
+        ORDER BY StudyDate DESC, StudyTime DESC
+        LIMIT 10""").result()
+    dated = [row["StudyDate"].isoformat() for row in recent if row["StudyDate"] is not None]
+    assert dated == ["2005-11-30", "2004-08-26", "2004-08-26", "2004-01-19", "2003-08-05", "2003-07-16", "2003-04-17"]
+
+
+# -- preflight, without the emulators' help where none is needed -------------------------------
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [("bq://Project.ds.t", "project ID"), ("bq://abc.ds.t", "project ID"), ("bq://my-project-.ds.t", "project ID"), ("bq://my-project.d-s.t", "dataset ID"),
+     ("bq://my-project.ds.t$20240101", "table name"), ("bq://my-project.ds", "expected bq://PROJECT.DATASET.TABLE")],
+)
+def test_bigquery_uris_follow_bigquerys_naming_rules(uri, message):
+    with pytest.raises(DestinationError, match=message):
+        BigQueryTable.parse(uri)
+
+
+def test_valid_bigquery_uris_parse():
+    table = BigQueryTable.parse("bq://example.com:my-project.dicom_2024.instances all-2024")
+    assert (table.project, table.dataset, table.table) == ("example.com:my-project", "dicom_2024", "instances all-2024")
+    assert str(BigQueryTable.parse("bq://my-project.ds.t")) == "bq://my-project.ds.t"
+
+
+def test_cluster_by_takes_single_valued_keywords():
+    assert parse_cluster_by("StudyInstanceUID, SeriesInstanceUID") == ["StudyInstanceUID", "SeriesInstanceUID"]
+    for bad, message in [("PatientName", "RECORD"), ("ImageType", "REPEATED"), ("NoSuchTag", "not a DICOM keyword"),
+                         ("A,B,C,D,E", "at most 4")]:
+        with pytest.raises(DestinationError, match=message):
+            parse_cluster_by(bad)
+
+
+def test_a_missing_dataset_is_reported_before_any_file_is_read(export, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "broken").write_bytes(b"x")
+    with pytest.raises(DestinationError, match="dataset test-project.no_such_dataset does not exist"):
+        export("--input", str(folder), f"--bq-table=bq://{PROJECT}.no_such_dataset.t")
+
+
+def test_bigquery_needs_a_gs_temp_location(gcp_local, dataset):
+    with pytest.raises(DestinationError, match="--temp_location gs://"):
+        run(["--runner=FnApiRunner", "--input", str(SAMPLES), f"--bq-table=bq://{PROJECT}.{dataset}.t"])
+
+
+def test_cluster_by_is_for_bigquery_only(tmp_path):
+    with pytest.raises(UsageError, match="BigQuery"):
+        run(["--runner=FnApiRunner", "--input", str(SAMPLES), f"--bq-table=duckdb://{tmp_path}/x.duckdb#t",
+             "--cluster-by=StudyInstanceUID"])
