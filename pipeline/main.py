@@ -40,7 +40,7 @@ from pipeline.options import ExportOptions
 from pipeline.staging import read_staged, stage_outputs
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
-from transforms.match import input_root, listing_units, looks_laid_out_by_uid
+from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
 
 LOG = logging.getLogger("dicom-bq-export")
 
@@ -90,7 +90,9 @@ def _small_local_input(plan: ExportPlan) -> bool:
         return False
     count = 0
     for unit in plan.listing_units:
-        if unit.endswith("/**") and os.path.isdir(unit[:-3]):
+        if unit.endswith("/*") and os.path.isdir(unit[:-2]):
+            count += sum(1 for entry in os.scandir(unit[:-2]) if entry.is_file())
+        elif unit.endswith("/**") and os.path.isdir(unit[:-3]):
             for _root, _dirs, files in os.walk(unit[:-3]):
                 count += len(files)
                 if count >= MULTI_PROCESS_MIN_FILES:
@@ -102,7 +104,13 @@ def _small_local_input(plan: ExportPlan) -> bool:
     return True
 
 
-def plan_export(export: ExportOptions) -> tuple[ExportPlan, object]:
+def input_patterns(values: list[str]) -> list[str]:
+    """``--input`` values; one value may hold several gs:// patterns separated by commas
+    (a template parameter is one string)."""
+    return [pattern for value in values for pattern in re.split(r",(?=gs://)", value) if pattern]
+
+
+def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None = None) -> tuple[ExportPlan, object]:
     """Check everything that can be checked before reading a file; return the plan.
 
     Returns ``(plan, filter_file)``. Raises UsageError, FilterFileError or
@@ -110,12 +118,14 @@ def plan_export(export: ExportOptions) -> tuple[ExportPlan, object]:
     """
     if not export.input:
         raise UsageError("give at least one --input (a folder, file, glob or gs:// pattern)")
-    units = tuple(unit for pattern in export.input for unit in listing_units(pattern))
+    patterns = input_patterns(export.input)
+    units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
+    units = tuple(shard_listing_units(units, pipeline_options))
     filter_file = None
     uid_roots: tuple[str, ...] = ()
     if export.filter_config_gcs_uri:
         filter_file = read_filter_file(export.filter_config_gcs_uri)
-        roots = [input_root(p) for p in export.input]
+        roots = [input_root(p) for p in patterns]
         if export.input_layout == "by-uid":
             if None in roots:
                 raise UsageError("--input-layout by-uid needs folder inputs (ROOT, ROOT/ or ROOT/**), not globs")
@@ -141,15 +151,15 @@ def run(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         raise UsageError(str(error)) from None
     uri = export.bq_table or DEFAULT_URI
-    if uri.startswith("bq://"):
-        from pipeline.destinations.bigquery import BigQueryTable
+    from pipeline.destinations.bigquery import BigQueryTable, is_bigquery_uri
 
+    if is_bigquery_uri(uri):
         destination = BigQueryTable.parse(uri, options)
     elif uri.startswith("duckdb://"):
         destination = DuckDBTable.parse(uri)
     else:
         raise UsageError(f"--bq-table must be bq://PROJECT.DATASET.TABLE or duckdb://PATH#TABLE, not {uri!r}")
-    plan, filter_file = plan_export(export)
+    plan, filter_file = plan_export(export, options)
     _local_defaults(options, plan)
     runner = _runner_name(options)
     local = runner in LOCAL_RUNNERS

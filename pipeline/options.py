@@ -13,6 +13,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 INPUT_LAYOUTS = ("auto", "by-uid", "any")
 
 
+def _boolean(text: str) -> bool:
+    """A flag's value given as text (templates pass ``--overwrite_table=true``)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"expected true or false, not {text!r}")
+
+
 def _flag(name: str) -> list[str]:
     """``--bq-table`` and ``--bq_table``."""
     spellings = [f"--{name}"]
@@ -52,7 +62,9 @@ class ExportOptions(PipelineOptions):
         parser.add_argument(
             *_flag("overwrite-table"),
             dest="overwrite_table",
-            action="store_true",
+            nargs="?",
+            const=True,
+            type=_boolean,
             default=False,
             help="Legacy: replace an existing table (like WRITE_TRUNCATE). Not with --write-disposition.",
         )

@@ -25,7 +25,7 @@ from schemas.merge import (
 )
 from tests.builders import field_map, flatten, instance, item, sequence
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "idc_dicom_metadata_schema.json"
+REFERENCE = pathlib.Path(__file__).resolve().parent / "reference" / "idc_dicom_metadata_schema.json"
 
 # Fields whose type or mode differs from the reference table, each with its reason.
 REFERENCE_EXCEPTIONS = {

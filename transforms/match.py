@@ -70,6 +70,62 @@ def input_root(pattern: str) -> str | None:
     return None if _has_glob(root) else root
 
 
+#: Sharding stops once a pattern has been split into this many listing units.
+SHARD_TARGET = 64
+#: …or after this many folder levels.
+SHARD_MAX_DEPTH = 3
+
+
+def shard_listing_units(units: Iterable[str], pipeline_options=None) -> list[str]:
+    """Split each folder unit (``ROOT/**``) into one unit per sub-folder, so many workers
+    list at once: ``ROOT/*`` (its own files) plus ``ROOT/SUB/**`` for each sub-folder,
+    going deeper while there are few sub-folders (``ROOT/studies/**`` → one unit per
+    study). Costs one delimiter listing per folder split, never a listing of objects.
+    The shards match exactly the files the unit matched.
+    """
+    sharded: list[str] = []
+    for unit in units:
+        if not unit.endswith("/**") or _has_glob(unit[:-3]):
+            sharded.append(unit)
+            continue
+        level = [unit[:-3]]
+        done: list[str] = []
+        for _ in range(SHARD_MAX_DEPTH):
+            if len(level) + len(done) >= SHARD_TARGET:
+                break
+            next_level = []
+            for folder in level:
+                done.append(folder + "/*")
+                next_level += _sub_folders(folder, pipeline_options)
+            level = next_level
+        sharded += done + [folder + "/**" for folder in level]
+    return sharded
+
+
+def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
+    """The immediate sub-folders of a local folder or Cloud Storage prefix."""
+    if folder.startswith("gs://"):
+        from apache_beam.io.gcp import gcsio
+
+        if pipeline_options is None:
+            from apache_beam.options.pipeline_options import PipelineOptions
+
+            pipeline_options = PipelineOptions([])
+        bucket, _, prefix = folder[len("gs://"):].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        client = gcsio.create_storage_client(pipeline_options)
+        blobs = client.list_blobs(bucket, prefix=prefix, delimiter="/")
+        for _page in blobs.pages:
+            pass
+        return sorted(f"gs://{bucket}/{sub.rstrip('/')}" for sub in blobs.prefixes)
+    if _is_remote(folder):
+        return []
+    try:
+        return sorted(entry.path for entry in os.scandir(folder) if entry.is_dir())
+    except OSError:
+        return []
+
+
 def match_files(pattern: str) -> list[InputFile]:
     """Files matching one pattern (folders excluded); an absent path matches nothing."""
     result = FileSystems.match([pattern])[0]

@@ -55,6 +55,11 @@ _TABLE_CATEGORIES = ("L", "M", "N", "Pc", "Pd", "Zs")
 _MAX_CLUSTER_COLUMNS = 4
 
 
+def is_bigquery_uri(uri: str) -> bool:
+    """``bq://…``, or a scheme-less ``PROJECT:DATASET.TABLE`` / ``PROJECT.DATASET.TABLE``."""
+    return uri.startswith(SCHEME) or ("://" not in uri and "#" not in uri and re.fullmatch(r"[^/]+[.:][^/.]+\.[^/.]+", uri) is not None)
+
+
 def _client(project: str):
     from google.cloud import bigquery
 
@@ -103,10 +108,15 @@ class BigQueryTable:
 
     @classmethod
     def parse(cls, uri: str, pipeline_options=None) -> "BigQueryTable":
-        if not uri.startswith(SCHEME):
-            raise DestinationError(f"a BigQuery destination looks like bq://PROJECT.DATASET.TABLE, not {uri!r}")
-        parts = uri[len(SCHEME):].rsplit(".", 2)
-        if len(parts) != 3:
+        """``bq://PROJECT.DATASET.TABLE``; also ``PROJECT:DATASET.TABLE`` and
+        ``PROJECT.DATASET.TABLE`` (what Dataflow's BIGQUERY_TABLE parameters give)."""
+        rest = uri[len(SCHEME):] if uri.startswith(SCHEME) else uri
+        head, colon, tail = rest.rpartition(":")
+        if colon and tail.count(".") == 1:
+            parts = [head, *tail.split(".")]
+        else:
+            parts = rest.rsplit(".", 2)
+        if len(parts) != 3 or "://" in rest:
             raise DestinationError(f"{uri!r}: expected bq://PROJECT.DATASET.TABLE")
         project, dataset, table = parts
         if not _PROJECT.fullmatch(project):
