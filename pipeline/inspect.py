@@ -33,11 +33,17 @@ def inspect_file(path: str) -> dict:
 
 
 def _open(path: str):
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
+    """Local files directly; remote ones as the pipeline reads them (ranged reads)."""
+    if "://" not in path:
+        return open(path, "rb")
+    from transforms.match import match_files
+    from transforms.read import Opener
 
-        return FileSystems.open(path)
-    return open(path, "rb")
+    matched = match_files(path)
+    if not matched:
+        raise FileNotFoundError(f"no such file: {path}")
+    fileobj, _counter = Opener().open(matched[0])
+    return fileobj
 
 
 def _expand(paths: list[str]) -> Iterator[str]:

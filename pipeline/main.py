@@ -208,7 +208,6 @@ def run(argv: list[str] | None = None) -> dict:
                 staged.row_files,
                 disposition,
                 error_files=staged.dead_letter_files,
-                run_started=started_at.isoformat(),
             )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -49,11 +49,11 @@ AIRFLOW_REQUIREMENTS = [
 
 DAG_CHECK = """
 import sys
-from airflow.models.dagbag import DagBag
+from airflow.dag_processing.dagbag import DagBag
 
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
-flex, small = bag.get_dag("dicom_bq_export"), bag.get_dag("dicom_bq_export_small")
+flex, small = bag.dags["dicom_bq_export"], bag.dags["dicom_bq_export_small"]
 [launch] = flex.tasks
 [local] = small.tasks
 assert type(launch).__name__ == "DataflowStartFlexTemplateOperator", type(launch)

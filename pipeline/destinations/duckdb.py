@@ -161,7 +161,6 @@ class DuckDBTable:
         row_files: list[str],
         disposition: Disposition,
         error_files: list[str] = (),
-        run_started: str | None = None,
     ) -> None:
         """Load the rows (NDJSON files) and dead letters, all or nothing.
 
