@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline import summary as run_summary
-from pipeline.destinations import DestinationError, Disposition, resolve_disposition
+from pipeline.destinations import DestinationError, resolve_disposition
 from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline.options import ExportOptions
@@ -41,8 +41,6 @@ from pipeline.staging import read_staged, stage_outputs
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
 from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
-
-LOG = logging.getLogger("dicom-bq-export")
 
 #: Runners that execute in (or next to) this process, so the launcher waits and loads.
 LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PrismRunner", "SwitchingDirectRunner"}

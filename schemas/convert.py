@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from pydicom import charset as dicom_charset
 from pydicom.dataelem import RawDataElement
@@ -171,8 +171,7 @@ class _Flattener:
         row: dict = {}
         paths: set = set()
         others: list[dict] = []
-        elements: Iterable = _elements(meta) if meta else ()
-        for source, tag, element in _chain((meta, elements), (dataset, _elements(dataset))):
+        for source, tag, element in _elements_of(meta, dataset):
             column = column_for_tag(tag)
             try:
                 if column.kind == OTHER_ELEMENTS:
@@ -392,10 +391,13 @@ def _elements(dataset: Dataset):
     return sorted(dataset.items(), key=_tag_order)
 
 
-def _chain(*sources):
-    for source, elements in sources:
-        for tag, element in elements:
-            yield source, tag, element
+def _elements_of(*datasets: Dataset | None) -> Iterator[tuple[Dataset, int, object]]:
+    """``(dataset, tag, element)`` for each element of the datasets given (file meta, then
+    the dataset), each in tag order."""
+    for dataset in datasets:
+        if dataset:
+            for tag, element in _elements(dataset):
+                yield dataset, tag, element
 
 
 def _add_paths(paths: set, prefix: tuple, child_paths) -> None:

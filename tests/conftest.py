@@ -136,47 +136,8 @@ def gcs_bucket(gcs_emulator, anonymous_gcp):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATORS = os.path.join(REPO, ".emulators")
-BQ_EMULATOR_REQUIREMENTS = [
-    ["local-bigquery==0.4.0"],
-    # local-bigquery declares duckdb>=2, but DuckDB's extensions ship on PyPI only up to
-    # 1.5.5 and it cannot download them offline: pin 1.5.5 with its extension packages.
-    ["duckdb==1.5.5", "duckdb-extension-ducklake==1.5.5", "duckdb-extension-spatial==1.5.5",
-     "duckdb-extension-httpfs==1.5.5"],
-]
-
-
-def _python_3_13() -> str:
-    import glob
-    import shutil
-
-    candidates = [shutil.which("python3.13")] + sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.13*/bin/python3.13")))
-    for candidate in candidates:
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise RuntimeError(
-        "the BigQuery emulator (local-bigquery 0.4.0) needs Python 3.13: put python3.13 on PATH "
-        "or set BQ_EMULATOR_PYTHON to a Python with local-bigquery installed"
-    )
-
-
-def bigquery_emulator_python() -> str:
-    """The Python of the emulator's own venv, built on first use under .emulators/."""
-    if os.environ.get("BQ_EMULATOR_PYTHON"):
-        return os.environ["BQ_EMULATOR_PYTHON"]
-    venv = os.path.join(EMULATORS, "local-bigquery-0.4.0")
-    python = os.path.join(venv, "bin", "python")
-    marker = os.path.join(venv, ".ready")
-    if not os.path.exists(marker):
-        env = dict(os.environ, PYENV_VERSION="3.13")
-        subprocess.run([_python_3_13(), "-m", "venv", "--clear", venv], check=True, env=env)
-        for requirements in BQ_EMULATOR_REQUIREMENTS:
-            # The second install "conflicts" with local-bigquery's declared duckdb>=2: expected.
-            subprocess.run([python, "-m", "pip", "install", "-q", *requirements], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run([python, "-c", "import local_bigquery, duckdb_extension_ducklake"], check=True)
-        open(marker, "w").close()
-    return python
+sys.path.insert(0, os.path.join(REPO, "tests", "emulators"))
+from venvs import bigquery_emulator_python  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import duckdb
 from apache_beam.runners.portability.stager import Stager
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EMULATORS = REPO / ".emulators"
+sys.path.insert(0, str(REPO / "tests" / "emulators"))
+from venvs import airflow_python  # noqa: E402
 
 
 def _venv(path: pathlib.Path) -> pathlib.Path:
@@ -41,12 +42,6 @@ def test_the_sdist_beam_stages_for_workers_installs_and_runs_the_sample_export(t
     assert rows == 10
 
 
-AIRFLOW_REQUIREMENTS = [
-    "apache-airflow==3.3.2",
-    "apache-airflow-providers-google==22.8.0",
-    "apache-airflow-providers-apache-beam==6.3.1",
-]
-
 DAG_CHECK = """
 import sys
 from airflow.dag_processing.dagbag import DagBag
@@ -66,14 +61,7 @@ print("ok", sorted(bag.dag_ids))
 
 
 def test_the_composer_dag_imports_in_a_real_airflow(tmp_path):
-    venv = EMULATORS / "airflow-3.3.2"
-    python = venv / "bin" / "python"
-    marker = venv / ".ready"
-    if not marker.exists():
-        _venv(venv)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *AIRFLOW_REQUIREMENTS], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        marker.touch()
+    python = airflow_python()  # apache-airflow 3.3.2 + the Google and Beam providers, own venv
     env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False")
     result = subprocess.run(
         [str(python), "-c", DAG_CHECK, str(REPO / "templates" / "composer")],

@@ -21,7 +21,6 @@ import struct
 import warnings
 from typing import BinaryIO, NamedTuple
 
-import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError

@@ -8,7 +8,6 @@ from :func:`listing_units`, or from the filter file when the input is laid out b
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -22,8 +21,6 @@ from transforms.filter_file import FilterFile, uid_layout_patterns
 
 NAMESPACE = "dicom_bq_export"
 _GLOB_CHARS = set("*?[")
-
-LOG = logging.getLogger(__name__)
 
 
 class InputFile(NamedTuple):

@@ -51,13 +51,17 @@ _PROJECT = re.compile(r"(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
 _DATASET = re.compile(r"[A-Za-z0-9_]{1,1024}")
 #: Leaves room in BigQuery's 1,024 bytes for ``_errors__staging_<run id>``.
 _MAX_TABLE_BYTES = 960
-_TABLE_CATEGORIES = ("L", "M", "N", "Pc", "Pd", "Zs")
+#: Unicode categories BigQuery allows in table names: letters, marks, numbers,
+#: connectors (underscore), dashes and spaces.
+_TABLE_CATEGORIES = ("Pc", "Pd", "Zs")
 _MAX_CLUSTER_COLUMNS = 4
 
 
 def is_bigquery_uri(uri: str) -> bool:
     """``bq://…``, or a scheme-less ``PROJECT:DATASET.TABLE`` / ``PROJECT.DATASET.TABLE``."""
-    return uri.startswith(SCHEME) or ("://" not in uri and "#" not in uri and re.fullmatch(r"[^/]+[.:][^/.]+\.[^/.]+", uri) is not None)
+    if uri.startswith(SCHEME):
+        return True
+    return "://" not in uri and "#" not in uri and re.fullmatch(r"[^/]+[.:][^/.]+\.[^/.]+", uri) is not None
 
 
 def _client(project: str):
@@ -69,10 +73,7 @@ def _client(project: str):
 def _valid_table_name(name: str) -> bool:
     if not name or len(name.encode("utf-8")) > _MAX_TABLE_BYTES:
         return False
-    return all(
-        unicodedata.category(c).startswith(_TABLE_CATEGORIES[:3]) or unicodedata.category(c) in _TABLE_CATEGORIES[3:]
-        for c in name
-    )
+    return all(unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) in _TABLE_CATEGORIES for c in name)
 
 
 def parse_cluster_by(text: str | None) -> list[str]:
