@@ -64,6 +64,10 @@ def run(argv: list[str], out: TextIO = sys.stdout) -> int:
     )
     parser.add_argument("paths", nargs="+", metavar="FILE", help="DICOM files or folders (gs:// too)")
     args = parser.parse_args(argv)
-    for path in _expand(args.paths):
-        out.write(json.dumps(inspect_file(path), ensure_ascii=False) + "\n")
+    try:
+        for path in _expand(args.paths):
+            out.write(json.dumps(inspect_file(path), ensure_ascii=False) + "\n")
+        out.flush()
+    except BrokenPipeError:  # the reader stopped (| head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

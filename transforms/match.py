@@ -164,11 +164,18 @@ class ListFiles(beam.DoFn):
         self.progress_seconds = progress_seconds
         self.matched = Metrics.counter(NAMESPACE, "files_listed")
 
+    def setup(self):
+        self._listed = 0
+        self._last = time.monotonic()
+
     def process(self, pattern: str):
         files = match_files(pattern)
         self.matched.inc(len(files))
-        if self.progress_seconds and files:
-            print(f"dicom-bq-export: listed {len(files):,} files ({time.strftime('%H:%M:%S')})", file=sys.stderr)
+        self._listed += len(files)
+        now = time.monotonic()
+        if self.progress_seconds and now - self._last >= self.progress_seconds:
+            self._last = now
+            print(f"dicom-bq-export: worker {os.getpid()} has listed {self._listed:,} files", file=sys.stderr, flush=True)
         yield from files
 
 
