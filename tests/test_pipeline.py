@@ -322,3 +322,22 @@ def test_gs_input_reads_headers_with_small_ranged_reads(db, gcs_bucket, tmp_path
     assert sop_uids(db) == expected_selection()
     assert summary["listing"].startswith("filter paths under gs://")
     assert summary["filter_lines_selecting_nothing"] == [4]
+
+
+def test_write_append_extends_records_nested_in_sequences(db, tmp_path):
+    from tests.builders import item, sequence
+
+    first, second = instance(), instance()
+    first.ReferencedImageSequence = sequence(item(ReferencedSOPInstanceUID="1.2.1"))
+    second.ReferencedImageSequence = sequence(item(ReferencedSOPInstanceUID="1.2.2", ReferencedFrameNumber="3"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "one").write_bytes(to_bytes(first))
+    (tmp_path / "b" / "two").write_bytes(to_bytes(second))
+    export("--input", str(tmp_path / "a"), f"--bq-table={db}")
+    export("--input", str(tmp_path / "b"), f"--bq-table={db}", "--write-disposition=WRITE_APPEND")
+    [sequence_field] = [f for f in db.schema() if f["name"] == "ReferencedImageSequence"]
+    assert [f["name"] for f in sequence_field["fields"]] == ["ReferencedSOPInstanceUID", "ReferencedFrameNumber"]
+    items = {row["SOPInstanceUID"]: row["ReferencedImageSequence"] for row in rows(db)}
+    assert items[first.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.1", "ReferencedFrameNumber": None}]
+    assert items[second.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.2", "ReferencedFrameNumber": ["3"]}]

@@ -328,10 +328,20 @@ class Finalize(beam.DoFn):
 
 
 def _wait_for_job(client, reference) -> None:
+    """Wait for one of Beam's load or copy jobs; a failure names the job, not its message
+    (a load error can quote the row it could not parse)."""
+    from google.api_core import exceptions
+
     job_id = getattr(reference, "jobId", None) or reference.get("jobId")
     location = getattr(reference, "location", None)
     project = getattr(reference, "projectId", None)
-    client.get_job(job_id, project=project, location=location).result()
+    try:
+        client.get_job(job_id, project=project, location=location).result()
+    except exceptions.GoogleAPICallError as error:
+        raise DestinationError(
+            f"BigQuery job {project}:{job_id} failed ({type(error).__name__}); its errors are in BigQuery "
+            "(bq show -j), not here, as they may quote row values. Nothing was written to the table."
+        ) from None
 
 
 def move_into_place(client, *, project, dataset, staging, destination, schema, disposition, cluster_by, job_id):
