@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.convert import BASE_FRAGMENT, flatten_instance
+from schemas.merge import merge_fragments
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
 from transforms.match import NAMESPACE, InputFile
@@ -301,10 +302,7 @@ class MergeFragments(beam.CombineFn):
         return accumulator
 
     def merge_accumulators(self, accumulators):
-        merged = set()
-        for accumulator in accumulators:
-            merged |= accumulator
-        return merged
+        return set(merge_fragments(accumulators))
 
     def extract_output(self, accumulator):
         return frozenset(accumulator)
