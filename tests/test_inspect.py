@@ -41,3 +41,16 @@ def test_inspect_without_files_is_a_usage_error():
     result = run_inspect()
     assert result.returncode == 2
     assert "FILE" in result.stderr
+
+
+def test_inspect_reads_cloud_storage_objects(gcs_bucket):
+    from pipeline.inspect import inspect_file
+
+    _, bucket = gcs_bucket
+    ds = instance()
+    ds.PatientID = "P-9"
+    bucket.blob("x/one").upload_from_string(to_bytes(ds))
+    found = inspect_file(f"gs://{bucket.name}/x/one")
+    assert found["row"]["PatientID"] == "P-9"
+    missing = inspect_file(f"gs://{bucket.name}/x/none")
+    assert missing["error"]["type"] == "FileNotFoundError"
