@@ -246,6 +246,12 @@ def _raise_user_error(error: Exception) -> None:
         match = re.search(rf"{name}: (.+?)(?:\n|\\n| \[while running|$)", text)
         if match:
             raise error_type(match.group(1).strip()) from None
+    job = re.search(r"BigQuery job (\S+) failed", text)
+    if job:  # Beam's message carries the job's errors, which can quote row values
+        raise DestinationError(
+            f"BigQuery job {job.group(1)} failed; its errors are in BigQuery (bq show -j), not here, as they "
+            "may quote row values. Nothing was written to the table."
+        ) from None
 
 
 def print_help() -> None:

@@ -20,10 +20,12 @@ from collections import Counter
 from typing import Callable, Iterator, NamedTuple
 
 from pydicom import charset as dicom_charset
+from pydicom import datadict
+from pydicom import values as dicom_values
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
+from pydicom.valuerep import TEXT_VR_DELIMS
 
 from schemas import values as bq_values
 from schemas import vr_types
@@ -89,8 +91,6 @@ _BINARY = {
     "US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4), "UV": ("Q", 8),
     "SV": ("q", 8), "FL": ("f", 4), "FD": ("d", 8), "AT": ("I", 4),
 }
-_TEXT_DELIMITERS = TEXT_VR_DELIMS
-_PN_DELIMITERS = PN_DELIMS
 
 
 class Flattened(NamedTuple):
@@ -179,12 +179,12 @@ class _Flattener:
                 else:
                     self._column(source, tag, element, column, encodings, prefix, depth, row, paths)
             except _NotFit as not_fit:
-                self.counts["moved_to_other_elements"] += 1
                 if not_fit.undecodable:
                     self.counts["undecodable_values"] += 1
                 if depth + 1 > MAX_RECORD_DEPTH:
                     self._too_deep(prefix + column.name)
                 else:
+                    self.counts["moved_to_other_elements"] += 1
                     others.append({"Tag": tag_name(tag), "Data": not_fit.texts})
         if others:
             row["OtherElements"] = others
@@ -211,10 +211,11 @@ class _Flattener:
             if vr != "SQ":
                 self.drop(prefix + name)
                 return
-            value, child_paths = self._sequence(
-                source[tag], encodings, prefix + name + ".", value_depth
-            )
+            items = source[tag].value
+            value, child_paths = self._sequence(items, encodings, prefix + name + ".", value_depth)
             if not child_paths:
+                if items:  # items, none with a field: say so rather than lose it silently
+                    self.drop(prefix + name)
                 return
             mode = REPEATED
         else:
@@ -222,7 +223,7 @@ class _Flattener:
                 self.drop(prefix + name)
                 return
             needed = 2 if column.bq_type == RECORD else 0
-            if value_depth + needed > MAX_RECORD_DEPTH or value_depth > MAX_RECORD_DEPTH:
+            if value_depth + needed > MAX_RECORD_DEPTH:
                 self._too_deep(prefix + name)
                 return
             value, child_paths, mode = None, None, column.mode
@@ -249,12 +250,15 @@ class _Flattener:
         """A private or keyword-less element: OtherElements, a Tag_ sequence, or dropped."""
         name = column.name
         vr, element = self._resolve_vr(source, tag, element, None)
-        if vr == "SQ":
-            value, child_paths = self._sequence(source[tag], encodings, prefix + name + ".", depth)
+        items = source[tag].value if vr == "SQ" else _items_in_un(element, encodings) if vr == "UN" else None
+        if items is not None:
+            value, child_paths = self._sequence(items, encodings, prefix + name + ".", depth)
             if child_paths:
                 field = (PRIVATE_SEQUENCE, tag, name, RECORD, REPEATED)
                 _add_paths(paths, (field,), child_paths)
                 row[name] = value
+            elif items:
+                self.drop(prefix + name)
             return
         if vr_types.is_excluded(vr):
             self.drop(prefix + name)
@@ -267,16 +271,13 @@ class _Flattener:
             self.counts["undecodable_values"] += 1
         others.append({"Tag": name, "Data": texts})
 
-    def _sequence(self, element, encodings, prefix: str, depth: int) -> tuple[list, set]:
-        """A sequence at ``depth``: its items as records, and the union of their paths.
-
-        ``element`` is converted (``dataset[tag]``): pydicom parses defined-length
-        sequences only when asked."""
+    def _sequence(self, sequence, encodings, prefix: str, depth: int) -> tuple[list, set]:
+        """A sequence's items (Datasets) at ``depth`` as records, and the union of their paths."""
         if depth + 1 > MAX_RECORD_DEPTH:
             self._too_deep(prefix[:-1])
             return [], set()
         items, paths = [], set()
-        for item in element.value:
+        for item in sequence:
             record, item_paths = self.record(item, self.encodings(item, encodings), prefix, depth + 1)
             items.append(record)
             paths |= item_paths
@@ -291,15 +292,23 @@ class _Flattener:
         (``US or SS``), a private tag's VR from its private dictionary, a public element
         stored as UN.
         """
-        if isinstance(element, RawDataElement):
-            vr = element.VR
-            if vr is None:
-                if dictionary_vr and " or " not in dictionary_vr:
-                    return dictionary_vr, element
-            elif vr != "UN":
-                return vr, element
-            element = source[tag]
-        return element.VR, element
+        if not isinstance(element, RawDataElement):
+            return element.VR, element
+        vr = element.VR
+        if vr is None and dictionary_vr and " or " not in dictionary_vr:
+            return dictionary_vr, element
+        if vr is not None and vr != "UN":
+            return vr, element
+        if element.value is None and element.length and dictionary_vr is None:
+            # A large private value parsing skipped: only a VR worth exporting is worth
+            # reading it for (a vendor blob is dropped unread).
+            if vr_types.is_excluded(_private_dictionary_vr(source, tag)):
+                return "UN", element
+        try:
+            converted = source[tag]
+        except Exception:  # pydicom cannot convert it (e.g. a length its VR forbids)
+            return "UN", element
+        return converted.VR, converted
 
     def _raw_bytes(self, element: RawDataElement) -> bytes:
         value = element.value
@@ -325,17 +334,13 @@ class _Flattener:
                     return [pairs[i] << 16 | pairs[i + 1] for i in range(0, len(pairs), 2)], False
                 return list(struct.unpack(f"{order}{count}{code}", raw)), False
             if vr == "PN":
-                names, undecodable = [], False
-                for token in raw.rstrip(b"\0 ").split(b"\\"):
-                    groups = [
-                        dicom_charset.decode_bytes(group, encodings, _PN_DELIMITERS)
-                        for group in token.split(b"=")
-                    ]
-                    undecodable = undecodable or any("\ufffd" in group for group in groups)
-                    names.append(groups)
-                return ([] if names == [[""]] else names), undecodable
+                # Decode first, then split: in ISO 2022 IR 87 (and GBK) the bytes of "\\"
+                # and "=" occur inside multi-byte characters.
+                text = dicom_charset.decode_bytes(raw.rstrip(b"\0 "), encodings, TEXT_VR_DELIMS)
+                names = [token.split("=") for token in text.split("\\")]
+                return ([] if names == [[""]] else names), "\ufffd" in text
             if vr in vr_types.CHARSET_VRS:
-                text = dicom_charset.decode_bytes(raw, encodings, _TEXT_DELIMITERS)
+                text = dicom_charset.decode_bytes(raw, encodings, TEXT_VR_DELIMS)
                 undecodable = "\ufffd" in text
             else:
                 text = raw.decode("latin-1")
@@ -370,9 +375,9 @@ class _Flattener:
             return None
         if mode == NULLABLE and len(values) > 1:
             raise _NotFit([_as_text(vr, v) for v in values])
-        convert = _CONVERTERS[bq_type]
+        convert = _CONVERTERS.get(bq_type)
         try:
-            converted = [convert(v) for v in values]
+            converted = [convert(v) if convert else _as_text(vr, v) for v in values]
         except (ValueError, TypeError, OverflowError):
             raise _NotFit([_as_text(vr, v) for v in values]) from None
         if mode == NULLABLE:
@@ -380,6 +385,36 @@ class _Flattener:
         if bq_type == RECORD:  # an empty name keeps its place in a list of names
             converted = [{} if v is None else v for v in converted]
         return converted
+
+
+_ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
+
+
+def _items_in_un(element, encodings) -> list | None:
+    """The items of a sequence stored as UN (implicit VR private sequences of defined
+    length, relayed sequences), or None if the value is not a sequence (PS3.5 §6.2.2:
+    a UN value is encoded as implicit VR little endian)."""
+    value = element.value
+    if not isinstance(value, bytes) or not value.startswith(_ITEM_TAG_LE):
+        return None
+    try:
+        return list(dicom_values.convert_SQ(value, True, True, encodings))
+    except Exception:
+        return None
+
+
+def _private_dictionary_vr(dataset: Dataset, tag: int) -> str | None:
+    """A private tag's VR from pydicom's private dictionary (by its block's creator)."""
+    creator = dataset.get_item((tag & 0xFFFF0000) | ((tag >> 8) & 0xFF), keep_deferred=True)
+    name = getattr(creator, "value", None)
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    if not isinstance(name, str):
+        return None
+    try:
+        return datadict.private_dictionary_VR(tag, name.strip(" \0"))
+    except KeyError:
+        return None
 
 
 def _tag_order(item) -> int:
@@ -426,14 +461,6 @@ def _as_text(vr: str, value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _to_string(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "=".join(value)
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def _to_integer(value) -> int:
     if isinstance(value, str):
         value = int(value.strip())
@@ -462,8 +489,8 @@ def _to_person_name(value) -> dict | None:
     return bq_values.to_person_name(groups)
 
 
+#: Column type → conversion of one value; STRING columns take the value's text (_as_text).
 _CONVERTERS: dict[str, Callable] = {
-    STRING: _to_string,
     INTEGER: _to_integer,
     FLOAT: _to_float,
     DATE: _text_only(bq_values.to_date),

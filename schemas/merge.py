@@ -94,7 +94,6 @@ _TYPE_ALIASES = {
     "FLOAT64": "FLOAT",
     "BOOL": "BOOLEAN",
     "STRUCT": RECORD,
-    "NUMERIC": "NUMERIC",
 }
 
 

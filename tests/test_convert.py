@@ -535,3 +535,56 @@ def test_an_empty_dataset_item_keeps_its_place():
     ds = instance()
     ds.ReferencedImageSequence = sequence(Dataset(), item(ReferencedSOPInstanceUID="1.2"))
     assert flatten(ds).row["ReferencedImageSequence"] == [{}, {"ReferencedSOPInstanceUID": "1.2"}]
+
+
+def test_japanese_names_are_decoded_before_splitting():
+    # In JIS X 0208, 春 is encoded with the byte of "=", and 順 likewise: split after decoding.
+    ds = instance()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = pydicom.valuerep.PersonName("Yamada^Haruko=山田^春子=やまだ^はるこ", encodings=["iso8859", "iso2022_jp"])
+    name = flatten(ds).row["PatientName"]
+    assert name["Ideographic"] == {"FamilyName": "山田", "GivenName": "春子"}
+    assert name["Phonetic"] == {"FamilyName": "やまだ", "GivenName": "はるこ"}
+
+
+def test_a_private_value_pydicom_cannot_convert_is_dropped_not_a_failed_instance():
+    import struct
+
+    ds = instance()
+    ds.add_new(0x00090010, "LO", "GEMS_ACQU_01")
+    assert pydicom.datadict.private_dictionary_VR(0x00091025, "GEMS_ACQU_01") == "US"
+    data = to_bytes(ds, ImplicitVRLittleEndian) + struct.pack("<HHI", 0x0009, 0x1025, 3) + b"\x01\x02\x03"
+    flat = flatten_bytes(data)
+    assert "Tag_00091025" in dropped(flat.row)
+    assert flat.row["SOPInstanceUID"] == ds.SOPInstanceUID
+
+
+def test_private_sequences_of_defined_length_in_implicit_vr_become_columns():
+    ds = instance()
+    ds.add_new(0x20050010, "LO", "NO KNOWN CREATOR")
+    ds.add_new(0x2005140F, "SQ", sequence(item(Modality="MR", SOPInstanceUID="1.2.3")))
+    data = to_bytes(ds, ImplicitVRLittleEndian)
+    flat = flatten_bytes(data)
+    assert flat.row["Tag_2005140F"] == [{"Modality": "MR", "SOPInstanceUID": "1.2.3"}]
+    assert schema_fields(flat)["Tag_2005140F"] == ("RECORD", "REPEATED")
+
+
+def test_a_large_private_blob_of_a_binary_vr_is_dropped_without_being_read():
+    ds = instance()
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(0x00291010, "OB", b"CSA2" * 50_000)  # 200 kB; implicit VR: its VR is in the private dictionary
+    data = to_bytes(ds, ImplicitVRLittleEndian)
+
+    class CountingFile(io.BytesIO):
+        bytes_read = 0
+
+        def read(self, size=-1):
+            chunk = super().read(size)
+            self.bytes_read += len(chunk)
+            return chunk
+
+    fileobj = CountingFile(data)
+    header = read_header(fileobj)
+    flat = flatten_instance(header.dataset, read_deferred=header.read_deferred)
+    assert "Tag_00291010" in dropped(flat.row)
+    assert fileobj.bytes_read < 10_000 < len(data)

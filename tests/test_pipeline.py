@@ -341,3 +341,25 @@ def test_write_append_extends_records_nested_in_sequences(db, tmp_path):
     items = {row["SOPInstanceUID"]: row["ReferencedImageSequence"] for row in rows(db)}
     assert items[first.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.1", "ReferencedFrameNumber": None}]
     assert items[second.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.2", "ReferencedFrameNumber": ["3"]}]
+
+
+def test_files_that_only_start_like_dicom_are_not_read_whole(db, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # An MP4 and an ICC profile both start with two zero bytes, like group 0000.
+    (folder / "movie.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 2_000_000)
+    (folder / "profile.icc").write_bytes(b"\x00\x00\x0c\x48appl\x02\x10\x00\x00" + b"\x00" * 3000)
+    summary = export("--input", str(folder), f"--bq-table={db}")
+    assert summary["failed"] == 2
+    assert {r["error_type"] for r in rows(db, "instances_errors")} == {"NotDicomError"}
+    assert summary["bytes_read"] < 2 * 64 * 1024 + 10_000
+
+
+def test_folders_with_glob_characters_in_their_names_are_listed(db, tmp_path):
+    root = tmp_path / "in"
+    for name in ("PAT1 [123]", "what?", "star*", "plain"):
+        (root / name / "x").mkdir(parents=True)
+        ds = instance()
+        (root / name / "x" / "f.dcm").write_bytes(to_bytes(ds))
+    summary = export("--input", str(root), f"--bq-table={db}")
+    assert summary["succeeded"] == 4

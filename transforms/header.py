@@ -25,6 +25,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
+from pydicom.values import converters
 
 
 def silence_pydicom() -> None:
@@ -56,6 +57,10 @@ _UID_KEYWORDS = {
 
 #: Groups a dataset written without preamble and file meta plausibly starts with.
 _FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
+#: The two-letter VR codes of PS3.5 (an explicit VR dataset's first element has one).
+_VR_CODES = {vr.encode() for vr in converters if len(vr) == 2}
+#: The first element of a bare dataset is small (a charset, an image type, a UID…).
+_MAX_FIRST_LENGTH = 1 << 16
 
 
 class InstanceError(Exception):
@@ -158,9 +163,14 @@ def read_header(fileobj: BinaryIO) -> InstanceHeader:
             return True
         return False
 
-    dataset = read_partial(
-        reader, stop_when=stop_at_pixel_data, defer_size=DEFER_SIZE, force=not has_prefix
-    )
+    try:
+        dataset = read_partial(
+            reader, stop_when=stop_at_pixel_data, defer_size=DEFER_SIZE, force=not has_prefix
+        )
+    except Exception:
+        if reader.short_read:  # whatever pydicom tripped over, the file ended too early
+            raise TruncatedFileError("the file ends inside the header") from None
+        raise
     if reader.short_read or _has_cut_value(dataset, reader):
         raise TruncatedFileError("the file ends inside the header")
     return InstanceHeader(
@@ -171,11 +181,23 @@ def read_header(fileobj: BinaryIO) -> InstanceHeader:
 
 
 def _starts_like_a_dataset(start: bytes) -> bool:
-    """True if ``start`` begins with a plausible element tag of a dataset without meta."""
+    """True if ``start`` begins like a dataset written without preamble and meta: a tag of
+    group 0000, 0002 or 0008, then an explicit VR or a plausible implicit length.
+
+    Many formats start with zero bytes (MP4, ICC profiles…); they must not be read whole.
+    """
     if len(start) < 8:
         return False
-    little, big = struct.unpack("<H", start[:2])[0], struct.unpack(">H", start[:2])[0]
-    return little in _FIRST_GROUPS or big in _FIRST_GROUPS
+    for order in "<>":
+        group = struct.unpack(order + "H", start[:2])[0]
+        if group not in _FIRST_GROUPS:
+            continue
+        if start[4:6] in _VR_CODES:
+            return True
+        length = struct.unpack(order + "L", start[4:8])[0]
+        if order == "<" and (length <= _MAX_FIRST_LENGTH or length == 0xFFFFFFFF):
+            return True  # implicit VR is little endian only
+    return False
 
 
 def _has_cut_value(dataset: Dataset, reader: _ShortReadDetector) -> bool:

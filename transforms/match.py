@@ -8,6 +8,7 @@ from :func:`listing_units`, or from the filter file when the input is laid out b
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import time
@@ -50,7 +51,7 @@ def listing_units(pattern: str) -> list[str]:
             return [pattern, pattern + "/**"]
         return [pattern]
     if os.path.isdir(pattern):
-        return [os.path.join(pattern, "**")]
+        return [os.path.join(glob.escape(pattern), "**")]
     return [pattern]
 
 
@@ -85,18 +86,25 @@ def shard_listing_units(units: Iterable[str], pipeline_options=None) -> list[str
         if not unit.endswith("/**") or _has_glob(unit[:-3]):
             sharded.append(unit)
             continue
-        level = [unit[:-3]]
+        root = unit[:-3]
+        level = [root]
         done: list[str] = []
         for _ in range(SHARD_MAX_DEPTH):
             if len(level) + len(done) >= SHARD_TARGET:
                 break
             next_level = []
             for folder in level:
-                done.append(folder + "/*")
+                done.append(_pattern(root, folder) + "/*")
                 next_level += _sub_folders(folder, pipeline_options)
             level = next_level
-        sharded += done + [folder + "/**" for folder in level]
+        sharded += done + [_pattern(root, folder) + "/**" for folder in level]
     return sharded
+
+
+def _pattern(root: str, folder: str) -> str:
+    """``folder`` (a real folder below the unit's ``root``) as a pattern matching only
+    itself: the names found below the root are escaped (``[``, ``*``, ``?``)."""
+    return root + glob.escape(folder[len(root):])
 
 
 def _sub_folders(folder: str, pipeline_options=None) -> list[str]:

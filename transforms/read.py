@@ -24,7 +24,6 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.convert import BASE_FRAGMENT, flatten_instance
-from schemas.merge import merge_fragments
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
 from transforms.match import NAMESPACE, InputFile
@@ -75,13 +74,8 @@ def dead_letter(failed, run_started: str | None = None) -> dict:
 
     The traceback is not kept: its text can quote values.
     """
-    element, (error_class, error_repr, _traceback) = failed
-    if error_class is InstanceFailure or getattr(error_class, "__name__", "") == "InstanceFailure":
-        record = json.loads(error_repr)
-    else:
-        path = element.path if isinstance(element, InputFile) else str(element)
-        name = getattr(error_class, "__name__", str(error_class))
-        record = {"path": path, "stage": "read", "error_type": name, "message": f"{name}; message withheld"}
+    _element, (_error_class, error_repr, _traceback) = failed  # only InstanceFailure is caught
+    record = json.loads(error_repr)
     record["run_started"] = run_started
     return record
 
@@ -165,11 +159,10 @@ class Opener:
         path = input_file.path
         if path.startswith("gs://"):
             raw = _RangedBlob(self._blob(path), input_file.size)
-        elif "://" in path:
+        elif "://" in path:  # other filesystems Beam knows: their own reader, counted
             from apache_beam.io.filesystems import FileSystems
 
-            consumed = _Consumed(FileSystems.open(path))
-            return consumed, consumed
+            raw = FileSystems.open(path)
         else:
             raw = io.FileIO(path, "rb")
         counting = _CountingRaw(raw)
@@ -182,34 +175,6 @@ class Opener:
             self._storage = gcsio.create_storage_client(self._options or _default_options())
         bucket, name = path[len("gs://"):].split("/", 1)
         return self._storage.bucket(bucket).blob(name)
-
-
-class _Consumed:
-    """Other filesystems: count what the parser consumed (the best available figure)."""
-
-    def __init__(self, fileobj):
-        self._fileobj = fileobj
-        self.bytes_read = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def read(self, size=-1):
-        data = self._fileobj.read(size)
-        self.bytes_read += len(data)
-        return data
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        return self._fileobj.seek(offset, whence)
-
-    def tell(self):
-        return self._fileobj.tell()
-
-    def close(self):
-        self._fileobj.close()
 
 
 def _default_options():
@@ -302,7 +267,7 @@ class MergeFragments(beam.CombineFn):
         return accumulator
 
     def merge_accumulators(self, accumulators):
-        return set(merge_fragments(accumulators))
+        return set().union(*accumulators)
 
     def extract_output(self, accumulator):
         return frozenset(accumulator)

@@ -351,6 +351,12 @@ def move_into_place(client, *, project, dataset, staging, destination, schema, d
 
     staging_id = f"{project}.{dataset}.{staging}"
     destination_id = f"{project}.{dataset}.{destination}"
+    location = client.get_dataset(f"{project}.{dataset}").location
+    try:  # a retried finalize: the move was started before; wait for it, do nothing twice
+        client.get_job(job_id, location=location).result()
+        return
+    except exceptions.NotFound:
+        pass
     fields = [bigquery.SchemaField.from_api_repr(field) for field in schema]
     staged = _get_table(client, staging_id)
     if staged is None:  # no rows were loaded: an empty table still creates or truncates
@@ -379,9 +385,9 @@ def move_into_place(client, *, project, dataset, staging, destination, schema, d
         config.write_disposition = "WRITE_EMPTY" if disposition is Disposition.WRITE_EMPTY else "WRITE_APPEND"
         config.create_disposition = "CREATE_NEVER"
     try:
-        job = client.copy_table(staging_id, destination_id, job_config=config, job_id=job_id)
-    except exceptions.Conflict:  # a retry: the copy was already started
-        job = client.get_job(job_id)
+        job = client.copy_table(staging_id, destination_id, job_config=config, job_id=job_id, location=location)
+    except exceptions.Conflict:  # started meanwhile by a retry
+        job = client.get_job(job_id, location=location)
     try:
         job.result()
     except exceptions.GoogleAPICallError as error:

@@ -185,7 +185,13 @@ class DuckDBTable:
                     self._replace(con, self.table, schema, copy_rows=True)
             else:
                 self._replace(con, self.table, schema, copy_rows=False)
-            self._insert(con, self.table, schema, row_files)
+            try:
+                self._insert(con, self.table, schema, row_files)
+            except duckdb.Error as error:
+                raise DestinationError(
+                    f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
+                    f"{self}. The message is withheld: it may quote a value."
+                ) from None
 
             errors = errors_table_name(self.table)
             append_errors = disposition is Disposition.WRITE_APPEND and self._exists(con, errors)
