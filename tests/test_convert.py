@@ -28,6 +28,17 @@ from tests.builders import (
 from transforms.header import read_header
 
 
+class CountingFile(io.BytesIO):
+    """An in-memory file that counts the bytes read from it."""
+
+    bytes_read = 0
+
+    def read(self, size=-1):
+        chunk = super().read(size)
+        self.bytes_read += len(chunk)
+        return chunk
+
+
 def other(row: dict, tag: str) -> list[str] | None:
     for entry in row.get("OtherElements", []):
         if entry["Tag"] == tag:
@@ -332,16 +343,6 @@ def test_dropped_tags_are_path_prefixed_and_list_pixel_data_without_reading_it()
     ds["PixelData"].VR = "OW"
     data = to_bytes(ds)
 
-    class CountingFile(io.BytesIO):
-        def __init__(self, data):
-            super().__init__(data)
-            self.bytes_read = 0
-
-        def read(self, size=-1):
-            chunk = super().read(size)
-            self.bytes_read += len(chunk)
-            return chunk
-
     fileobj = CountingFile(data)
     header = read_header(fileobj)
     flat = flatten_instance(header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred)
@@ -574,14 +575,6 @@ def test_a_large_private_blob_of_a_binary_vr_is_dropped_without_being_read():
     ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
     ds.add_new(0x00291010, "OB", b"CSA2" * 50_000)  # 200 kB; implicit VR: its VR is in the private dictionary
     data = to_bytes(ds, ImplicitVRLittleEndian)
-
-    class CountingFile(io.BytesIO):
-        bytes_read = 0
-
-        def read(self, size=-1):
-            chunk = super().read(size)
-            self.bytes_read += len(chunk)
-            return chunk
 
     fileobj = CountingFile(data)
     header = read_header(fileobj)
