@@ -711,9 +711,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str], out: TextIO = sys.stdout) -> int:
+def run(argv: list[str], out: TextIO | None = None) -> int:
     """``dicom-bq-export report``; returns the exit status (0, 1 for a table that cannot be
     read, 2 for usage, 130 if interrupted). Errors are one line on stderr."""
+    out = out or sys.stdout
     try:
         args = _parser().parse_args(argv)
         if args.top < 1:
