@@ -304,7 +304,7 @@ def _open_duckdb(uri: str) -> _DuckDBSource:
     except DestinationError as error:
         raise ReportUsageError(str(error)) from None
     if not os.path.exists(destination.path):
-        raise ReportError(f"there is no DuckDB file {destination.path}")
+        raise ReportError(f"there is no DuckDB file {destination.path}; give the export's --bq-table")
     if not os.path.isfile(destination.path):
         raise ReportError(f"{destination.path} is not a file; expected a DuckDB database")
     try:
