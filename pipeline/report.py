@@ -25,6 +25,7 @@ label cannot drive the terminal, and every value in the page is HTML-escaped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import glob
@@ -35,7 +36,11 @@ import sys
 import tempfile
 from typing import Callable, Iterable, TextIO
 
+import duckdb
+
 from pipeline.destinations import DestinationError, errors_table_name
+from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable, duckdb_type
+from pipeline.destinations.duckdb import quote as duckdb_quote
 
 #: Bars per chart (except years, all shown); the rest are summed into one line.
 DEFAULT_TOP = 10
@@ -101,7 +106,7 @@ class Dialect:
     quote: Callable[[str], str]
 
 
-DUCKDB = Dialect(quote=lambda name: '"' + name.replace('"', '""') + '"')
+DUCKDB = Dialect(quote=duckdb_quote)
 BIGQUERY = Dialect(quote=lambda name: "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`")
 
 
@@ -114,7 +119,7 @@ def _scalar(schema: list[dict], name: str, types: tuple[str, ...] = ("STRING",))
     return field is not None and field["type"] in types and field.get("mode", "NULLABLE") != "REPEATED"
 
 
-def _repeated_records(fields: list[dict], path: tuple = ()) -> Iterable[tuple[tuple[str, bool], ...]]:
+def _other_elements_paths(fields: list[dict], path: tuple = ()) -> Iterable[tuple[tuple[str, bool], ...]]:
     """Paths (``(name, repeated)`` steps) to every ``OtherElements`` field, nested ones too."""
     for field in fields:
         if field["type"] not in ("RECORD", "STRUCT"):
@@ -123,7 +128,7 @@ def _repeated_records(fields: list[dict], path: tuple = ()) -> Iterable[tuple[tu
         if field["name"] == "OtherElements":
             yield step
         else:
-            yield from _repeated_records(field.get("fields", []), step)
+            yield from _other_elements_paths(field.get("fields", []), step)
 
 
 def _unnest_path(path: tuple[tuple[str, bool], ...], q: Callable[[str], str]) -> tuple[list[str], str]:
@@ -151,6 +156,11 @@ def _private_creator_condition(tag: str) -> str:
     )
 
 
+#: The charts of instances by a column's value: (chart, column, the column's type).
+_LABEL_COLUMNS = (("modality", "Modality", "STRING"), ("manufacturer", "Manufacturer", "STRING"),
+                  ("year", "StudyDate", "DATE"))
+
+
 def overview_query(schema: list[dict], table: str, errors: str | None, dialect: Dialect) -> str:
     """One query returning ``(section, label, n)`` rows for every figure of the report.
 
@@ -170,19 +180,16 @@ def overview_query(schema: list[dict], table: str, errors: str | None, dialect: 
             f"SELECT 'total', 'patients', COUNT(*) FROM (SELECT DISTINCT {key} FROM {table} "
             f"WHERE {q('PatientID')} IS NOT NULL) AS p"
         )
-    for key, column in (("modality", "Modality"), ("manufacturer", "Manufacturer")):
-        if _scalar(schema, column):
-            parts.append(f"SELECT '{key}', t.{q(column)}, COUNT(*) FROM {t} GROUP BY 2")
-    if _scalar(schema, "StudyDate", ("DATE",)):
-        parts.append(
-            f"SELECT 'year', CAST(EXTRACT(YEAR FROM t.{q('StudyDate')}) AS STRING), COUNT(*) FROM {t} GROUP BY 2"
-        )
+    for key, column, column_type in _LABEL_COLUMNS:
+        if _scalar(schema, column, (column_type,)):
+            label = f"t.{q(column)}" if key != "year" else f"CAST(EXTRACT(YEAR FROM t.{q(column)}) AS STRING)"
+            parts.append(f"SELECT '{key}', {label}, COUNT(*) FROM {t} GROUP BY 2")
     dropped = _field(schema, "DroppedTags")
     if dropped is not None and dropped.get("mode") == "REPEATED":
         parts.append(f"SELECT 'dropped', d.{q('TagName')}, COUNT(*) FROM {t}, UNNEST(t.{q('DroppedTags')}) AS d GROUP BY 2")
     creators = []
     if _scalar(schema, "SOPInstanceUID"):
-        for path in _repeated_records(schema):
+        for path in _other_elements_paths(schema):
             joins, other = _unnest_path(path, q)
             tag = f"{other}.{q('Tag')}"
             creators.append(
@@ -231,8 +238,8 @@ def build_overview(
             label = NONE_LABEL if label is None else str(label)
             groups[section][label] = groups[section].get(label, 0) + int(count)
     instances = totals.get("instances", 0)
-    for key, column in (("modality", "Modality"), ("manufacturer", "Manufacturer"), ("year", "StudyDate")):
-        if _field(schema, column) is None and instances:
+    for key, column, column_type in _LABEL_COLUMNS:
+        if not _scalar(schema, column, (column_type,)) and instances:  # no instance had the column
             groups[key] = {NONE_LABEL: instances}
     breakdowns = []
     for key, title, unit, additive in _SECTIONS:
@@ -279,8 +286,6 @@ class _DuckDBSource:
         self.name, self.errors_name = name, errors_name
 
     def query(self, sql: str) -> list[tuple]:
-        import duckdb
-
         try:
             return self.con.execute(sql).fetchall()
         except duckdb.Error as error:
@@ -295,10 +300,6 @@ def _first_line(error: Exception) -> str:
 
 
 def _open_duckdb(uri: str) -> _DuckDBSource:
-    import duckdb
-
-    from pipeline.destinations.duckdb import DuckDBTable, quote
-
     try:
         destination = DuckDBTable.parse(uri)
     except DestinationError as error:
@@ -320,8 +321,8 @@ def _open_duckdb(uri: str) -> _DuckDBSource:
     errors = errors_table_name(destination.table)
     return _DuckDBSource(
         con,
-        quote(destination.table),
-        quote(errors) if errors in tables else None,
+        duckdb_quote(destination.table),
+        duckdb_quote(errors) if errors in tables else None,
         destination.schema(),
         str(destination),
         destination.errors_table_uri(),
@@ -345,10 +346,6 @@ def _sql_string(text: str) -> str:
 
 
 def _open_parquet(uri: str) -> _DuckDBSource:
-    import duckdb
-
-    from pipeline.destinations.duckdb import duckdb_type, quote
-
     folder = uri[len(PARQUET_SCHEME):].rstrip("/")
     if not folder:
         raise ReportUsageError(f"{uri!r} names no folder; expected parquet://DIR")
@@ -369,7 +366,7 @@ def _open_parquet(uri: str) -> _DuckDBSource:
             present = set(con.table("rows").columns)
             schema = [field for field in schema if field["name"] in present]
         else:  # an export without rows
-            columns = ", ".join(f"{quote(f['name'])} {duckdb_type(f)}" for f in schema)
+            columns = ", ".join(f"{duckdb_quote(f['name'])} {duckdb_type(f)}" for f in schema)
             con.execute(f"CREATE TABLE rows ({columns})")
         errors_folder = folder + "_errors"
         errors = None
@@ -401,24 +398,21 @@ class _BigQuerySource:
         errors_id = f"{destination.project}.{destination.dataset}.{errors_table_name(destination.table)}"
         self.errors_name = f"bq://{errors_id}"
         from google.api_core import exceptions
-        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import bigquery
 
-        try:
-            from google.cloud import bigquery
-
+        with _google_errors():
             self.client = bigquery.Client(project=billing_project or destination.project)
-            table = self.client.get_table(table_id)
-        except DefaultCredentialsError:
-            raise ReportError("no Google credentials: run `gcloud auth application-default login`") from None
-        except exceptions.NotFound:
-            raise ReportError(f"there is no table {self.name} (or no dataset {destination.dataset})") from None
-        except exceptions.GoogleAPICallError as error:
-            raise ReportError(f"cannot read {self.name}: {_first_line(error)}") from None
-        try:
-            self.client.get_table(errors_id)
-            self.errors = BIGQUERY.quote(errors_id)
-        except exceptions.NotFound:
-            self.errors = None
+            try:
+                table = self.client.get_table(table_id)
+            except exceptions.NotFound:
+                raise ReportError(f"there is no table {self.name} (or no dataset {destination.dataset})") from None
+            except exceptions.GoogleAPICallError as error:  # names the table, not a value
+                raise ReportError(f"cannot read {self.name}: {_first_line(error)}") from None
+            try:
+                self.client.get_table(errors_id)
+                self.errors = BIGQUERY.quote(errors_id)
+            except exceptions.GoogleAPICallError:  # absent or not readable: failures unknown
+                self.errors = None
         self.location = table.location
         self.table = BIGQUERY.quote(table_id)
         self.schema = [field.to_api_repr() for field in table.schema]
@@ -429,8 +423,9 @@ class _BigQuerySource:
 
         job = None
         try:
-            job = self.client.query(sql, location=self.location)
-            rows = [tuple(row.values()) for row in job.result()]
+            with _google_errors():
+                job = self.client.query(sql, location=self.location)
+                rows = [tuple(row.values()) for row in job.result()]
         except exceptions.GoogleAPICallError as error:
             # Withheld: a query error could quote a value. Its reason code cannot.
             reason = (getattr(error, "errors", None) or [{}])[0].get("reason") or type(error).__name__
@@ -441,6 +436,23 @@ class _BigQuerySource:
 
     def close(self) -> None:
         self.client.close()
+
+
+@contextlib.contextmanager
+def _google_errors():
+    """Credential and connection failures of Google's clients → ReportError."""
+    import google.auth.exceptions
+    import requests
+
+    try:
+        yield
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise ReportError("no Google credentials: run `gcloud auth application-default login`") from None
+    except google.auth.exceptions.GoogleAuthError as error:
+        raise ReportError(f"Google credentials failed ({type(error).__name__}); run "
+                          "`gcloud auth application-default login`") from None
+    except requests.exceptions.RequestException as error:
+        raise ReportError(f"cannot reach BigQuery ({type(error).__name__})") from None
 
 
 def open_table(uri: str, billing_project: str | None = None):
@@ -686,14 +698,18 @@ def write_html(page: str, path: str) -> None:
 # -- the command --------------------------------------------------------------------------
 
 
+def _os_error(error: OSError) -> str:
+    if error.filename is not None:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    return _first_line(error)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ReportUsageError(f"{message} (see dicom-bq-export report --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.destinations.duckdb import DEFAULT_URI
-
     parser = _Parser(
         prog="dicom-bq-export report",
         description="Summarise an exported table: instances, studies, series, patients; instances by "
@@ -733,7 +749,7 @@ def run(argv: list[str], out: TextIO | None = None) -> int:
         except (UnicodeEncodeError, LookupError):
             bar = "#"
         text = render_text(report, bar=bar)
-        out.write(text.encode(encoding, "replace").decode(encoding) if encoding else text)
+        out.write(text.encode(encoding, "replace").decode(encoding))
         out.flush()
         if getattr(source, "bytes_processed", None) is not None:
             print(f"dicom-bq-export report: BigQuery processed {source.bytes_processed:,} bytes", file=sys.stderr)
@@ -744,7 +760,7 @@ def run(argv: list[str], out: TextIO | None = None) -> int:
         print(f"dicom-bq-export report: error: {error}", file=sys.stderr)
         return 2
     except (ReportError, OSError) as error:
-        message = str(error) if isinstance(error, ReportError) else f"{error.strerror or error}: {error.filename}"
+        message = str(error) if isinstance(error, ReportError) else _os_error(error)
         print(f"dicom-bq-export report: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
