@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import tempfile
+import unicodedata
 from typing import Callable, Iterable, TextIO
 
 import duckdb
@@ -489,9 +490,16 @@ def overview(source, top: int = DEFAULT_TOP) -> Overview:
 # -- text ---------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """``text`` with control, format (bidi overrides), unassigned and line-separator
+    characters replaced by U+FFFD, so that a value can neither drive a terminal nor
+    reorder what is shown around it."""
+    return "".join("\ufffd" if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" else c for c in text)
+
+
 def shown_label(label: str) -> str:
-    """A label safe to show: control and other unprintable characters replaced, long ones cut."""
-    text = "".join(c if c.isprintable() else "\ufffd" for c in label)
+    """A label safe to show (see :func:`printable`); long ones cut with an ellipsis."""
+    text = printable(label)
     return text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 1] + "…"
 
 
@@ -598,7 +606,7 @@ def _svg_chart(breakdown: Breakdown) -> str:
     ]
     for index, (label, (full, count)) in enumerate(zip(labels, breakdown.items)):
         width = max(2.0, bar_space * count / largest) if count else 0.0
-        title = shown_label(full) if len(full) <= 200 else shown_label(full[:200]) + "…"
+        title = printable(full[:200]) + ("…" if len(full) > 200 else "")
         label_svg = (
             f'<text class="label" x="{label_width - 8}" y="{text_y}" text-anchor="end">{e(label)}</text>'
             if beside
@@ -606,7 +614,7 @@ def _svg_chart(breakdown: Breakdown) -> str:
         )
         count_y = text_y if beside else bar_y + bar_height - 2
         out.append(
-            f'<g class="bar" data-label="{e(full)}" data-count="{count}" transform="translate(0 {index * row + 1})">'
+            f'<g class="bar" data-label="{e(printable(full))}" data-count="{count}" transform="translate(0 {index * row + 1})">'
             f"<title>{e(title)}: {count:,} {e(breakdown.unit)}</title>{label_svg}"
             f'<rect x="{bar_x}" y="{bar_y}" width="{width:.1f}" height="{bar_height}" rx="3" '
             f'fill="{_NONE_COLOR if full == NONE_LABEL else color}"/>'

@@ -24,6 +24,8 @@ import tempfile
 import uuid
 
 import duckdb
+import hypothesis
+import hypothesis.strategies as st
 import pydicom
 import pytest
 
@@ -225,6 +227,42 @@ def test_text_report_neutralises_control_characters_in_labels():
     text = report.render_text(overview)
     assert "\x1b" not in text and "\x07" not in text
     assert "ACME\ufffd[2J\ufffd" in text and "…" in text
+
+
+def test_private_creators_are_odd_groups_elements_0010_to_00ff():
+    """PS3.5 7.8.1: (gggg,0010-00FF) in an odd group other than 0001-0007 and FFFF."""
+    con = duckdb.connect()
+    con.execute('CREATE TABLE t ("SOPInstanceUID" VARCHAR, "OtherElements" STRUCT("Tag" VARCHAR, "Data" VARCHAR[])[])')
+    cases = {
+        "Tag_00090010": True, "Tag_0009001a": True, "Tag_7FE100FF": True, "Tag_00290011": True,
+        "Tag_00091001": False, "Tag_0009000F": False, "Tag_00090100": False, "Tag_00080010": False,
+        "Tag_00070010": False, "Tag_FFFF0010": False, "Tag_00010010": False, "Tag_0009010": False,
+    }
+    for index, tag in enumerate(cases):
+        con.execute("INSERT INTO t VALUES (?, [{'Tag': ?, 'Data': [?, ' ']}])", [str(index), tag, f" creator {tag} "])
+    schema = [{"name": "SOPInstanceUID", "type": "STRING", "mode": "NULLABLE"},
+              {"name": "OtherElements", "type": "RECORD", "mode": "REPEATED", "fields": [
+                  {"name": "Tag", "type": "STRING", "mode": "NULLABLE"},
+                  {"name": "Data", "type": "STRING", "mode": "REPEATED"}]}]
+    rows = con.execute(report.overview_query(schema, '"t"', None, report.DUCKDB)).fetchall()
+    found = {label for section, label, _ in rows if section == "creator"}
+    assert found == {f"creator {tag}" for tag, creator in cases.items() if creator}
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(label=st.text(max_size=80))
+def test_any_label_stays_text_in_the_page(label):
+    """Whatever a value holds, the page's elements are the page's own and the value reads back."""
+    figures = report.Overview(
+        table="duckdb://x#t", instances=1, studies=1, series=1, patients=1, failures=0, errors_table="x",
+        breakdowns=(report.Breakdown("manufacturer", label or "-", "instances", ((label, 3),)),),
+    )
+    parsed = PageDOM()
+    parsed.feed(report.render_html(figures))
+    assert set(parsed.tags) == {"html", "head", "meta", "title", "style", "body", "header", "h1", "p", "code",
+                                "section", "div", "span", "main", "h2", "svg", "g", "text", "rect", "footer"}
+    (bar,) = parsed.charts["manufacturer"]
+    assert bar["label"] == report.printable(label) and bar["shown"] == report.shown_label(label)
 
 
 # -- the page in a real browser ------------------------------------------------------------
