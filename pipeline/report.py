@@ -563,7 +563,7 @@ h1 { margin: 0 0 4px; font-size: 26px; font-weight: 650; letter-spacing: -0.01em
 .figure .value { display: block; font-size: 30px; font-weight: 650; font-variant-numeric: tabular-nums; }
 .figure .name { color: var(--muted); font-size: 13px; text-transform: uppercase; letter-spacing: 0.06em; }
 .figure.bad .value { color: #dc2626; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(440px, 1fr)); gap: 18px; padding: 4px 40px 40px; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(440px, 100%), 1fr)); gap: 18px; padding: 4px 40px 40px; }
 .chart { background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 16px 20px 12px; min-width: 0; }
 .chart h2 { margin: 0 0 2px; font-size: 17px; font-weight: 620; }
 .chart .note { margin: 0 0 10px; color: var(--muted); font-size: 13px; }
@@ -572,6 +572,7 @@ h1 { margin: 0 0 4px; font-size: 26px; font-weight: 650; letter-spacing: -0.01em
 .chart svg text.count { fill: var(--muted); font-variant-numeric: tabular-nums; }
 .chart .rest, .chart .empty { margin: 6px 0 0; color: var(--muted); font-size: 13px; }
 footer { padding: 0 40px 32px; color: var(--muted); font-size: 12.5px; }
+@media (max-width: 600px) { header, .headline, .charts, footer { padding-left: 14px; padding-right: 14px; } }
 """
 
 _CHART_WIDTH = 560
