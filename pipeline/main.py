@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import inspect
 
         return inspect.run(argv[1:])
+    if argv and argv[0] == "report":
+        from pipeline import report
+
+        return report.run(argv[1:])
     if argv and argv[0] == "export":
         argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
