@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 
 import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline as beam_testing
 from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.graph import ExportPlan, build_pipeline
 from schemas.convert import BASE_FRAGMENT
-from schemas.merge import merge_fragments, to_bigquery_schema
+from schemas.merge import add_fragment, merge_fragments, to_bigquery_schema
 from schemas.rows import with_empty_lists
 from tests.builders import flatten_bytes, instance, item, sequence, to_bytes
 from transforms import counters
-from transforms.flatten import DEAD_LETTERS, ReadInstances
+from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances
 from transforms.storage import InputFile
 
 RUN_STARTED = "2026-01-02 03:04:05.000006+00:00"
@@ -143,3 +146,32 @@ def test_failures_are_counted_by_type(inputs):
     }
     assert (counts[counters.SUCCEEDED], counts[counters.FAILED]) == (2, 3)
     assert counts["failed:NotDicomError"] == 2 and counts["failed:EmptyFileError"] == 1
+
+
+def test_adding_a_fragment_is_merging_the_two(bundled_instances):
+    fragments = [f.fragment for f in bundled_instances.values()]
+    merged = BASE_FRAGMENT
+    for fragment in fragments:
+        grown = add_fragment(merged, fragment)
+        assert grown == merge_fragments([merged, fragment])
+        if fragment <= merged:
+            assert grown is merged  # nothing new: no copy
+        merged = grown
+    assert merged == merge_fragments([BASE_FRAGMENT, *fragments])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), workers=st.integers(1, 6))
+def test_the_schema_combine_fn_gives_the_merge_whatever_the_split(bundled_instances, seed, workers):
+    """MergeFragments as Beam drives it: inputs added on several workers in any order, the
+    accumulators merged in any order — always the tested merge of every fragment."""
+    fragments = [f.fragment for f in bundled_instances.values()]
+    rng = random.Random(seed)
+    combine = MergeFragments()
+    accumulators = [combine.create_accumulator() for _ in range(workers)]
+    for fragment in rng.sample(fragments, len(fragments)):
+        index = rng.randrange(workers)
+        accumulators[index] = combine.add_input(accumulators[index], fragment)
+    rng.shuffle(accumulators)
+    merged = combine.extract_output(combine.merge_accumulators(accumulators))
+    assert merged == merge_fragments([BASE_FRAGMENT, *fragments])

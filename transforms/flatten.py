@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.convert import BASE_FRAGMENT, flatten_instance
-from schemas.merge import merge_fragments
+from schemas.merge import add_fragment, merge_fragments
 from transforms import counters
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
@@ -135,10 +135,7 @@ class MergeFragments(beam.CombineFn):
         return BASE_FRAGMENT
 
     def add_input(self, accumulator, fragment):
-        return merge_fragments((accumulator, fragment))
-
-    def add_inputs(self, accumulator, fragments):
-        return merge_fragments((accumulator, *fragments))
+        return add_fragment(accumulator, fragment)
 
     def merge_accumulators(self, accumulators):
         return merge_fragments(accumulators)
