@@ -33,8 +33,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
-from pipeline.destinations.base import RunContext, parse_destination
-from pipeline.destinations.duckdb import DEFAULT_URI
+from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline.options import ExportOptions
 from pipeline.staging import read_staged, stage_summary, staging_folder

@@ -104,6 +104,9 @@ class Destination(abc.ABC):
         """The destination's URI, as the user would write it."""
 
 
+#: Without ``--bq-table``: a local DuckDB file, so the export docs' example queries run locally.
+DEFAULT_URI = "duckdb://dicom_metadata.duckdb#dicom_metadata"
+
 #: URI scheme → (module, class). Modules are imported when their scheme is used, so a
 #: destination's client libraries are loaded only by the runs that need them.
 SCHEMES = {

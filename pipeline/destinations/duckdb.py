@@ -32,12 +32,11 @@ from pipeline.destinations import (
     errors_disposition,
     errors_table_name,
 )
-from pipeline.destinations.base import Destination, RunContext
+from pipeline.destinations.base import DEFAULT_URI, Destination, RunContext
 from pipeline.staging import read_staged, stage_table
 from schemas.vr_types import RECORD
 
 SCHEME = "duckdb://"
-DEFAULT_URI = "duckdb://dicom_metadata.duckdb#dicom_metadata"
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,1023}")
 _DUCKDB_TYPES = {
