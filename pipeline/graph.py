@@ -14,9 +14,10 @@ from apache_beam.io import fileio
 from apache_beam.pvalue import AsSingleton, PCollection
 
 from schemas.merge import to_bigquery_schema
+from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
+from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import MatchInputs
-from transforms.read import InstanceFailure, MergeFragments, ReadInstances, UnionOfLines, dead_letter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +36,14 @@ class ExportPlan:
 
 
 class ExportOutputs(NamedTuple):
-    rows: PCollection  # dict per instance, in the BigQuery JSON row form
+    rows: PCollection  # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None) -> ExportOutputs:
+    """Add the export's reading steps to ``pipeline``; return its outputs (no writes)."""
     filter_file = None
     if plan.filter_uri:
         filter_file = (
@@ -61,21 +63,24 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
 
     files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds)
 
-    read = ReadInstances(pipeline_options, plan.progress_seconds)
+    read = ReadInstances(pipeline_options, plan.progress_seconds, plan.run_started)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
-    instances, failures = (
-        files
-        | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_exception_handling(exc_class=InstanceFailure)
+    read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
+        DEAD_LETTERS, main="instances"
     )
+    instances, dead_letters = read_outputs.instances, read_outputs[DEAD_LETTERS]
 
-    rows = instances | "Rows" >> beam.Map(lambda instance: instance.row)
     schema = (
         instances
         | "Fragments" >> beam.Map(lambda instance: instance.fragment)
         | "MergeFragments" >> beam.CombineGlobally(MergeFragments())
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
-    dead_letters = failures | "DeadLetters" >> beam.Map(dead_letter, plan.run_started)
+    rows = (
+        instances
+        | "Rows" >> beam.Map(lambda instance: instance.row)
+        | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(schema))
+    )
 
     lines_used = None
     if filter_file is not None:

@@ -37,7 +37,7 @@ def _open(path: str):
     if "://" not in path:
         return open(path, "rb")
     from transforms.match import match_files
-    from transforms.read import Opener
+    from transforms.storage import Opener
 
     matched = match_files(path)
     if not matched:

@@ -4,7 +4,8 @@
     dicom-bq-export inspect FILE...
 
 ``run(argv)``: parse → preflight (usage, filter file, destination; before any file is
-read) → build the graph → run → load the local destination → print the summary.
+read) → build the graph → attach the destination's writing → run → finish the
+destination's write (local runs) → print the summary.
 
 Locally, without ``--runner``, it runs on Beam's portable runner (FnApiRunner) with one
 worker process per core, or in this process for a small local input. Examples:
@@ -24,20 +25,18 @@ import glob
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline import summary as run_summary
-from pipeline.destinations import DestinationError, resolve_disposition
-from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable
+from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
+from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline.options import ExportOptions
-from pipeline.staging import read_staged, stage_outputs
+from pipeline.staging import read_staged, stage_summary, staging_folder
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
 from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
@@ -48,10 +47,6 @@ LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "Pris
 
 class UsageError(ValueError):
     """Bad flags: reported before anything is read."""
-
-
-class TooManyFailures(RuntimeError):
-    """More instances failed than ``--max-failures`` allows; nothing was written."""
 
 
 def _runner_name(options: PipelineOptions) -> str:
@@ -144,80 +139,41 @@ def run(argv: list[str] | None = None) -> dict:
     silence_pydicom()
     options = PipelineOptions(argv)
     export = options.view_as(ExportOptions)
-    try:
-        disposition = resolve_disposition(export.write_disposition, export.overwrite_table)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    uri = export.bq_table or DEFAULT_URI
-    from pipeline.destinations.bigquery import BigQueryTable, is_bigquery_uri
-
-    if is_bigquery_uri(uri):
-        destination = BigQueryTable.parse(uri, options)
-    elif uri.startswith("duckdb://"):
-        destination = DuckDBTable.parse(uri)
-    else:
-        raise UsageError(f"--bq-table must be bq://PROJECT.DATASET.TABLE or duckdb://PATH#TABLE, not {uri!r}")
+    disposition = _usage(resolve_disposition, export.write_disposition, export.overwrite_table)
+    destination = _usage(parse_destination, export.bq_table or DEFAULT_URI, options)
     plan, filter_file = plan_export(export, options)
     _local_defaults(options, plan)
     runner = _runner_name(options)
     local = runner in LOCAL_RUNNERS
-    if isinstance(destination, DuckDBTable):
-        if not local:
-            raise UsageError("a duckdb:// destination needs a local runner; use bq:// on Dataflow")
-        if export.cluster_by:
-            raise UsageError("--cluster-by applies to BigQuery tables (bq://) only")
-        destination.preflight(disposition)
-    else:
-        destination.preflight(disposition, export.cluster_by)
+    _usage(destination.check_runner, local)
+    _usage(destination.check_options, export)
+    destination.preflight(disposition)
 
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.timezone.utc)
-    plan = dataclasses.replace(plan, run_started=started_at.isoformat(sep=" ", timespec="microseconds"))
-    staging = tempfile.mkdtemp(prefix="dicom-bq-export-")
-    try:
-        pipeline = beam.Pipeline(options=options)
-        outputs = build_pipeline(pipeline, plan, options)
-        if isinstance(destination, DuckDBTable):
-            stage_outputs(outputs, staging)
-        else:
-            destination.attach(outputs, disposition, started_at, export.max_failures)
-            if local:
-                stage_outputs(outputs, staging, rows=False)
-        if not local:
-            pipeline.run()
-            print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
-            return {"submitted": True, "destination": str(destination)}
-        try:
-            result = pipeline.run()
-            result.wait_until_finish()
-        except Exception as error:
-            _raise_user_error(error)
-            raise
-        counts = run_summary.counters(result)
-        staged = read_staged(staging)
-        if isinstance(destination, DuckDBTable):
-            if export.max_failures is not None and counts["failed"] > export.max_failures:
-                raise TooManyFailures(
-                    f"{counts['failed']:,} instances failed, more than --max-failures {export.max_failures:,}; "
-                    f"nothing was written to {destination}"
-                )
-            destination.write(
-                staged.schema,
-                staged.row_files,
-                disposition,
-                error_files=staged.dead_letter_files,
-            )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    context = RunContext(disposition, dt.datetime.now(dt.timezone.utc), export.max_failures, local)
+    plan = dataclasses.replace(plan, run_started=context.run_started)
+    pipeline = beam.Pipeline(options=options)
+    outputs = build_pipeline(pipeline, plan, options)
+    if not local:
+        destination.attach(outputs, context)
+        pipeline.run()
+        print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
+        return {"submitted": True, "destination": str(destination)}
+    with staging_folder(destination.staging_prefix(), context.run_id) as context.staging:
+        destination.attach(outputs, context)
+        stage_summary(outputs, context.staging)
+        context.counts = run_summary.counters(_run_to_completion(pipeline))
+        destination.finish(context)
+        lines_used = read_staged(context.staging).filter_lines_used
 
     summary = run_summary.build(
-        counts,
+        context.counts,
         duration=time.monotonic() - started,
         destination=str(destination),
-        errors_table=destination.errors_table_uri(),
+        errors_table=destination.errors_uri(),
         disposition=disposition,
         filter_file=filter_file,
-        lines_used=staged.filter_lines_used,
+        lines_used=lines_used,
         listing="filter paths under " + ", ".join(plan.uid_roots) if plan.uid_roots else "patterns",
     )
     print(run_summary.render(summary))
@@ -226,7 +182,33 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def _usage(check, *args):
+    """``check(*args)``, its ValueError reported as a UsageError."""
+    try:
+        return check(*args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _run_to_completion(pipeline: beam.Pipeline):
+    """Run a local pipeline and wait; a user error raised by a worker is re-raised as
+    itself, without Beam's wrapping (see :func:`_user_error`)."""
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        raise user_error from None
+    return result
+
+
+#: Errors a worker may raise that the user must fix (a conflicting field, --max-failures,
+#: a table that changed since preflight, a schema too wide), by class name: Beam reports
+#: them as text inside its own exception.
 _USER_ERRORS = {
+    "TooManyFailures": TooManyFailures,
     "DestinationError": DestinationError,
     "SchemaConflictError": DestinationError,
     "SchemaTooWideError": DestinationError,
@@ -234,24 +216,20 @@ _USER_ERRORS = {
 }
 
 
-def _raise_user_error(error: Exception) -> None:
-    """A pipeline that failed on a user-fixable problem: re-raise it without Beam's wrapping.
-
-    Workers raise DestinationError (a conflicting field, --max-failures, a table that
-    changed since preflight) or SchemaTooWideError; Beam reports them inside a long
-    message with tracebacks.
-    """
+def _user_error(error: Exception) -> Exception | None:
+    """The user error inside a failed pipeline's exception, or None for anything else."""
     text = str(error)
     for name, error_type in _USER_ERRORS.items():
         match = re.search(rf"{name}: (.+?)(?:\n|\\n| \[while running|$)", text)
         if match:
-            raise error_type(match.group(1).strip()) from None
+            return error_type(match.group(1).strip())
     job = re.search(r"BigQuery job (\S+) failed", text)
     if job:  # Beam's message carries the job's errors, which can quote row values
-        raise DestinationError(
+        return DestinationError(
             f"BigQuery job {job.group(1)} failed; its errors are in BigQuery (bq show -j), not here, as they "
             "may quote row values. Nothing was written to the table."
-        ) from None
+        )
+    return None
 
 
 def print_help() -> None:

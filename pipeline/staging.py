@@ -1,22 +1,68 @@
-"""Staging a run's outputs as files, for destinations loaded after the pipeline (DuckDB)
-and for the launcher's summary.
+"""Staging a local run's outputs as files, for destinations loaded after the pipeline
+(DuckDB) and for the launcher's summary.
 
 Rows and dead letters are written as newline-delimited JSON shards (what a BigQuery
 load job takes), the schema and the filter lines that selected something as one small
 JSON file each.
+
+Where: a folder per run, ``PREFIX.staging-RUN-PID``, whose prefix the destination
+chooses (beside a DuckDB file, so rows never land in the system's temporary folder).
+The run removes it when it ends, however it ends; a run that was killed cannot, so
+every run first removes the folders of runs whose process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import re
+import shutil
 import uuid
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import apache_beam as beam
 
 from pipeline.graph import ExportOutputs
+
+_STAGING = ".staging-"
+_PID = re.compile(r"-(\d+)$")
+
+
+@contextlib.contextmanager
+def staging_folder(prefix: str, run_id: str) -> Iterator[str]:
+    """A new folder ``PREFIX.staging-RUN_ID`` (``run_id`` ends with this process's id),
+    removed on exit; leftovers of killed runs with the same prefix are removed first."""
+    remove_leftovers(prefix)
+    path = f"{prefix}{_STAGING}{run_id}"
+    os.makedirs(path, mode=0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_leftovers(prefix: str) -> list[str]:
+    """Remove the staging folders under ``prefix`` whose run's process no longer exists;
+    return their paths."""
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + _STAGING + "*"):
+        match = _PID.search(path)
+        if match and os.path.isdir(path) and not _process_exists(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 ROWS = "rows"
 DEAD_LETTERS = "dead_letters"
@@ -52,22 +98,22 @@ class _WriteJsonLines(beam.DoFn):
             self._handle = None
 
 
-def stage_outputs(outputs: ExportOutputs, directory: str, rows: bool = True) -> None:
-    """Add the writes of ``outputs`` under the local folder ``directory`` to the pipeline.
+def _stage(pcoll, directory: str, name: str) -> None:
+    pcoll | f"Stage_{name}" >> beam.ParDo(_WriteJsonLines(directory, name))
 
-    With ``rows=False`` only what the summary needs is staged (the destination writes
-    rows and dead letters itself).
-    """
 
-    def write(pcoll, name):
-        pcoll | f"Stage_{name}" >> beam.ParDo(_WriteJsonLines(directory, name))
+def stage_table(outputs: ExportOutputs, directory: str) -> None:
+    """Add the writes of the rows, dead letters and schema under ``directory``."""
+    _stage(outputs.rows, directory, ROWS)
+    _stage(outputs.dead_letters, directory, DEAD_LETTERS)
+    _stage(outputs.schema, directory, SCHEMA)
 
-    if rows:
-        write(outputs.rows, ROWS)
-        write(outputs.dead_letters, DEAD_LETTERS)
-    write(outputs.schema, SCHEMA)
+
+def stage_summary(outputs: ExportOutputs, directory: str) -> None:
+    """Add the write of what the launcher's summary needs (filter lines used) under
+    ``directory``."""
     if outputs.filter_lines_used is not None:
-        write(outputs.filter_lines_used, FILTER_LINES)
+        _stage(outputs.filter_lines_used, directory, FILTER_LINES)
 
 
 class StagedRun(NamedTuple):

@@ -11,10 +11,8 @@ import json
 
 from apache_beam.metrics.metric import MetricsFilter
 
-from transforms.match import NAMESPACE
-from transforms.read import COUNTERS
-
-_ALL_COUNTERS = ("files_listed", "files_matched") + COUNTERS
+from transforms.counters import COUNTERS as _ALL_COUNTERS
+from transforms.counters import NAMESPACE
 
 
 class CountMismatch(RuntimeError):

@@ -34,6 +34,13 @@ def merge_fragments(fragments: Iterable[frozenset]) -> frozenset:
     return frozenset(merged)
 
 
+def add_fragment(merged: frozenset, fragment: frozenset) -> frozenset:
+    """``merged`` ∪ ``fragment``, as :func:`merge_fragments` of the two; ``merged`` itself
+    when it already holds every path of ``fragment`` (the usual case once a few
+    instances are merged), so adding one instance costs a subset test, not a copy."""
+    return merged if fragment <= merged else merged | fragment
+
+
 def to_bigquery_schema(fragment: Iterable[tuple]) -> list[dict]:
     """The BigQuery JSON schema (as ``bq mk --schema`` takes it) for a set of paths.
 

@@ -212,6 +212,16 @@ def test_dead_letters_go_to_the_errors_table_in_the_same_dataset(client, dataset
     assert summary["errors_table"] == f"bq://{table_id}_errors"
 
 
+def test_repeated_fields_are_empty_lists_never_null(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}")
+    rows = table_rows(client, table_id)
+    assert len(rows) == len(sample_files())
+    for row in rows:
+        assert isinstance(row["OtherElements"], list) and isinstance(row["DroppedTags"], list)
+    assert any(row["OtherElements"] == [] for row in rows)
+
+
 def test_the_load_files_in_the_temp_location_are_removed(client, dataset, export, gcs_bucket):
     storage_client, bucket = gcs_bucket
     export("--input", str(SAMPLES), f"--bq-table=bq://{PROJECT}.{dataset}.instances")

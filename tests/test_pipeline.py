@@ -339,7 +339,8 @@ def test_write_append_extends_records_nested_in_sequences(db, tmp_path):
     [sequence_field] = [f for f in db.schema() if f["name"] == "ReferencedImageSequence"]
     assert [f["name"] for f in sequence_field["fields"]] == ["ReferencedSOPInstanceUID", "ReferencedFrameNumber"]
     items = {row["SOPInstanceUID"]: row["ReferencedImageSequence"] for row in rows(db)}
-    assert items[first.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.1", "ReferencedFrameNumber": None}]
+    # a REPEATED field is never NULL (SPEC §4): the older row's new nested field is []
+    assert items[first.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.1", "ReferencedFrameNumber": []}]
     assert items[second.SOPInstanceUID] == [{"ReferencedSOPInstanceUID": "1.2.2", "ReferencedFrameNumber": ["3"]}]
 
 

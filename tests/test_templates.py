@@ -15,6 +15,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.destinations import WRITE_DISPOSITIONS, Disposition
+from pipeline.destinations.base import RunContext
 from pipeline.destinations.bigquery import BigQueryTable
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline.options import INPUT_LAYOUTS, ExportOptions
@@ -135,7 +136,8 @@ def test_the_dataflow_job_description_builds_offline(anonymous_gcp):
                       filter_uri="gs://my-bucket/filter.txt", uid_roots=("gs://my-bucket/dicom",))
     outputs = build_pipeline(pipeline, plan, options)
     table = BigQueryTable.parse("bq://my-project.imaging.instances", options)
-    table.attach(outputs, Disposition.WRITE_TRUNCATE, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), None)
+    table.attach(outputs, RunContext(Disposition.WRITE_TRUNCATE, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+                                     local=False))
     result = pipeline.run()
     job = result.job
     transforms = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}

@@ -12,21 +12,17 @@ import glob
 import os
 import sys
 import time
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.counters import NAMESPACE
 from transforms.filter_file import FilterFile, uid_layout_patterns
+from transforms.storage import InputFile
 
-NAMESPACE = "dicom_bq_export"
 _GLOB_CHARS = set("*?[")
-
-
-class InputFile(NamedTuple):
-    path: str
-    size: int
 
 
 def _has_glob(pattern: str) -> bool:

@@ -10,17 +10,25 @@
 | exists, WRITE_APPEND                    | rows added, schema extended     |
 | exists, WRITE_TRUNCATE                  | old rows and schema replaced    |
 
-Each destination module (:mod:`.duckdb`, :mod:`.bigquery`) implements ``preflight``
-(before any file is read) and the write itself on top of :func:`check_table_state`.
+Each destination (:mod:`.duckdb`, :mod:`.bigquery`, :mod:`.parquet`) implements the
+interface of :mod:`.base`; the rules here hold for all of them: the table above
+(:func:`check_table_state`), ``--max-failures`` (:func:`check_max_failures`) and the
+schema of an append (:func:`append_schema`).
 """
 
 from __future__ import annotations
 
 import enum
 
+from schemas.merge import extend_schema, schema_conflicts
+
 
 class DestinationError(Exception):
     """A problem with the destination the user must fix; reported before anything is written."""
+
+
+class TooManyFailures(DestinationError):
+    """More instances failed than ``--max-failures`` allows; nothing was written."""
 
 
 class Disposition(enum.Enum):
@@ -95,3 +103,28 @@ ERRORS_SCHEMA = [
 
 def errors_table_name(table: str) -> str:
     return f"{table}_errors"
+
+
+def check_max_failures(failed: int, max_failures: int | None, destination: str) -> None:
+    """Raise :class:`TooManyFailures` if more instances failed than ``--max-failures``
+    allows. Called before anything is written."""
+    if max_failures is not None and failed > max_failures:
+        raise TooManyFailures(
+            f"{failed:,} instances failed, more than --max-failures {max_failures:,}; "
+            f"nothing was written to {destination}"
+        )
+
+
+def append_schema(new: list[dict], existing: list[dict], destination: str) -> list[dict]:
+    """The schema after appending rows of schema ``new`` to a table with ``existing``:
+    ``existing`` extended by the new fields. A field of another type or mode raises
+    :class:`DestinationError` naming every conflict, before anything is written."""
+    conflicts = schema_conflicts(new, existing)
+    if conflicts:
+        raise DestinationError(f"cannot append to {destination}: " + "; ".join(conflicts))
+    return extend_schema(existing, new)
+
+
+def errors_disposition(disposition: Disposition) -> Disposition:
+    """The dead-letter table is appended to by WRITE_APPEND and replaced otherwise."""
+    return Disposition.WRITE_APPEND if disposition is Disposition.WRITE_APPEND else Disposition.WRITE_TRUNCATE

@@ -25,7 +25,6 @@ they come: nothing here knows about emulators.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import unicodedata
 import uuid
@@ -39,11 +38,14 @@ from pipeline.destinations import (
     ERRORS_SCHEMA,
     DestinationError,
     Disposition,
+    append_schema,
+    check_max_failures,
     check_table_state,
+    errors_disposition,
     errors_table_name,
 )
+from pipeline.destinations.base import Destination, RunContext
 from schemas import columns as dicom_columns
-from schemas.merge import extend_schema, schema_conflicts
 from schemas.vr_types import RECORD
 
 SCHEME = "bq://"
@@ -98,7 +100,7 @@ def parse_cluster_by(text: str | None) -> list[str]:
     return names
 
 
-class BigQueryTable:
+class BigQueryTable(Destination):
     """``bq://PROJECT.DATASET.TABLE``: preflight, the staged write, and finalize."""
 
     def __init__(self, project: str, dataset: str, table: str, pipeline_options=None):
@@ -143,8 +145,12 @@ class BigQueryTable:
     def table_id(self) -> str:
         return f"{self.project}.{self.dataset}.{self.table}"
 
-    def errors_table_uri(self) -> str:
+    def errors_uri(self) -> str:
         return f"{SCHEME}{self.project}.{self.dataset}.{errors_table_name(self.table)}"
+
+    def check_options(self, export_options) -> None:
+        """``--cluster-by`` (DestinationError if it names unsuitable columns)."""
+        self.cluster_by = parse_cluster_by(getattr(export_options, "cluster_by", None))
 
     # -- preflight -------------------------------------------------------------------
 
@@ -157,11 +163,10 @@ class BigQueryTable:
             )
         return location.rstrip("/")
 
-    def preflight(self, disposition: Disposition, cluster_by: str | None = None) -> None:
-        """Before any file is read: temp location, dataset, table state, clustering columns."""
+    def preflight(self, disposition: Disposition) -> None:
+        """Before any file is read: temp location, dataset, table state."""
         from google.api_core import exceptions
 
-        self.cluster_by = parse_cluster_by(cluster_by)
         self.temp_location()
         client = _client(self.project)
         try:
@@ -180,9 +185,10 @@ class BigQueryTable:
 
     # -- the write -------------------------------------------------------------------
 
-    def attach(self, outputs, disposition: Disposition, started_at: dt.datetime, max_failures: int | None):
+    def attach(self, outputs, context: RunContext) -> None:
         """Add the staged loads and the finalize step to the pipeline."""
-        run_id = started_at.strftime("%Y%m%d%H%M%S") + "_" + uuid.uuid4().hex[:8]
+        disposition = context.disposition
+        run_id = context.started_at.strftime("%Y%m%d%H%M%S") + "_" + uuid.uuid4().hex[:8]
         temp = f"{self.temp_location()}/dicom-bq-export/{run_id}"
         rows_staging = f"{self.table}__staging_{run_id}"
         errors_table = errors_table_name(self.table)
@@ -220,18 +226,14 @@ class BigQueryTable:
             dataset=self.dataset,
             moves=(
                 Move(rows_staging, self.table, disposition.value, tuple(self.cluster_by)),
-                Move(errors_staging, errors_table,
-                     "WRITE_APPEND" if disposition is Disposition.WRITE_APPEND else "WRITE_TRUNCATE", ()),
+                Move(errors_staging, errors_table, errors_disposition(disposition).value, ()),
             ),
             run_id=run_id,
             temp_location=temp,
-            max_failures=max_failures,
+            max_failures=context.max_failures,
             destination=str(self),
         )
-        return (
-            load_schema
-            | "Finalize" >> beam.ParDo(Finalize(plan), AsSingleton(failures), *jobs)
-        )
+        load_schema | "Finalize" >> beam.ParDo(Finalize(plan), AsSingleton(failures), *jobs)
 
 
 def _row_count(table) -> int | None:
@@ -258,10 +260,7 @@ def _load_schema(schema: list[dict], existing: list[dict] | None, destination: s
     """
     if existing is None or replaces:
         return schema
-    conflicts = schema_conflicts(schema, existing)
-    if conflicts:
-        raise DestinationError(f"cannot append to {destination}: " + "; ".join(conflicts))
-    return extend_schema(existing, schema)
+    return append_schema(schema, existing, destination)
 
 
 class Move(NamedTuple):
@@ -299,12 +298,11 @@ class Finalize(beam.DoFn):
         for jobs in job_lists:
             for _destination, reference in jobs:
                 _wait_for_job(client, reference)
-        if plan.max_failures is not None and failures > plan.max_failures:
+        try:
+            check_max_failures(failures, plan.max_failures, plan.destination)
+        except DestinationError:
             self._drop_staging(client)
-            raise DestinationError(
-                f"{failures:,} instances failed, more than --max-failures {plan.max_failures:,}; "
-                f"nothing was written to {plan.destination}"
-            )
+            raise
         schemas = {plan.moves[0][0]: load_schema, plan.moves[1][0]: ERRORS_SCHEMA}
         for index, (staging, destination, disposition, cluster_by) in enumerate(plan.moves):
             move_into_place(
@@ -375,10 +373,7 @@ def move_into_place(client, *, project, dataset, staging, destination, schema, d
     else:
         current = [field.to_api_repr() for field in existing.schema]
         staged_schema = [field.to_api_repr() for field in staged.schema]
-        conflicts = schema_conflicts(staged_schema, current)
-        if conflicts:
-            raise DestinationError(f"cannot append to bq://{destination_id}: " + "; ".join(conflicts))
-        extended = extend_schema(current, staged_schema)
+        extended = append_schema(staged_schema, current, f"bq://{destination_id}")
         if extended != current:
             existing.schema = [bigquery.SchemaField.from_api_repr(field) for field in extended]
             client.update_table(existing, ["schema"])

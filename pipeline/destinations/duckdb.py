@@ -5,15 +5,20 @@ TIMESTAMP in UTC) and the same disposition rules. Rows arrive as the newline-del
 JSON a BigQuery load job would take, and DuckDB parses them against the schema, so a
 value that BigQuery would reject fails here too.
 
-The whole write is one DuckDB transaction: a failed or interrupted run leaves the table
-as it was, and WRITE_TRUNCATE replaces rows and schema atomically.
+The launcher writes the table once the pipeline has finished: the graph stages rows and
+dead letters in a folder beside the database file (:mod:`pipeline.staging`), and
+:meth:`DuckDBTable.finish` loads them in one DuckDB transaction, so a failed or
+interrupted run leaves the table as it was, and WRITE_TRUNCATE replaces rows and schema
+atomically. Every problem with the file itself (a folder, not a database, an unwritable
+folder, a database another process holds open) is found by preflight, before any input
+is read, and reported in one line.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
+import tempfile
 
 import duckdb
 
@@ -21,13 +26,17 @@ from pipeline.destinations import (
     ERRORS_SCHEMA,
     DestinationError,
     Disposition,
+    append_schema,
+    check_max_failures,
     check_table_state,
+    errors_disposition,
     errors_table_name,
 )
-from schemas.merge import extend_schema, schema_conflicts
+from pipeline.destinations.base import DEFAULT_URI, Destination, RunContext
+from pipeline.staging import read_staged, stage_table
+from schemas.vr_types import RECORD
 
 SCHEME = "duckdb://"
-DEFAULT_URI = "duckdb://dicom_metadata.duckdb#dicom_metadata"
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,1023}")
 _DUCKDB_TYPES = {
@@ -79,15 +88,23 @@ def _bigquery_field(name: str, duck_type) -> dict:
     return {"name": name, "type": _BIGQUERY_TYPES.get(duck_type.id, duck_type.id.upper()), "mode": mode}
 
 
-@dataclasses.dataclass(frozen=True)
-class DuckDBTable:
+class DuckDBTable(Destination):
     """A table in a DuckDB database file."""
 
-    path: str
-    table: str
+    def __init__(self, path: str, table: str):
+        self.path, self.table = path, table
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, DuckDBTable) and (self.path, self.table) == (other.path, other.table)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.table))
+
+    def __repr__(self) -> str:
+        return f"DuckDBTable({self.path!r}, {self.table!r})"
 
     @classmethod
-    def parse(cls, uri: str) -> "DuckDBTable":
+    def parse(cls, uri: str, pipeline_options=None) -> "DuckDBTable":
         """``duckdb://PATH#TABLE`` (PATH relative or absolute) → DuckDBTable."""
         if not uri.startswith(SCHEME) or "#" not in uri:
             raise DestinationError(f"a DuckDB destination looks like {DEFAULT_URI}, not {uri!r}")
@@ -104,18 +121,70 @@ class DuckDBTable:
     def __str__(self) -> str:
         return f"{SCHEME}{self.path}#{self.table}"
 
-    def errors_table_uri(self) -> str:
+    def errors_uri(self) -> str:
         return f"{SCHEME}{self.path}#{errors_table_name(self.table)}"
 
-    # -- reading the table's state -------------------------------------------------------
+    def check_runner(self, local: bool) -> None:
+        if not local:
+            raise ValueError("a duckdb:// destination needs a local runner; use bq:// or parquet+gs:// on Dataflow")
+
+    def staging_prefix(self) -> str:
+        """Beside the database file, hidden: ``DIR/.NAME.staging-RUN``."""
+        folder, name = os.path.split(os.path.abspath(self.path))
+        return os.path.join(folder, "." + name)
+
+    # -- opening the file ----------------------------------------------------------------
 
     def _connect(self, read_only: bool = False):
+        """A connection, or DestinationError in one line saying what is wrong with the file.
+        With ``read_only``, None if the file does not exist."""
+        self._check_path()
         if read_only and not os.path.exists(self.path):
             return None
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise DestinationError(f"the folder for {self.path} does not exist")
-        return duckdb.connect(self.path, read_only=read_only)
+        try:
+            return duckdb.connect(self.path, read_only=read_only)
+        except duckdb.Error as error:
+            raise DestinationError(self._open_problem(error)) from None
+
+    def _check_path(self) -> None:
+        if os.path.isdir(self.path):
+            raise DestinationError(
+                f"{self.path} is a folder; a duckdb:// destination names a database file in it, "
+                f"e.g. duckdb://{os.path.join(self.path, 'dicom_metadata.duckdb')}#{self.table}"
+            )
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise DestinationError(f"the folder for {self.path} does not exist; create it first")
+
+    def _open_problem(self, error: Exception) -> str:
+        text = str(error)
+        if "lock" in text.lower():
+            holder = re.search(r"\(PID (\d+)\)", text)
+            by = f" (process {holder.group(1)})" if holder else ""
+            return (
+                f"the DuckDB database {self.path} is open in another process{by}; close it there "
+                "(e.g. the notebook's connection) and run again"
+            )
+        if "not a valid DuckDB database" in text or "not a DuckDB" in text:
+            return f"{self.path} is not a DuckDB database file; name a new file or an existing DuckDB database"
+        if "permission denied" in text.lower() or "read-only" in text.lower():
+            return f"cannot write to {self.path} (permission denied); choose a file in a folder you can write to"
+        first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return f"cannot open the DuckDB database {self.path}: {first_line}"
+
+    def _check_folder_writable(self) -> None:
+        """The database does not exist yet: prove that it can be created."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise DestinationError(
+                f"cannot create {self.path}: the folder {folder} is not writable ({error.strerror}); "
+                "choose a folder you can write to"
+            ) from None
+
+    # -- reading the table's state -------------------------------------------------------
 
     @staticmethod
     def _exists(con, table: str) -> bool:
@@ -131,14 +200,23 @@ class DuckDBTable:
         relation = con.table(quote(table))
         return [_bigquery_field(name, t) for name, t in zip(relation.columns, relation.types)]
 
+    def _state(self, con) -> tuple[bool, int | None]:
+        exists = self._exists(con, self.table)
+        count = con.execute(f"SELECT count(*) FROM {quote(self.table)}").fetchone()[0] if exists else None
+        return exists, count
+
     def preflight(self, disposition: Disposition) -> None:
-        """Check the table against the disposition before any file is read."""
-        con = self._connect(read_only=True)
-        if con is None:
+        """Before any file is read: the file can be opened for writing (by this process
+        alone) or created, and the table's state allows ``disposition``."""
+        self._check_path()
+        if not os.path.exists(self.path):
+            self._check_folder_writable()
             return
+        if not os.access(self.path, os.W_OK):
+            raise DestinationError(f"cannot write to {self.path} (permission denied); choose a file you can write to")
+        con = self._connect()
         try:
-            exists = self._exists(con, self.table)
-            count = con.execute(f"SELECT count(*) FROM {quote(self.table)}").fetchone()[0] if exists else None
+            exists, count = self._state(con)
         finally:
             con.close()
         check_table_state(str(self), disposition, exists, count)
@@ -155,6 +233,16 @@ class DuckDBTable:
 
     # -- writing ---------------------------------------------------------------------
 
+    def attach(self, outputs, context: RunContext) -> None:
+        """Stage rows, dead letters and schema in the run's folder beside the database."""
+        stage_table(outputs, context.staging)
+
+    def finish(self, context: RunContext) -> None:
+        """Load what the run staged, unless too many instances failed."""
+        check_max_failures(context.counts.get("failed", 0), context.max_failures, str(self))
+        staged = read_staged(context.staging)
+        self.write(staged.schema, staged.row_files, context.disposition, error_files=staged.dead_letter_files)
+
     def write(
         self,
         schema: list[dict],
@@ -170,17 +258,12 @@ class DuckDBTable:
         con = self._connect()
         try:
             con.execute("BEGIN TRANSACTION")
-            exists = self._exists(con, self.table)
-            count = con.execute(f"SELECT count(*) FROM {quote(self.table)}").fetchone()[0] if exists else None
+            exists, count = self._state(con)
             check_table_state(str(self), disposition, exists, count)
-            if exists and not disposition.replaces:
+            appended = exists and not disposition.replaces
+            if appended:
                 existing = self._schema(con, self.table)
-                conflicts = schema_conflicts(schema, existing)
-                if conflicts:
-                    raise DestinationError(
-                        f"cannot append to {self}: " + "; ".join(conflicts)
-                    )
-                schema = extend_schema(existing, schema)
+                schema = append_schema(schema, existing, str(self))
                 if schema != existing:
                     self._replace(con, self.table, schema, copy_rows=True)
             else:
@@ -192,10 +275,11 @@ class DuckDBTable:
                     f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
                     f"{self}. The message is withheld: it may quote a value."
                 ) from None
+            if appended:  # rows of either side may lack REPEATED fields the other added
+                _fill_empty_lists(con, self.table, schema)
 
             errors = errors_table_name(self.table)
-            append_errors = disposition is Disposition.WRITE_APPEND and self._exists(con, errors)
-            if not append_errors:
+            if errors_disposition(disposition) is not Disposition.WRITE_APPEND or not self._exists(con, errors):
                 self._replace(con, errors, ERRORS_SCHEMA, copy_rows=False)
             self._insert(con, errors, ERRORS_SCHEMA, error_files)
             con.execute("COMMIT")
@@ -239,6 +323,44 @@ class DuckDBTable:
             return [dict(zip(names, values)) for values in relation.fetchall()]
         finally:
             con.close()
+
+
+def _has_repeated(fields: list[dict]) -> bool:
+    return any(f.get("mode") == "REPEATED" or _has_repeated(f.get("fields") or []) for f in fields)
+
+
+def _lists_filled(expr: str, field: dict, depth: int = 0) -> str:
+    """A SQL expression for ``expr`` (of ``field``'s type) with NULL lists as ``[]`` at
+    every level, the SQL twin of :func:`schemas.rows.with_empty_lists` for rows already
+    in a table."""
+    repeated = field.get("mode") == "REPEATED"
+    if field["type"] not in (RECORD, "STRUCT"):
+        return f"coalesce({expr}, CAST([] AS {duckdb_type(field)}))" if repeated else expr
+    members = field["fields"]
+    if not repeated:
+        return _struct_filled(expr, members, depth) if _has_repeated(members) else expr
+    item = f"item{depth}"
+    filled = _struct_filled(item, members, depth + 1) if _has_repeated(members) else item
+    return f"coalesce(list_transform({expr}, lambda {item}: {filled}), CAST([] AS {duckdb_type(field)}))"
+
+
+def _struct_filled(expr: str, members: list[dict], depth: int) -> str:
+    packed = ", ".join(
+        f"{quote(member['name'])} := {_lists_filled(expr + '.' + quote(member['name']), member, depth)}"
+        for member in members
+    )
+    return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({packed}) END"
+
+
+def _fill_empty_lists(con, table: str, schema: list[dict]) -> None:
+    """Replace NULL lists by ``[]`` in every column that has a REPEATED field."""
+    assignments = [
+        f"{quote(field['name'])} = {_lists_filled(quote(field['name']), field)}"
+        for field in schema
+        if field.get("mode") == "REPEATED" or _has_repeated(field.get("fields") or [])
+    ]
+    if assignments:
+        con.execute(f"UPDATE {quote(table)} SET " + ", ".join(assignments))
 
 
 def _sql_string(text: str) -> str:

@@ -1,0 +1,233 @@
+"""The Destination interface, and every problem with a DuckDB destination found by preflight
+(SPEC §4, issue 11): one line, before any file is read; staging beside the database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import duckdb
+import pytest
+
+from pipeline.destinations import DestinationError, Disposition
+from pipeline.destinations.base import Destination, RunContext, parse_destination
+from pipeline.destinations.bigquery import BigQueryTable
+from pipeline.destinations.duckdb import DuckDBTable
+from pipeline.main import UsageError, run
+from pipeline.staging import remove_leftovers, staging_folder
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "dicom"
+
+
+def export(*args: str) -> dict:
+    return run(["--runner=FnApiRunner", "--progress-seconds=0", *args])
+
+
+def cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """``dicom-bq-export ARGS`` as a user runs it, in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.main", "--runner=FnApiRunner", "--progress-seconds=0", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("dicom-bq-export: error:")]
+    assert words in line, line
+
+
+@pytest.fixture
+def fifo_input(tmp_path):
+    """An input folder holding only a named pipe: reading any file of it would block forever,
+    so a run that returns at all has read nothing."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe")
+    return folder
+
+
+# -- the interface -------------------------------------------------------------------------
+
+
+def test_every_destination_is_parsed_from_its_uri(tmp_path):
+    assert isinstance(parse_destination(f"duckdb://{tmp_path}/x.duckdb#t"), DuckDBTable)
+    for uri in ("bq://my-project.ds.t", "my-project.ds.t", "my-project:ds.t"):
+        destination = parse_destination(uri)
+        assert isinstance(destination, BigQueryTable) and isinstance(destination, Destination)
+        assert str(destination) == "bq://my-project.ds.t"
+    with pytest.raises(ValueError, match="--bq-table must be"):
+        parse_destination("postgres://x")
+
+
+def test_a_duckdb_destination_needs_a_local_runner_and_takes_no_cluster_by(tmp_path):
+    table = parse_destination(f"duckdb://{tmp_path}/x.duckdb#t")
+    table.check_runner(local=True)
+    with pytest.raises(ValueError, match="needs a local runner"):
+        table.check_runner(local=False)
+    with pytest.raises(UsageError, match="--cluster-by applies to BigQuery"):
+        export("--input", str(SAMPLES), f"--bq-table={table}", "--cluster-by=StudyInstanceUID")
+    assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_errors_uri_names_the_dead_letter_table(tmp_path):
+    assert parse_destination(f"duckdb://{tmp_path}/x.duckdb#t").errors_uri() == f"duckdb://{tmp_path}/x.duckdb#t_errors"
+    assert parse_destination("bq://my-project.ds.t").errors_uri() == "bq://my-project.ds.t_errors"
+
+
+# -- issue 11: every problem with a DuckDB file, found in preflight ------------------------------
+
+
+def test_a_text_file_is_not_a_duckdb_database(tmp_path, fifo_input):
+    path = tmp_path / "notes.duckdb"
+    path.write_text("my notes\n")
+    with pytest.raises(DestinationError, match="is not a DuckDB database file"):
+        DuckDBTable(str(path), "t").preflight(Disposition.DEFAULT)
+    assert_one_line_error(cli("--input", str(fifo_input), f"--bq-table=duckdb://{path}#t"), "not a DuckDB database")
+    assert path.read_text() == "my notes\n"
+
+
+def test_a_folder_is_not_a_database_file(tmp_path, fifo_input):
+    with pytest.raises(DestinationError, match="is a folder"):
+        DuckDBTable(str(tmp_path), "t").preflight(Disposition.WRITE_TRUNCATE)
+    assert_one_line_error(cli("--input", str(fifo_input), f"--bq-table=duckdb://{tmp_path}#t"), "is a folder")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root's override of permissions")
+def test_an_unwritable_folder_is_reported_before_reading(tmp_path, fifo_input):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    uri = f"--bq-table=duckdb://{folder}/x.duckdb#t"
+    # As root every folder is writable; without CAP_DAC_OVERRIDE the folder's mode counts.
+    drop = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"]
+    result = subprocess.run(
+        [*drop, sys.executable, "-m", "pipeline.main", "--runner=FnApiRunner", "--input", str(fifo_input), uri],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    ) if os.geteuid() == 0 else cli("--input", str(fifo_input), uri)
+    assert_one_line_error(result, "is not writable")
+    assert os.listdir(folder) == []
+
+
+def test_a_database_held_open_by_another_process_is_reported_before_reading(tmp_path, fifo_input):
+    path = tmp_path / "busy.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys, time\n"
+         "con = duckdb.connect(sys.argv[1])\n"
+         "con.execute('CREATE TABLE t (x INTEGER)')\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(120)\n", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(DestinationError, match=rf"is open in another process \(process {holder.pid}\)"):
+            DuckDBTable(str(path), "t").preflight(Disposition.WRITE_APPEND)
+        result = cli("--input", str(fifo_input), f"--bq-table=duckdb://{path}#t", "--write-disposition=WRITE_APPEND")
+        assert_one_line_error(result, "is open in another process")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert duckdb.connect(str(path)).execute("SELECT count(*) FROM t").fetchone() == (0,)
+
+
+# -- issue 11: staged rows live beside the database, and a killed run's are removed ------------
+
+
+def test_staging_folders_of_runs_whose_process_is_gone_are_removed(tmp_path):
+    prefix = str(tmp_path / ".x.duckdb")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = pathlib.Path(f"{prefix}.staging-20260101T000000-{gone.stdout.strip()}")
+    alive = pathlib.Path(f"{prefix}.staging-20260101T000000-{os.getpid()}")
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "rows-1.json").write_text("{}\n")
+    assert remove_leftovers(prefix) == [str(dead)]
+    assert not dead.exists() and alive.exists()
+    with staging_folder(prefix, "20260101T000001-%d" % os.getpid()) as folder:
+        assert os.path.dirname(folder) == str(tmp_path)
+    assert not os.path.exists(folder)
+
+
+def test_a_killed_runs_staged_rows_are_beside_the_database_and_removed_by_the_next_run(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    samples = sorted(SAMPLES.rglob("*.dcm"))
+    for copy in range(40):  # enough files that the run is still reading when it is killed
+        for index, path in enumerate(samples):
+            shutil.copyfile(path, inputs / f"{copy:03d}-{index:02d}")
+    database = tmp_path / "export.duckdb"
+    uri = f"--bq-table=duckdb://{database}#instances"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.main", "--runner=FnApiRunner", "--progress-seconds=0",
+         "--input", str(inputs), uri],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    staged: list[pathlib.Path] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        staged = [f for folder in tmp_path.glob(".export.duckdb.staging-*") for f in folder.iterdir()]
+        if staged:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    [leftover] = tmp_path.glob(".export.duckdb.staging-*")
+    assert leftover.name.endswith(f"-{process.pid}")
+    assert not list(pathlib.Path(tempfile.gettempdir()).glob(f"*staging-*-{process.pid}"))
+    assert not database.exists()  # nothing was written
+
+    summary = export("--input", str(SAMPLES), uri)
+    assert not leftover.exists()
+    assert summary["succeeded"] == len(samples)
+    assert list(tmp_path.glob(".export.duckdb.staging-*")) == []
+
+
+def test_finish_with_too_many_failures_writes_nothing(tmp_path):
+    table = DuckDBTable(str(tmp_path / "x.duckdb"), "t")
+    context = RunContext(Disposition.DEFAULT, dt.datetime.now(dt.timezone.utc), max_failures=0,
+                         staging=str(tmp_path), counts={"failed": 1})
+    with pytest.raises(DestinationError, match="1 instances failed, more than --max-failures 0"):
+        table.finish(context)
+    assert not (tmp_path / "x.duckdb").exists()
+
+
+# -- SPEC §4: a REPEATED field is an empty list, never NULL -------------------------------------
+
+
+def test_repeated_fields_are_empty_lists_so_averages_count_every_row(tmp_path):
+    database = tmp_path / "export.duckdb"
+    export("--input", str(SAMPLES), f"--bq-table=duckdb://{database}#instances")
+    con = duckdb.connect(str(database), read_only=True)
+    total, with_list, average = con.execute(
+        "SELECT count(*), count(OtherElements), avg(len(OtherElements)) FROM instances").fetchone()
+    lengths = [n for (n,) in con.execute("SELECT len(OtherElements) FROM instances").fetchall()]
+    assert total == len(list(SAMPLES.rglob("*.dcm"))) == with_list == len(lengths)
+    assert 0 in lengths  # some instance has no private element: [] counted as 0, not skipped
+    assert average == pytest.approx(sum(lengths) / total)
+    table = DuckDBTable(str(database), "instances")
+    schema = table.schema()
+    for row in table.read_rows():
+        assert_no_null_lists(row, schema)
+
+
+def assert_no_null_lists(record: dict, fields: list[dict], where: str = "") -> None:
+    for field in fields:
+        value = record.get(field["name"])
+        path = where + field["name"]
+        if field["mode"] == "REPEATED":
+            assert isinstance(value, list), path
+        if field["type"] == "RECORD" and value is not None:
+            for member in value if field["mode"] == "REPEATED" else [value]:
+                assert_no_null_lists(member, field["fields"], path + ".")
