@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 from schemas.convert import BASE_FRAGMENT, flatten_instance
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
+from transforms.limits import open_regular_file
 from transforms.match import NAMESPACE, InputFile
 
 #: Read-ahead of the buffer in front of every file: one request covers most headers.
@@ -38,6 +39,8 @@ COUNTERS = (
     "not_selected",
     "bytes_read",
     "dropped_tags",
+    "dropped_by_rule",
+    "dropped_not_fit",
     "moved_to_other_elements",
     "charset_fallbacks",
     "undecodable_values",
@@ -164,7 +167,7 @@ class Opener:
 
             raw = FileSystems.open(path)
         else:
-            raw = io.FileIO(path, "rb")
+            raw = open_regular_file(path)  # never a FIFO or device, even if listing missed it
         counting = _CountingRaw(raw)
         return io.BufferedReader(counting, buffer_size=READ_BUFFER_BYTES), counting
 
@@ -226,6 +229,9 @@ class ReadInstances(beam.DoFn):
 
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
         self._progress.tick()
+        if input_file.error is not None:  # listing found it must not be opened
+            self.counters["failed"].inc()
+            raise InstanceFailure(input_file.path, "list", *input_file.error)
         stage = "read"
         counting = None
         try:
