@@ -221,7 +221,7 @@ def test_200_levels_of_sequences_are_a_row_and_deeper_than_the_limit_a_dead_lett
     flat = flatten_bytes(deep_nesting(200))
     assert flat.counts["too_deep"] == 1 and flat.counts["dropped_not_fit"] == 1
     with pytest.raises(limits.SequenceTooDeepError, match="MAX_SEQUENCE_DEPTH"):
-        read_header(io.BytesIO(deep_nesting(limits.MAX_SEQUENCE_DEPTH + 100)))
+        read_header(io.BytesIO(deep_nesting(limits.MAX_SEQUENCE_DEPTH + 500)))
     assert sys.getrecursionlimit() < 5000  # restored
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import time
 import warnings
 from typing import BinaryIO, NamedTuple
 
@@ -36,6 +37,7 @@ from transforms.limits import (
     InflatingReader,
     InputTypeError,
     LimitError,
+    _from_recursion,
     with_deep_stack,
 )
 
@@ -134,15 +136,19 @@ class _GuardedReader(io.RawIOBase):
         self._budget = budget
         self.short_read = False
         self.inflated: InflatingReader | None = None  # a deflated dataset's inflated bytes
-        position = fileobj.tell()
+        self._position = fileobj.tell()  # kept here: tell() on a buffered file is a system call
         self._end = fileobj.seek(0, io.SEEK_END)
-        fileobj.seek(position)
+        fileobj.seek(self._position)
 
     def read(self, size: int = -1) -> bytes:
-        available = max(self._end - self._fileobj.tell(), 0)
+        available = max(self._end - self._position, 0)
         wanted = available if size is None or size < 0 else min(size, available)
-        self._budget.spend(wanted)
+        budget = self._budget
+        if budget.bytes_read + wanted > budget.max_bytes or time.monotonic() > budget.deadline:
+            budget.spend(wanted)  # raises the limit passed
+        budget.bytes_read += wanted
         data = self._fileobj.read(wanted)
+        self._position += len(data)
         if size is not None and 0 < len(data) < size:
             self.short_read = True
         return data
@@ -154,9 +160,11 @@ class _GuardedReader(io.RawIOBase):
 
     def read_chunk(self, size: int) -> bytes:
         """Up to ``size`` bytes, charged to the budget; a short chunk is not a truncation."""
-        wanted = min(size, max(self._end - self._fileobj.tell(), 0))
+        wanted = min(size, max(self._end - self._position, 0))
         self._budget.spend(wanted)
-        return self._fileobj.read(wanted)
+        data = self._fileobj.read(wanted)
+        self._position += len(data)
+        return data
 
     def readable(self) -> bool:
         return True
@@ -165,10 +173,11 @@ class _GuardedReader(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._fileobj.seek(offset, whence)
+        self._position = self._fileobj.seek(offset, whence)
+        return self._position
 
     def tell(self) -> int:
-        return self._fileobj.tell()
+        return self._position
 
 
 def read_header(
@@ -220,7 +229,9 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
         dataset = _read_partial(reader, stop_at_pixel_data, not has_prefix, budget, max_inflated_bytes)
     except (LimitError, InstanceError, RecursionError):
         raise
-    except Exception:
+    except Exception as error:
+        if _from_recursion(error):
+            raise
         if reader.ended_early:  # whatever pydicom tripped over, the file ended too early
             raise TruncatedFileError("the file ends inside the header") from None
         raise

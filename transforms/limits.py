@@ -263,18 +263,19 @@ def with_deep_stack(function: Callable[[], T]) -> T:
     """
     try:
         return function()
-    except RecursionError:
-        pass
+    except Exception as error:
+        if not _from_recursion(error):
+            raise
     outcome: list = []
 
     def run() -> None:
         try:
             outcome.append((True, function()))
-        except RecursionError:
-            outcome.append((False, SequenceTooDeepError(
-                f"sequences nested more than {MAX_SEQUENCE_DEPTH:,} levels deep "
-                "(MAX_SEQUENCE_DEPTH, the limit on nesting per file)")))
-        except BaseException as error:  # re-raised in the caller's thread
+        except Exception as error:  # re-raised in the caller's thread
+            if _from_recursion(error):
+                error = SequenceTooDeepError(
+                    f"sequences nested more than {MAX_SEQUENCE_DEPTH:,} levels deep "
+                    "(MAX_SEQUENCE_DEPTH, the limit on nesting per file)")
             outcome.append((False, error))
 
     with _DEEP_LOCK:
@@ -295,6 +296,18 @@ def with_deep_stack(function: Callable[[], T]) -> T:
 
 
 _DEEP_LOCK = threading.Lock()
+
+
+def _from_recursion(error: BaseException) -> bool:
+    """True for a RecursionError, or an error raised while handling one (pydicom turns
+    any exception in reading an item's tag, a RecursionError too, into an OSError)."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, RecursionError):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
 
 
 def _size(count: int) -> str:
