@@ -61,6 +61,12 @@ MAX_RECORD_DEPTH = 15
 #: comes near (LT is limited to 10,240 characters, UT to 2^32-2 bytes only in theory).
 MAX_VALUE_BYTES = 16 * 2**20
 
+#: The values of one row, in estimated bytes of the row's JSON (binary numbers count 4
+#: per byte stored: a US of 2 bytes is up to 6 characters, an FD of 8 up to 25), so that
+#: a row stays under BigQuery's 100 MB however its values are made. A value that would
+#: pass it is named in DroppedTags (not fit), like a value over MAX_VALUE_BYTES.
+MAX_ROW_VALUE_BYTES = 48 * 2**20
+
 #: Why an element is in DroppedTags: by the schema's rules (excluded VRs, Pixel Data),
 #: or because its value could not be kept (unconvertible, too large, too deep).
 BY_RULE = "dropped_by_rule"
@@ -153,6 +159,7 @@ class _Flattener:
         self.read_deferred = read_deferred
         self.counts: Counter = Counter()
         self.dropped: dict[str, str] = {}  # name → BY_RULE or NOT_FIT, in order
+        self.row_budget = MAX_ROW_VALUE_BYTES
 
     def drop(self, name: str, reason: str = BY_RULE) -> None:
         self.dropped.setdefault(name, reason)
@@ -187,7 +194,7 @@ class _Flattener:
         others: list[dict] = []
         for source, tag, element in _elements_of(meta, dataset):
             column = column_for_tag(tag)
-            if _too_large(element):
+            if _too_large(element) or not self._afford(element, column):
                 self._drop_too_large(source, tag, element, column, prefix)
                 continue
             try:
@@ -212,9 +219,24 @@ class _Flattener:
         self.counts["too_deep"] += 1
         self.drop(name, NOT_FIT)
 
+    def _afford(self, element, column: Column) -> bool:
+        """Charge the element's estimated JSON size to the row's budget; False if it
+        does not fit. Excluded VRs and sequences (their items are charged) cost nothing."""
+        if not isinstance(element, RawDataElement) or not element.length or element.length == 0xFFFFFFFF:
+            return True
+        vr = element.VR or column.vr
+        if vr == "SQ" or (vr is not None and vr_types.is_excluded(vr)) or (vr is None and column.bq_type is None):
+            return True
+        cost = element.length * (4 if vr in _BINARY else 1)
+        if cost > self.row_budget:
+            return False
+        self.row_budget -= cost
+        return True
+
     def _drop_too_large(self, source, tag, element, column: Column, prefix: str) -> None:
-        """A value over MAX_VALUE_BYTES: named in DroppedTags, never read. An excluded
-        VR (explicit, or the dictionary's) is dropped by rule as any value of its VR."""
+        """A value over MAX_VALUE_BYTES, or past the row's MAX_ROW_VALUE_BYTES: named in
+        DroppedTags, never read. An excluded VR (explicit, or the dictionary's) is dropped
+        by rule as any value of its VR."""
         vr = element.VR or column.vr
         if vr is None and column.kind == OTHER_ELEMENTS:
             vr = _private_dictionary_vr(source, tag)
@@ -541,4 +563,4 @@ _CONVERTERS: dict[str, Callable] = {
     RECORD: _to_person_name,
 }
 
-__all__ = ["BASE_FRAGMENT", "BY_RULE", "Flattened", "MAX_RECORD_DEPTH", "MAX_VALUE_BYTES", "NOT_FIT", "flatten_instance"]
+__all__ = ["BASE_FRAGMENT", "BY_RULE", "Flattened", "MAX_RECORD_DEPTH", "MAX_ROW_VALUE_BYTES", "MAX_VALUE_BYTES", "NOT_FIT", "flatten_instance"]

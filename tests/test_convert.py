@@ -644,3 +644,19 @@ def test_a_value_just_under_the_limit_is_exported():
     flat = flatten(ds)
     assert len(flat.row["TextValue"]) == MAX_VALUE_BYTES
     assert flat.counts["dropped_not_fit"] == 0
+
+
+def test_values_past_the_rows_budget_are_dropped_so_a_row_stays_loadable():
+    from pydicom.datadict import dictionary_VR
+
+    from schemas.convert import MAX_ROW_VALUE_BYTES
+
+    assert dictionary_VR(0x00409212) == "FD"  # RealWorldValueLUTData, VM 1-n
+    ds = instance()
+    ds.PatientID = "P1"
+    data = to_bytes(ds, ImplicitVRLittleEndian)
+    count = MAX_ROW_VALUE_BYTES // 4 // 8 + 1024  # under MAX_VALUE_BYTES, but ~4 JSON bytes per byte
+    data += _implicit_element(0x00409212, bytes(8 * count))
+    flat = flatten_bytes(data)
+    assert "RealWorldValueLUTData" in dropped(flat.row) and "RealWorldValueLUTData" not in flat.row
+    assert flat.row["PatientID"] == "P1" and flat.counts["dropped_not_fit"] == 1
