@@ -174,24 +174,24 @@ def _entries(folder: str) -> Iterator[tuple[str, os.stat_result | None]]:
             yield path, None
 
 
-def _walk(root: str) -> Iterator[tuple[str, os.stat_result | None]]:
-    """Every non-folder below a local folder, following folder links: each folder is
-    walked once (by device and inode), so a link loop ends and a folder reached by two
-    paths is listed once."""
+def _walk(root: str, max_depth: int | None = None) -> Iterator[tuple[str, os.stat_result | None]]:
+    """Every non-folder below a local folder (at most ``max_depth`` levels down), following
+    folder links: each folder is walked once (by device and inode), so a link loop ends
+    and a folder reached by two paths is listed once."""
     try:
         st = os.stat(root or ".")
     except OSError:
         return
     visited = {(st.st_dev, st.st_ino)}
-    stack = [root]
+    stack = [(root, 1)]
     while stack:
-        folder = stack.pop()
+        folder, depth = stack.pop()
         subfolders = []
         for path, st in _entries(folder):
             if st is not None and stat.S_ISDIR(st.st_mode):
-                if (st.st_dev, st.st_ino) not in visited:
+                if (max_depth is None or depth < max_depth) and (st.st_dev, st.st_ino) not in visited:
                     visited.add((st.st_dev, st.st_ino))
-                    subfolders.append(path)
+                    subfolders.append((path, depth + 1))
             else:
                 yield path, st
         stack.extend(reversed(subfolders))
@@ -229,7 +229,9 @@ def _match_local(pattern: str) -> Iterator[InputFile]:
                 yield found
         return
     matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    for path, st in _walk(os.path.dirname(prefix)):
+    root = os.path.dirname(prefix)
+    depth = None if "**" in pattern else pattern.count("/") - root.count("/") + (not root)
+    for path, st in _walk(root, depth):
         if matches(path):
             found = _local_input(path, st)
             if found is not None:
