@@ -563,4 +563,13 @@ _CONVERTERS: dict[str, Callable] = {
     RECORD: _to_person_name,
 }
 
-__all__ = ["BASE_FRAGMENT", "BY_RULE", "Flattened", "MAX_RECORD_DEPTH", "MAX_ROW_VALUE_BYTES", "MAX_VALUE_BYTES", "NOT_FIT", "flatten_instance"]
+__all__ = [
+    "BASE_FRAGMENT",
+    "BY_RULE",
+    "Flattened",
+    "MAX_RECORD_DEPTH",
+    "MAX_ROW_VALUE_BYTES",
+    "MAX_VALUE_BYTES",
+    "NOT_FIT",
+    "flatten_instance",
+]

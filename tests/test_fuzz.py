@@ -127,7 +127,8 @@ def test_a_pipeline_run_over_mutants_accounts_for_every_file(tmp_path):
     assert summary["files_matched"] == 100
     assert summary["succeeded"] + summary["failed"] == 100
     con = duckdb.connect(str(database), read_only=True)
-    errors = {pathlib.Path(path).name: kind for path, kind in con.execute("SELECT path, error_type FROM t_errors").fetchall()}
+    dead_letters = con.execute("SELECT path, error_type FROM t_errors").fetchall()
+    errors = {pathlib.Path(path).name: kind for path, kind in dead_letters}
     assert len(errors) == summary["failed"]
     assert con.execute("SELECT count(*) FROM t").fetchone()[0] == summary["succeeded"]
     assert errors == {name: kind for name, kind in expected.items() if kind != "row"}

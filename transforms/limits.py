@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import zlib
-from typing import BinaryIO, Callable, TypeVar
+from typing import Callable, TypeVar
 
 #: Bytes of one file read to parse its header (values skipped with a seek not counted).
 #: 64 MiB: ~30× the largest real headers (multi-frame functional groups, structured
