@@ -10,7 +10,8 @@ with a seek, not read, and read later only if their VR is exported. So on Cloud 
 a ranged reader fetches a few KB of a 40 MB object.
 
 Every way a file can fail to be an instance is an :class:`InstanceError` subclass whose
-message never contains a tag value (DICOM headers hold patient data).
+message never contains a tag value (DICOM headers hold patient data). What one file may
+cost (header bytes, inflated bytes, time, nesting) is bounded by :mod:`transforms.limits`.
 """
 
 from __future__ import annotations
