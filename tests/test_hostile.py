@@ -299,3 +299,16 @@ def test_listing_classifies_links_sockets_and_reads_each_file_once(tmp_path):
     units = shard_listing_units([str(root) + "/**"])  # the launcher's split: no error, no loop
     assert len(units) == len(set(units)) and not any("loop" in unit for unit in units)
     assert match_files(str(root / "a" / "*.dcm")) == match_files(str(root / "a" / "f.dcm"))
+
+
+def test_inspect_on_the_hostile_folder_answers_for_every_file(hostile_folder):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline.main", "inspect", str(hostile_folder)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert time.monotonic() - started < RUN_SECONDS
+    answers = {pathlib.Path(line["path"]).name: line.get("error", {}).get("type", "row")
+               for line in map(json.loads, result.stdout.splitlines())}
+    assert {name: answers[name] for name in EXPECTED_DEAD_LETTERS} == {
+        name: kind for name, (_stage, kind) in EXPECTED_DEAD_LETTERS.items()}
+    assert answers["deep.dcm"] == answers["huge-text.dcm"] == answers["good.dcm"] == "row"
