@@ -138,7 +138,10 @@ class _GuardedReader(io.RawIOBase):
         self.short_read = False
         self.inflated: InflatingReader | None = None  # a deflated dataset's inflated bytes
         self._position = fileobj.tell()  # kept here: tell() on a buffered file is a system call
-        self._end = fileobj.seek(0, io.SEEK_END)
+        try:
+            self._end = fileobj.seek(0, io.SEEK_END)
+        except (OSError, ValueError, NotImplementedError):  # a stream without an end: no capping
+            self._end = 1 << 62
         fileobj.seek(self._position)
 
     def read(self, size: int = -1) -> bytes:
