@@ -35,7 +35,9 @@ def inspect_file(path: str) -> dict:
 def _open(path: str):
     """Local files directly; remote ones as the pipeline reads them (ranged reads)."""
     if "://" not in path:
-        return open(path, "rb")
+        from transforms.limits import open_regular_file
+
+        return open_regular_file(path)  # a FIFO or device would block or never end
     from transforms.match import match_files
     from transforms.storage import Opener
 

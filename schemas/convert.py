@@ -54,6 +54,24 @@ from schemas.vr_types import (
 #: BigQuery allows at most 15 levels of nested RECORDs.
 MAX_RECORD_DEPTH = 15
 
+#: The largest value (in bytes, as stored) exported; a larger one is named in DroppedTags
+#: and never read. A BigQuery row must stay under 100 MB (its JSON load limit): 16 MiB
+#: keeps a few such values, with the rest of a header (at most 64 MiB read, see
+#: transforms.limits.MAX_HEADER_BYTES), within it, while no real text or numeric value
+#: comes near (LT is limited to 10,240 characters, UT to 2^32-2 bytes only in theory).
+MAX_VALUE_BYTES = 16 * 2**20
+
+#: The values of one row, in estimated bytes of the row's JSON (binary numbers count 4
+#: per byte stored: a US of 2 bytes is up to 6 characters, an FD of 8 up to 25), so that
+#: a row stays under BigQuery's 100 MB however its values are made. A value that would
+#: pass it is named in DroppedTags (not fit), like a value over MAX_VALUE_BYTES.
+MAX_ROW_VALUE_BYTES = 48 * 2**20
+
+#: Why an element is in DroppedTags: by the schema's rules (excluded VRs, Pixel Data),
+#: or because its value could not be kept (unconvertible, too large, too deep).
+BY_RULE = "dropped_by_rule"
+NOT_FIT = "dropped_not_fit"
+
 SPECIFIC_CHARACTER_SET = 0x00080005
 PIXEL_DATA_KEYWORDS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 
@@ -129,6 +147,8 @@ def flatten_instance(
         flattener.drop(PIXEL_DATA_KEYWORDS.get(pixel_data_tag, tag_name(pixel_data_tag)))
     if flattener.dropped:
         row["DroppedTags"] = [{"TagName": name} for name in flattener.dropped]
+    for reason in (BY_RULE, NOT_FIT):
+        flattener.counts[reason] += sum(1 for why in flattener.dropped.values() if why == reason)
     flattener.counts["dropped_tags"] += len(flattener.dropped)
     paths |= OTHER_ELEMENTS_PATHS | DROPPED_TAGS_PATHS
     return Flattened(row, frozenset(paths), flattener.counts)
@@ -138,10 +158,11 @@ class _Flattener:
     def __init__(self, read_deferred: Callable[[RawDataElement], bytes] | None):
         self.read_deferred = read_deferred
         self.counts: Counter = Counter()
-        self.dropped: dict[str, None] = {}  # ordered set
+        self.dropped: dict[str, str] = {}  # name → BY_RULE or NOT_FIT, in order
+        self.row_budget = MAX_ROW_VALUE_BYTES
 
-    def drop(self, name: str) -> None:
-        self.dropped.setdefault(name)
+    def drop(self, name: str, reason: str = BY_RULE) -> None:
+        self.dropped.setdefault(name, reason)
 
     def encodings(self, dataset: Dataset, inherited: list[str] | None = None) -> list[str]:
         """Python encodings from this dataset's Specific Character Set, else ``inherited``.
@@ -173,6 +194,9 @@ class _Flattener:
         others: list[dict] = []
         for source, tag, element in _elements_of(meta, dataset):
             column = column_for_tag(tag)
+            if _too_large(element) or not self._afford(element, column):
+                self._drop_too_large(source, tag, element, column, prefix)
+                continue
             try:
                 if column.kind == OTHER_ELEMENTS:
                     self._other(source, tag, element, column, encodings, prefix, depth, row, paths, others)
@@ -193,7 +217,31 @@ class _Flattener:
 
     def _too_deep(self, name: str) -> None:
         self.counts["too_deep"] += 1
-        self.drop(name)
+        self.drop(name, NOT_FIT)
+
+    def _afford(self, element, column: Column) -> bool:
+        """Charge the element's estimated JSON size to the row's budget; False if it
+        does not fit. Excluded VRs and sequences (their items are charged) cost nothing."""
+        if not isinstance(element, RawDataElement) or not element.length or element.length == 0xFFFFFFFF:
+            return True
+        vr = element.VR or column.vr
+        if vr == "SQ" or (vr is not None and vr_types.is_excluded(vr)) or (vr is None and column.bq_type is None):
+            return True
+        cost = element.length * (4 if vr in _BINARY else 1)
+        if cost > self.row_budget:
+            return False
+        self.row_budget -= cost
+        return True
+
+    def _drop_too_large(self, source, tag, element, column: Column, prefix: str) -> None:
+        """A value over MAX_VALUE_BYTES, or past the row's MAX_ROW_VALUE_BYTES: named in
+        DroppedTags, never read. An excluded VR (explicit, or the dictionary's) is dropped
+        by rule as any value of its VR."""
+        vr = element.VR or column.vr
+        if vr is None and column.kind == OTHER_ELEMENTS:
+            vr = _private_dictionary_vr(source, tag)
+        excluded = column.bq_type is None if column.kind != OTHER_ELEMENTS else False
+        self.drop(prefix + column.name, BY_RULE if excluded or (vr and vr_types.is_excluded(vr)) else NOT_FIT)
 
     def _column(self, source, tag, element, column: Column, encodings, prefix, depth, row, paths):
         """A keyword column: a standard element or one of a repeating group (50xx/60xx)."""
@@ -202,6 +250,9 @@ class _Flattener:
             self.drop(prefix + name)
             return
         vr, element = self._resolve_vr(source, tag, element, column.vr)
+        if vr == _UNCONVERTIBLE:
+            self.drop(prefix + name, NOT_FIT)
+            return
         if vr_types.is_excluded(vr):
             self.drop(prefix + name)
             return
@@ -209,7 +260,7 @@ class _Flattener:
         value_depth = depth + 1 if is_group else depth
         if column.bq_type == RECORD and column.vr == "SQ":
             if vr != "SQ":
-                self.drop(prefix + name)
+                self.drop(prefix + name, NOT_FIT)
                 return
             items = source[tag].value
             value, child_paths = self._sequence(items, encodings, prefix + name + ".", value_depth)
@@ -220,7 +271,7 @@ class _Flattener:
             mode = REPEATED
         else:
             if vr == "SQ":
-                self.drop(prefix + name)
+                self.drop(prefix + name, NOT_FIT)
                 return
             needed = 2 if column.bq_type == RECORD else 0
             if value_depth + needed > MAX_RECORD_DEPTH:
@@ -250,6 +301,9 @@ class _Flattener:
         """A private or keyword-less element: OtherElements, a Tag_ sequence, or dropped."""
         name = column.name
         vr, element = self._resolve_vr(source, tag, element, None)
+        if vr == _UNCONVERTIBLE:
+            self.drop(prefix + name, NOT_FIT)
+            return
         items = source[tag].value if vr == "SQ" else _items_in_un(element, encodings) if vr == "UN" else None
         if items is not None:
             value, child_paths = self._sequence(items, encodings, prefix + name + ".", depth)
@@ -307,7 +361,7 @@ class _Flattener:
         try:
             converted = source[tag]
         except Exception:  # pydicom cannot convert it (e.g. a length its VR forbids)
-            return "UN", element
+            return _UNCONVERTIBLE, element
         return converted.VR, converted
 
     def _raw_bytes(self, element: RawDataElement) -> bytes:
@@ -388,6 +442,16 @@ class _Flattener:
 
 
 _ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
+
+#: The VR _resolve_vr gives an element pydicom cannot convert: dropped, not fit.
+_UNCONVERTIBLE = "unconvertible"
+
+
+def _too_large(element) -> bool:
+    """True for a value over MAX_VALUE_BYTES as stored (a defined length, so not a
+    sequence of undefined length, whose items are checked one by one)."""
+    length = getattr(element, "length", None) if isinstance(element, RawDataElement) else None
+    return length is not None and length != 0xFFFFFFFF and length > MAX_VALUE_BYTES
 
 
 def _items_in_un(element, encodings) -> list | None:
@@ -499,4 +563,13 @@ _CONVERTERS: dict[str, Callable] = {
     RECORD: _to_person_name,
 }
 
-__all__ = ["BASE_FRAGMENT", "Flattened", "flatten_instance", "MAX_RECORD_DEPTH"]
+__all__ = [
+    "BASE_FRAGMENT",
+    "BY_RULE",
+    "Flattened",
+    "MAX_RECORD_DEPTH",
+    "MAX_ROW_VALUE_BYTES",
+    "MAX_VALUE_BYTES",
+    "NOT_FIT",
+    "flatten_instance",
+]

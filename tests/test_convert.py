@@ -581,3 +581,82 @@ def test_a_large_private_blob_of_a_binary_vr_is_dropped_without_being_read():
     flat = flatten_instance(header.dataset, read_deferred=header.read_deferred)
     assert "Tag_00291010" in dropped(flat.row)
     assert fileobj.bytes_read < 10_000 < len(data)
+
+
+# -- dropped by rule, dropped because a value did not fit (issue 11) ------------------------
+
+
+def _implicit_element(tag: int, value: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def test_dropped_tags_are_counted_as_dropped_by_rule_or_dropped_not_fit():
+    leaf = item(CodeValue="X")
+    for _ in range(16):
+        leaf = item(CodeValue="X", ContentSequence=sequence(leaf))
+    ds = instance()
+    ds.ContentSequence = leaf.ContentSequence  # too deep: not fit
+    ds.ICCProfile = b"\0" * 10  # OB: by rule
+    ds.add_new(0x00091010, "OB", b"\1\2")  # a private OB: by rule
+    ds.add_new(0x00090010, "LO", "ACME")  # its creator keeps the block valid
+    ds.Rows, ds.Columns, ds.BitsAllocated = 1, 1, 16
+    ds.PixelData = b"\0\0"  # by rule
+    ds["PixelData"].VR = "OW"
+    data = to_bytes(ds, ImplicitVRLittleEndian)
+    # (0028,0106) "US or SS" of 3 bytes: a length its VR forbids, pydicom cannot convert it
+    at = data.index(b"\xe0\x7f\x10\x00")
+    data = data[:at] + _implicit_element(0x00280106, b"\1\2\3") + data[at:]
+    flat = flatten_bytes(data)
+    names = dropped(flat.row)
+    assert {"ICCProfile", "Tag_00091010", "PixelData", "FileMetaInformationVersion"} <= set(names)
+    assert ".".join(["ContentSequence"] * 16) in names and "SmallestImagePixelValue" in names
+    assert flat.counts["dropped_by_rule"] == 4
+    assert flat.counts["dropped_not_fit"] == 2
+    assert flat.counts["dropped_tags"] == len(names) == 6
+
+
+def test_a_value_too_large_for_a_row_is_dropped_unread_and_the_rest_kept():
+    from schemas.convert import MAX_VALUE_BYTES
+
+    ds = instance()
+    ds.PatientID = "P1"
+    ds.TextValue = "x" * (MAX_VALUE_BYTES + 2)  # UT, over the limit
+    ds.add_new(0x00090010, "LO", "ACME")
+    ds.add_new(0x00091010, "UT", "y" * (MAX_VALUE_BYTES + 2))  # a private one too
+    ds.StudyDescription = "kept"
+    fileobj = CountingFile(to_bytes(ds))
+    header = read_header(fileobj)
+    flat = flatten_instance(header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred)
+    assert fileobj.bytes_read < 1_000_000  # neither value was read
+    assert "TextValue" not in flat.row and "TextValue" in dropped(flat.row)
+    assert "Tag_00091010" in dropped(flat.row)
+    assert flat.row["PatientID"] == "P1" and flat.row["StudyDescription"] == "kept"
+    assert flat.counts["dropped_not_fit"] == 2 and flat.counts["dropped_by_rule"] == 1  # + FileMetaInformationVersion
+
+
+def test_a_value_just_under_the_limit_is_exported():
+    from schemas.convert import MAX_VALUE_BYTES
+
+    ds = instance()
+    ds.TextValue = "x" * MAX_VALUE_BYTES
+    flat = flatten(ds)
+    assert len(flat.row["TextValue"]) == MAX_VALUE_BYTES
+    assert flat.counts["dropped_not_fit"] == 0
+
+
+def test_values_past_the_rows_budget_are_dropped_so_a_row_stays_loadable():
+    from pydicom.datadict import dictionary_VR
+
+    from schemas.convert import MAX_ROW_VALUE_BYTES
+
+    assert dictionary_VR(0x00409212) == "FD"  # RealWorldValueLUTData, VM 1-n
+    ds = instance()
+    ds.PatientID = "P1"
+    data = to_bytes(ds, ImplicitVRLittleEndian)
+    count = MAX_ROW_VALUE_BYTES // 4 // 8 + 1024  # under MAX_VALUE_BYTES, but ~4 JSON bytes per byte
+    data += _implicit_element(0x00409212, bytes(8 * count))
+    flat = flatten_bytes(data)
+    assert "RealWorldValueLUTData" in dropped(flat.row) and "RealWorldValueLUTData" not in flat.row
+    assert flat.row["PatientID"] == "P1" and flat.counts["dropped_not_fit"] == 1

@@ -10,7 +10,8 @@ with a seek, not read, and read later only if their VR is exported. So on Cloud 
 a ranged reader fetches a few KB of a 40 MB object.
 
 Every way a file can fail to be an instance is an :class:`InstanceError` subclass whose
-message never contains a tag value (DICOM headers hold patient data).
+message never contains a tag value (DICOM headers hold patient data). What one file may
+cost (header bytes, inflated bytes, time, nesting) is bounded by :mod:`transforms.limits`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,28 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import time
 import warnings
 from typing import BinaryIO, NamedTuple
 
+import pydicom.uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
+from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.values import converters
+
+from transforms.limits import (
+    MAX_HEADER_BYTES,
+    MAX_INFLATED_BYTES,
+    MAX_SECONDS_PER_FILE,
+    Budget,
+    InflatingReader,
+    InputTypeError,
+    LimitError,
+    _from_recursion,
+    with_deep_stack,
+)
 
 
 def silence_pydicom() -> None:
@@ -107,21 +122,52 @@ class InstanceHeader(NamedTuple):
         return value
 
 
-class _ShortReadDetector(io.RawIOBase):
-    """Forwards reads to a file object, noticing reads that return less than asked.
+class _GuardedReader(io.RawIOBase):
+    """Forwards reads to a file object, holding them to the file's :class:`Budget`
+    (header bytes, deadline) and noticing reads that return less than asked.
 
     pydicom treats a file that ends mid-element as a shorter dataset; a short read is
-    how a truncated header is told apart from a clean end of file.
+    how a truncated header is told apart from a clean end of file. A read is charged
+    only for the bytes the file still has, so a corrupt length in a small file is a
+    truncation, not a header over the limit.
     """
 
-    def __init__(self, fileobj: BinaryIO):
+    def __init__(self, fileobj: BinaryIO, budget: Budget):
         self._fileobj = fileobj
+        self._budget = budget
         self.short_read = False
+        self.inflated: InflatingReader | None = None  # a deflated dataset's inflated bytes
+        self._position = fileobj.tell()  # kept here: tell() on a buffered file is a system call
+        try:
+            self._end = fileobj.seek(0, io.SEEK_END)
+        except (OSError, ValueError, NotImplementedError):  # a stream without an end: no capping
+            self._end = 1 << 62
+        fileobj.seek(self._position)
 
     def read(self, size: int = -1) -> bytes:
-        data = self._fileobj.read(size)
-        if 0 < len(data) < size:
+        available = max(self._end - self._position, 0)
+        wanted = available if size is None or size < 0 else min(size, available)
+        budget = self._budget
+        if budget.bytes_read + wanted > budget.max_bytes or time.monotonic() > budget.deadline:
+            budget.spend(wanted)  # raises the limit passed
+        budget.bytes_read += wanted
+        data = self._fileobj.read(wanted)
+        self._position += len(data)
+        if size is not None and 0 < len(data) < size:
             self.short_read = True
+        return data
+
+    @property
+    def ended_early(self) -> bool:
+        """True if a read (of the file, or of its inflated dataset) returned less than asked."""
+        return self.short_read or (self.inflated is not None and self.inflated.short_read)
+
+    def read_chunk(self, size: int) -> bytes:
+        """Up to ``size`` bytes, charged to the budget; a short chunk is not a truncation."""
+        wanted = min(size, max(self._end - self._position, 0))
+        self._budget.spend(wanted)
+        data = self._fileobj.read(wanted)
+        self._position += len(data)
         return data
 
     def readable(self) -> bool:
@@ -131,19 +177,39 @@ class _ShortReadDetector(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._fileobj.seek(offset, whence)
+        self._position = self._fileobj.seek(offset, whence)
+        return self._position
 
     def tell(self) -> int:
-        return self._fileobj.tell()
+        return self._position
 
 
-def read_header(fileobj: BinaryIO) -> InstanceHeader:
+def read_header(
+    fileobj: BinaryIO,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
+    max_seconds: float = MAX_SECONDS_PER_FILE,
+) -> InstanceHeader:
     """Read one instance's header from a seekable binary file object.
 
-    Raises :class:`InstanceError` (empty, not DICOM, truncated, missing a UID) or
-    pydicom's own errors for a file it cannot parse.
+    Raises :class:`InstanceError` (empty, not DICOM, truncated, missing a UID), a
+    :class:`~transforms.limits.LimitError` for a file that would cost more than a limit
+    of :mod:`transforms.limits` (the keyword arguments, for tests), or pydicom's own
+    errors for a file it cannot parse.
     """
-    reader = _ShortReadDetector(fileobj)
+    budget = Budget(max_header_bytes, max_seconds)
+    start = fileobj.tell()
+
+    def parse() -> InstanceHeader:
+        fileobj.seek(start)
+        budget.bytes_read = 0
+        return _read_header(_GuardedReader(fileobj, budget), budget, max_inflated_bytes)
+
+    return with_deep_stack(parse)
+
+
+def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: int) -> InstanceHeader:
     start = reader.read(132)
     if not start:
         raise EmptyFileError("the file is empty")
@@ -161,17 +227,19 @@ def read_header(fileobj: BinaryIO) -> InstanceHeader:
         if tag in PIXEL_DATA_TAGS:
             stopped_at.append(int(tag))
             return True
-        return False
+        return tag == 0 and not length  # zero bytes: padding, not an element
 
     try:
-        dataset = read_partial(
-            reader, stop_when=stop_at_pixel_data, defer_size=DEFER_SIZE, force=not has_prefix
-        )
-    except Exception:
-        if reader.short_read:  # whatever pydicom tripped over, the file ended too early
+        dataset = _read_partial(reader, stop_at_pixel_data, not has_prefix, budget, max_inflated_bytes)
+    except (LimitError, InstanceError, RecursionError):
+        raise
+    except Exception as error:
+        if _from_recursion(error):
+            raise
+        if reader.ended_early:  # whatever pydicom tripped over, the file ended too early
             raise TruncatedFileError("the file ends inside the header") from None
         raise
-    if reader.short_read or _has_cut_value(dataset, reader):
+    if reader.ended_early or _has_cut_value(dataset, reader):
         raise TruncatedFileError("the file ends inside the header")
     return InstanceHeader(
         dataset=dataset,
@@ -180,13 +248,63 @@ def read_header(fileobj: BinaryIO) -> InstanceHeader:
     )
 
 
+def _read_partial(reader, stop_when, force: bool, budget: Budget, max_inflated_bytes: int) -> FileDataset:
+    """pydicom's ``read_partial``, except that a deflated dataset is inflated as it is
+    parsed (:class:`~transforms.limits.InflatingReader`) rather than whole, and zero
+    bytes where the dataset should start end it (a file of zeros after ``DICM``)."""
+    preamble = read_preamble(reader, force)
+    file_meta = _read_file_meta_info(reader)
+    position = reader.tell()
+    peek = reader.read(8)
+    reader.seek(position)
+    if peek == bytes(len(peek)):  # end of file, or zero padding: no dataset
+        dataset = Dataset()
+        return FileDataset(reader, dataset, preamble, file_meta, True, True)
+    command_set = _read_command_set_elements(reader)
+    source = reader
+    implicit, little = _encoding(reader, file_meta.get("TransferSyntaxUID"))
+    if file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        source = reader.inflated = InflatingReader(reader.read_chunk, max_inflated_bytes, budget)
+    dataset = read_dataset(
+        source, implicit, little, stop_when=stop_when, defer_size=DEFER_SIZE
+    )
+    if command_set:
+        dataset.update(command_set)
+    result = FileDataset(source, dataset, preamble, file_meta, implicit, little)
+    result.set_original_encoding(implicit, little, dataset._character_set)
+    return result
+
+
+def _encoding(reader, transfer_syntax) -> tuple[bool, bool]:
+    """``(implicit VR, little endian)`` of the dataset, as pydicom's ``read_partial`` decides."""
+    uid = pydicom.uid
+    if transfer_syntax is None:  # guess from the first element, as pydicom does
+        position = reader.tell()
+        first = reader.read(6)
+        reader.seek(position)
+        if len(first) < 6:
+            return True, True
+        group, _, vr = struct.unpack("<HH2s", first)
+        if vr.decode("latin-1") in converters:
+            return False, group < 1024
+        return True, True
+    if transfer_syntax == uid.ImplicitVRLittleEndian:
+        return True, True
+    if transfer_syntax == uid.ExplicitVRBigEndian:
+        return False, False
+    if transfer_syntax in uid.PrivateTransferSyntaxes:
+        syntax = uid.PrivateTransferSyntaxes[uid.PrivateTransferSyntaxes.index(transfer_syntax)]
+        return syntax.is_implicit_VR, syntax.is_little_endian
+    return False, True  # every other syntax (deflated, compressed) is explicit VR little endian
+
+
 def _starts_like_a_dataset(start: bytes) -> bool:
     """True if ``start`` begins like a dataset written without preamble and meta: a tag of
     group 0000, 0002 or 0008, then an explicit VR or a plausible implicit length.
 
     Many formats start with zero bytes (MP4, ICC profiles…); they must not be read whole.
     """
-    if len(start) < 8:
+    if len(start) < 8 or start[:8] == bytes(8):  # zeros: no element has tag and length 0
         return False
     for order in "<>":
         group = struct.unpack(order + "H", start[:2])[0]
@@ -200,7 +318,7 @@ def _starts_like_a_dataset(start: bytes) -> bool:
     return False
 
 
-def _has_cut_value(dataset: Dataset, reader: _ShortReadDetector) -> bool:
+def _has_cut_value(dataset: Dataset, reader: _GuardedReader) -> bool:
     """True if a top-level value is shorter than its length, or a skipped one runs past the end."""
     end = None
     for raw in dataset._dict.values():
@@ -251,7 +369,9 @@ def _has_value(dataset: Dataset, tag: int) -> bool:
 
 
 #: Exceptions whose messages describe structure, never values: safe for dead letters.
-_VALUE_FREE_ERRORS = (InstanceError, InvalidDicomError, EOFError, struct.error, OSError)
+_VALUE_FREE_ERRORS = (
+    InstanceError, LimitError, InputTypeError, InvalidDicomError, EOFError, struct.error, OSError
+)
 
 
 def describe_error(error: BaseException) -> str:

@@ -4,22 +4,32 @@ Listing is done inside the pipeline, one *listing unit* (a file pattern) per ele
 so that a large input is listed by many workers at once rather than by the launcher
 (Beam does not parallelise one pattern's listing, apache/beam#20557). The units come
 from :func:`listing_units`, or from the filter file when the input is laid out by UID.
+
+Local inputs are listed by walking the folders here (not Beam's listing, which neither
+follows folder links nor reports what it cannot read): symbolic links are followed
+once, a folder reached twice (a link, a link loop) is walked once, and what must not be
+opened — a FIFO, a device, a socket, a dangling link, a link loop — is listed with an
+``error``, which the read step turns into a dead letter without opening it.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
+import stat
 import sys
 import time
 from typing import Iterable, Iterator
 
 import apache_beam as beam
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.counters import NAMESPACE
 from transforms.filter_file import FilterFile, uid_layout_patterns
+from transforms.limits import input_type_error
 from transforms.storage import InputFile
 
 _GLOB_CHARS = set("*?[")
@@ -85,13 +95,18 @@ def shard_listing_units(units: Iterable[str], pipeline_options=None) -> list[str
         root = unit[:-3]
         level = [root]
         done: list[str] = []
+        seen = {_identity(root)}  # local folders, by (device, inode): a link loop is split once
         for _ in range(SHARD_MAX_DEPTH):
             if len(level) + len(done) >= SHARD_TARGET:
                 break
             next_level = []
             for folder in level:
                 done.append(_pattern(root, folder) + "/*")
-                next_level += _sub_folders(folder, pipeline_options)
+                for sub in _sub_folders(folder, pipeline_options):
+                    identity = _identity(sub)
+                    if identity is None or identity not in seen:
+                        seen.add(identity)
+                        next_level.append(sub)
             level = next_level
         sharded += done + [_pattern(root, folder) + "/**" for folder in level]
     return sharded
@@ -121,21 +136,109 @@ def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
         return sorted(f"gs://{bucket}/{sub.rstrip('/')}" for sub in blobs.prefixes)
     if _is_remote(folder):
         return []
+    return sorted(path for path, st in _entries(folder) if st is not None and stat.S_ISDIR(st.st_mode))
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """A local folder's ``(device, inode)``; None for a remote one."""
+    if _is_remote(path):
+        return None
     try:
-        return sorted(entry.path for entry in os.scandir(folder) if entry.is_dir())
+        st = os.stat(path)
     except OSError:
-        return []
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _entries(folder: str) -> Iterator[tuple[str, os.stat_result | None]]:
+    """``(path, stat after following links)`` of a local folder's entries, in name order;
+    ``stat`` is None for a link that cannot be followed. Never raises."""
+    try:
+        with os.scandir(folder or ".") as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except OSError:
+        return
+    for entry in entries:
+        path = os.path.join(folder, entry.name) if folder else entry.name
+        try:
+            yield path, entry.stat(follow_symlinks=True)
+        except OSError:
+            yield path, None
+
+
+def _walk(root: str, max_depth: int | None = None) -> Iterator[tuple[str, os.stat_result | None]]:
+    """Every non-folder below a local folder (at most ``max_depth`` levels down), following
+    folder links: each folder is walked once (by device and inode), so a link loop ends
+    and a folder reached by two paths is listed once."""
+    try:
+        st = os.stat(root or ".")
+    except OSError:
+        return
+    visited = {(st.st_dev, st.st_ino)}
+    stack = [(root, 1)]
+    while stack:
+        folder, depth = stack.pop()
+        subfolders = []
+        for path, st in _entries(folder):
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                if (max_depth is None or depth < max_depth) and (st.st_dev, st.st_ino) not in visited:
+                    visited.add((st.st_dev, st.st_ino))
+                    subfolders.append((path, depth + 1))
+            else:
+                yield path, st
+        stack.extend(reversed(subfolders))
+
+
+def _local_input(path: str, st: os.stat_result | None) -> InputFile | None:
+    """A listed local path as an input: a regular file, or one to dead-letter unopened
+    (None for a path gone since it was listed)."""
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return InputFile(path, st.st_size)
+    error = input_type_error(path, st)
+    if error is None:
+        return None
+    return InputFile(path, 0, (type(error).__name__, str(error)))
+
+
+def _match_local(pattern: str) -> Iterator[InputFile]:
+    """Local files matching a pattern with Beam's glob rules (``**`` any depth, ``*`` and
+    ``?`` within a name, ``[...]``), listed by :func:`_walk`."""
+    if pattern.endswith("/"):
+        pattern += "*"
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:
+        try:
+            os.lstat(pattern)
+        except OSError:
+            return  # an absent path matches nothing
+        try:
+            st = os.stat(pattern)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            found = _local_input(pattern, st)
+            if found is not None:
+                yield found
+        return
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match
+    root = os.path.dirname(prefix)
+    depth = None if "**" in pattern else pattern.count("/") - root.count("/") + (not root)
+    for path, st in _walk(root, depth):
+        if matches(path):
+            found = _local_input(path, st)
+            if found is not None:
+                yield found
 
 
 def match_files(pattern: str) -> list[InputFile]:
     """Files matching one pattern (folders excluded); an absent path matches nothing."""
+    if not _is_remote(pattern):
+        return list(_match_local(pattern))
     result = FileSystems.match([pattern])[0]
     files = []
     for metadata in result.metadata_list:
         path = metadata.path
-        if not _is_remote(path) and os.path.isdir(path):
-            continue
-        if _is_remote(path) and path.endswith("/"):
+        if path.endswith("/"):
             continue  # a "folder" placeholder object
         files.append(InputFile(path, metadata.size_in_bytes))
     return files
@@ -200,11 +303,29 @@ class MatchInputs(beam.PTransform):
             units
             | "SpreadUnits" >> beam.Reshuffle()
             | "List" >> beam.ParDo(ListFiles(self.progress_seconds))
-            | "KeyByPath" >> beam.Map(lambda f: (f.path, f.size))
-            | "Deduplicate" >> beam.CombinePerKey(max)
-            | "AsInputFile" >> beam.MapTuple(InputFile)
+            | "KeyByFile" >> beam.Map(lambda f: (file_identity(f), f))
+            | "Deduplicate" >> beam.CombinePerKey(_first_path)
+            | "AsInputFile" >> beam.Values()
             | "CountDistinct" >> beam.ParDo(_CountMatched())
         )
+
+
+def file_identity(input_file: InputFile) -> str:
+    """What makes two listed paths the same file: for a local file its device and inode
+    (a file reached through a link, or twice through a folder link, is read once), else
+    its path (overlapping patterns)."""
+    if input_file.error is None and not _is_remote(input_file.path):
+        try:
+            st = os.stat(input_file.path)
+            return f"inode:{st.st_dev}:{st.st_ino}"
+        except OSError:
+            pass
+    return input_file.path
+
+
+def _first_path(files: Iterable[InputFile]) -> InputFile:
+    """Of the paths of one file, the first in path order (deterministic)."""
+    return min(files, key=lambda f: (f.path, -f.size))
 
 
 class _CountMatched(beam.DoFn):

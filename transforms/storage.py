@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 from typing import NamedTuple
 
+from transforms.limits import open_regular_file
+
 #: Read-ahead of the buffer in front of every file: one request covers most headers.
 READ_BUFFER_BYTES = 64 * 1024
 
@@ -113,7 +115,7 @@ class Opener:
 
             raw = FileSystems.open(path)
         else:
-            raw = io.FileIO(path, "rb")
+            raw = open_regular_file(path)  # never a FIFO or device, even if listing missed it
         counting = CountingRaw(raw)
         return io.BufferedReader(counting, buffer_size=READ_BUFFER_BYTES), counting
 
