@@ -1,0 +1,409 @@
+"""The Parquet destination: a folder (local or Cloud Storage emulator) written by a real Beam pipeline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import NamedTuple
+
+import apache_beam as beam
+import duckdb
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.destinations import ERRORS_SCHEMA, DestinationError, Disposition
+from pipeline.destinations.parquet import (
+    MANIFEST_FILE,
+    SCHEMA_FILE,
+    ParquetTable,
+    WriteParquetShards,
+    load_parquet_into_duckdb,
+)
+from schemas.convert import flatten_instance
+from schemas.merge import merge_fragments, to_bigquery_schema
+from tests import builders
+from transforms.header import read_header
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = sorted(glob.glob(os.path.join(REPO, "samples", "dicom", "**", "*.dcm"), recursive=True))
+RUN_STARTED = "2026-01-02 03:04:05.000000+00:00"
+
+
+class Outputs(NamedTuple):
+    rows: beam.PCollection
+    schema: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+def converted(paths):
+    """(rows, schema) of files, converted by schemas.convert as the pipeline does."""
+    flattened = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            header = read_header(handle)
+        flattened.append(flatten_instance(header.dataset, pixel_data_tag=header.pixel_data_tag,
+                                          read_deferred=header.read_deferred))
+    schema = to_bigquery_schema(merge_fragments(f.fragment for f in flattened))
+    return [f.row for f in flattened], schema
+
+
+def dead_letter(path):
+    return {"path": path, "stage": "read", "error_type": "NotDicomError", "message": "no DICM prefix",
+            "run_started": RUN_STARTED}
+
+
+def export(table: ParquetTable, rows, schema, disposition=Disposition.DEFAULT, dead_letters=(), max_failures=None,
+           run_id="run"):
+    """preflight, then a real FnApiRunner pipeline that writes ``rows`` with ``attach``."""
+    table.preflight(disposition)
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        outputs = Outputs(
+            rows=p | "Rows" >> beam.Create(rows, reshuffle=False),
+            schema=p | "Schema" >> beam.Create([schema]),
+            dead_letters=p | "DeadLetters" >> beam.Create(list(dead_letters), reshuffle=False),
+        )
+        table.attach(outputs, disposition, run_id, max_failures)
+    table.finish()
+
+
+def field(name, bq_type, mode="NULLABLE", fields=None):
+    out = {"name": name, "type": bq_type, "mode": mode}
+    if fields is not None:
+        out["fields"] = fields
+    return out
+
+
+SCHEMA_A = [field("SOPInstanceUID", "STRING"), field("Tags", "STRING", "REPEATED")]
+SCHEMA_B = [field("SOPInstanceUID", "STRING"), field("Tags", "STRING", "REPEATED"), field("N", "INTEGER"),
+            field("Seq", "RECORD", "REPEATED", [field("V", "DATE")])]
+
+
+def rows_a(*uids):
+    return [{"SOPInstanceUID": uid, "Tags": [uid]} for uid in uids]
+
+
+# -- reading a folder back -----------------------------------------------------------------
+
+def _gs_to_bytes(path):
+    with FileSystems.open(path) as handle:
+        return handle.read()
+
+
+def read_table(table: ParquetTable, errors=False):
+    """The folder's rows, read as a user would: DuckDB's glob and pyarrow.dataset locally;
+    on Cloud Storage, every *.parquet object (which must be exactly the manifest's files)."""
+    path = table.errors_path if errors else table.path
+    if table.local:
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        relation = con.sql(f"SELECT * FROM read_parquet('{path}/**/*.parquet', union_by_name = true)")
+        duck = [dict(zip(relation.columns, values)) for values in relation.fetchall()]
+        arrow = pads.dataset(path, format="parquet").to_table().to_pylist()
+        assert sorted(map(repr, duck)) == sorted(map(repr, arrow))
+        return arrow
+    objects = sorted(m.path for m in FileSystems.match([path + "/**"])[0].metadata_list)
+    shards = [p for p in objects if p.endswith(".parquet")]
+    assert shards == table.files(errors=errors)
+    assert sorted(objects) == sorted(shards + [f"{path}/{SCHEMA_FILE}", f"{path}/{MANIFEST_FILE}"])
+    rows = []
+    for shard in shards:
+        rows += pq.read_table(io.BytesIO(_gs_to_bytes(shard))).to_pylist()
+    return rows
+
+
+def schema_json(table: ParquetTable):
+    if table.local:
+        with open(os.path.join(table.path, SCHEMA_FILE)) as handle:
+            return json.load(handle)
+    return json.loads(_gs_to_bytes(table.path + "/" + SCHEMA_FILE))
+
+
+def uids(table):
+    return sorted(row["SOPInstanceUID"] for row in read_table(table))
+
+
+@pytest.fixture(params=["local", "gcs"])
+def table(request, tmp_path):
+    if request.param == "local":
+        return ParquetTable.parse(f"parquet://{tmp_path}/table")
+    _client, bucket = request.getfixturevalue("gcs_bucket")
+    return ParquetTable.parse(f"parquet+gs://{bucket.name}/exports/table")
+
+
+# -- URIs -------------------------------------------------------------------------------------
+
+class TestParse:
+    def test_local_folder_is_absolute(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        table = ParquetTable.parse("parquet://out")
+        assert table.path == str(tmp_path / "out")
+        assert str(table) == f"parquet://{tmp_path}/out"
+        assert table.errors_uri() == f"parquet://{tmp_path}/out_errors"
+
+    def test_cloud_storage_folder(self):
+        table = ParquetTable.parse("parquet+gs://my-bucket/dicom/table/")
+        assert table.path == "gs://my-bucket/dicom/table"
+        assert table.errors_uri() == "parquet+gs://my-bucket/dicom/table_errors"
+
+    @pytest.mark.parametrize("uri", ["parquet://", "parquet+gs://bucket", "parquet+gs://B/x", "parquet:/x",
+                                     "parquet://no/such/parent/folder"])
+    def test_bad_uri_says_what_it_looks_like(self, uri):
+        with pytest.raises(DestinationError, match="parquet"):
+            ParquetTable.parse(uri)
+
+    def test_local_folder_needs_a_local_runner(self, tmp_path):
+        ParquetTable.parse(f"parquet://{tmp_path}/t").check_runner(local=True)
+        ParquetTable.parse("parquet+gs://bucket/t").check_runner(local=False)
+        with pytest.raises(DestinationError, match="parquet\\+gs://"):
+            ParquetTable.parse(f"parquet://{tmp_path}/t").check_runner(local=False)
+
+
+# -- the disposition table (SPEC §4), locally and on Cloud Storage -------------------------------
+
+class TestDispositions:
+    def test_absent_table_is_created(self, table):
+        export(table, rows_a("1", "2"), SCHEMA_A, Disposition.WRITE_EMPTY)
+        assert uids(table) == ["1", "2"]
+        assert schema_json(table) == SCHEMA_A
+
+    def test_overwrite_table_replaces(self, table):
+        export(table, rows_a("1", "2"), SCHEMA_A)
+        export(table, [{"SOPInstanceUID": "3", "N": 7}], SCHEMA_B, Disposition.OVERWRITE, run_id="two")
+        assert uids(table) == ["3"]
+        assert schema_json(table) == SCHEMA_B
+
+    def test_existing_table_without_option_is_an_error(self, table):
+        export(table, [], SCHEMA_A)  # an empty table still exists
+        with pytest.raises(DestinationError, match="already exists"):
+            table.preflight(Disposition.DEFAULT)
+
+    def test_write_empty_on_an_empty_table_succeeds(self, table):
+        export(table, [], SCHEMA_A)
+        assert read_table(table) == []
+        export(table, rows_a("1"), SCHEMA_A, Disposition.WRITE_EMPTY, run_id="two")
+        assert uids(table) == ["1"]
+
+    def test_write_empty_on_a_table_with_rows_is_an_error_and_leaves_it(self, table):
+        export(table, rows_a("1"), SCHEMA_A)
+        before = table.files()
+        with pytest.raises(DestinationError, match="not empty"):
+            export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_EMPTY, run_id="two")
+        assert table.files() == before and uids(table) == ["1"]
+
+    def test_write_append_adds_rows_and_widens_every_shard(self, table):
+        export(table, rows_a("1", "2"), SCHEMA_A)
+        export(table, [{"SOPInstanceUID": "3", "N": 7, "Seq": [{"V": "2001-02-03"}]}], SCHEMA_B,
+               Disposition.WRITE_APPEND, run_id="two")
+        assert schema_json(table) == SCHEMA_B
+        rows = sorted(read_table(table), key=lambda r: r["SOPInstanceUID"])
+        assert rows == [
+            {"SOPInstanceUID": "1", "Tags": ["1"], "N": None, "Seq": []},
+            {"SOPInstanceUID": "2", "Tags": ["2"], "N": None, "Seq": []},
+            {"SOPInstanceUID": "3", "Tags": [], "N": 7, "Seq": [{"V": dt.date(2001, 2, 3)}]},
+        ]
+        for shard in table.files():  # every shard carries the whole schema
+            with FileSystems.open(shard) as handle:
+                assert pq.ParquetFile(io.BytesIO(handle.read())).schema_arrow.names == [f["name"] for f in SCHEMA_B]
+
+    def test_write_append_without_new_fields_keeps_the_old_shards(self, table):
+        export(table, rows_a("1"), SCHEMA_A)
+        first = table.files()
+        export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_APPEND, run_id="two")
+        assert uids(table) == ["1", "2"]
+        assert set(first) < set(table.files())
+
+    def test_write_append_with_a_conflicting_field_writes_nothing(self, table):
+        export(table, rows_a("1"), SCHEMA_A)
+        before = table.files()
+        conflicting = [field("SOPInstanceUID", "INTEGER")]
+        with pytest.raises(Exception, match="SOPInstanceUID: the table has STRING NULLABLE"):
+            export(table, [{"SOPInstanceUID": 5}], conflicting, Disposition.WRITE_APPEND, run_id="two")
+        assert table.files() == before and uids(table) == ["1"]
+        table.preflight(Disposition.WRITE_APPEND)  # the next run finds no leftovers
+        assert uids(table) == ["1"]
+
+    def test_write_truncate_replaces_rows_and_schema(self, table):
+        export(table, [{"SOPInstanceUID": "1", "N": 1}], SCHEMA_B)
+        export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_TRUNCATE, run_id="two")
+        assert uids(table) == ["2"]
+        assert schema_json(table) == SCHEMA_A
+
+    def test_export_without_instances_creates_and_truncates(self, table):
+        export(table, rows_a("1"), SCHEMA_A)
+        export(table, [], SCHEMA_B, Disposition.WRITE_TRUNCATE, run_id="two")
+        assert read_table(table) == []
+        assert schema_json(table) == SCHEMA_B
+        assert len(table.files()) == 1  # one empty shard carries the schema for readers
+
+
+class TestDeadLetters:
+    def test_dead_letters_go_to_the_errors_folder(self, table):
+        export(table, rows_a("1"), SCHEMA_A, dead_letters=[dead_letter("a")])
+        errors = read_table(table, errors=True)
+        assert [e["path"] for e in errors] == ["a"]
+        assert errors[0]["run_started"] == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+        assert schema_json(ParquetTable(table.errors_path)) == ERRORS_SCHEMA
+
+    def test_append_appends_dead_letters_and_truncate_replaces_them(self, table):
+        export(table, rows_a("1"), SCHEMA_A, dead_letters=[dead_letter("a")])
+        export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_APPEND, dead_letters=[dead_letter("b")], run_id="2")
+        assert sorted(e["path"] for e in read_table(table, errors=True)) == ["a", "b"]
+        export(table, rows_a("3"), SCHEMA_A, Disposition.WRITE_TRUNCATE, dead_letters=[dead_letter("c")], run_id="3")
+        assert [e["path"] for e in read_table(table, errors=True)] == ["c"]
+
+    def test_more_failures_than_allowed_write_nothing(self, table):
+        export(table, rows_a("1"), SCHEMA_A)
+        with pytest.raises(Exception, match="more than --max-failures 0"):
+            export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_APPEND, dead_letters=[dead_letter("a")],
+                   max_failures=0, run_id="two")
+        assert uids(table) == ["1"]
+
+
+# -- what is in the files ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def samples():
+    return converted(SAMPLES)
+
+
+def canonical(value):
+    """NULLs and empty lists dropped: schemas.convert leaves most of them out of a row."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items() if v is not None and v != []}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
+def json_form(value):
+    """A value read back from Parquet in the BigQuery JSON form schemas.convert emits."""
+    if isinstance(value, dict):
+        return {k: json_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_form(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).isoformat(sep=" ", timespec="microseconds")
+    if isinstance(value, dt.time):
+        return value.isoformat(timespec="microseconds")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+class TestContent:
+    def test_rows_read_back_equal_the_converted_rows(self, samples, tmp_path):
+        rows, schema = samples
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows, schema)
+        back = sorted((canonical(json_form(r)) for r in read_table(table)), key=lambda r: r["SOPInstanceUID"])
+        assert back == sorted(map(canonical, rows), key=lambda r: r["SOPInstanceUID"])
+        assert schema_json(table) == schema
+
+    def test_repeated_fields_are_empty_lists_never_null(self, samples, tmp_path):
+        rows, schema = samples
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows, schema)
+        con = duckdb.connect()
+        nulls = {
+            f["name"]: con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path}/t/*.parquet') "
+                               f"WHERE \"{f['name']}\" IS NULL").fetchone()[0]
+            for f in schema if f["mode"] == "REPEATED"
+        }
+        assert set(nulls.values()) == {0}, nulls
+        assert "OtherElements" in nulls  # absent from most sample rows
+        lengths = con.execute(f"SELECT avg(len(OtherElements)) FROM read_parquet('{tmp_path}/t/*.parquet')").fetchone()[0]
+        assert lengths == sum(len(r.get("OtherElements", [])) for r in rows) / len(rows)
+
+    def test_parquet_schema_maps_to_schema_json_by_bigquerys_conversion(self, samples, tmp_path):
+        """BigQuery's documented Parquet conversion, with list inference: logical types,
+        and a 3-level LIST (group (LIST) > repeated group list > element) is REPEATED."""
+        rows, schema = samples
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows, schema)
+        for shard in table.files():
+            root = pq.ParquetFile(shard).metadata.schema.to_arrow_schema()
+            assert bigquery_from_parquet(pq.ParquetFile(shard).schema) == schema_json(table), shard
+            assert root.names == [f["name"] for f in schema]
+
+    def test_timestamps_are_adjusted_to_utc(self, tmp_path):
+        ds = builders.instance()
+        ds.AcquisitionDateTime = "20200131234500.5-0500"
+        ds.StudyDate = "20200131"
+        ds.StudyTime = "2345"
+        flattened = builders.flatten(ds)
+        schema = to_bigquery_schema(flattened.fragment)
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, [flattened.row], schema)
+        parquet = pq.ParquetFile(table.files()[0])
+        [column] = [parquet.schema.column(i) for i in range(len(parquet.schema)) if parquet.schema.column(i).path == "AcquisitionDateTime"]
+        logical = json.loads(column.logical_type.to_json())
+        assert (logical["Type"], logical["isAdjustedToUTC"], logical["timeUnit"]) == ("Timestamp", True, "microseconds")
+        [row] = parquet.read().to_pylist()
+        assert row["AcquisitionDateTime"] == dt.datetime(2020, 2, 1, 4, 45, 0, 500000, tzinfo=dt.timezone.utc)
+        assert row["StudyDate"] == dt.date(2020, 1, 31) and row["StudyTime"] == dt.time(23, 45)
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'America/New_York'")
+        instant = con.execute(f"SELECT epoch_us(AcquisitionDateTime) FROM read_parquet('{table.files()[0]}')").fetchone()[0]
+        assert instant == 1580532300500000  # 2020-02-01 04:45:00.5 UTC, whatever the reader's zone
+
+
+_LOGICAL = {  # (physical, logical) → BigQuery type, from BigQuery's "Parquet conversions" table
+    ("BINARY", "String"): "STRING",
+    ("INT64", ""): "INTEGER",
+    ("DOUBLE", ""): "FLOAT",
+    ("BOOLEAN", ""): "BOOLEAN",
+    ("INT32", "Date"): "DATE",
+    ("INT64", "Time"): "TIME",
+    ("INT64", "Timestamp(isAdjustedToUTC=true)"): "TIMESTAMP",
+    ("INT64", "Timestamp(isAdjustedToUTC=false)"): "DATETIME",
+}
+_NODE = re.compile(r"(required|optional|repeated) (\w+) (?:field_id=-?\d+ )?(\S+?)(?: \((\w+)(?:\((isAdjustedToUTC=\w+)[^)]*\))?\))?( \{|;)")
+
+
+def bigquery_from_parquet(parquet_schema):
+    """BigQuery's Parquet → BigQuery schema conversion (docs: loading-data-cloud-storage-parquet,
+    "Parquet conversions" and list inference), over the Parquet schema tree pyarrow prints."""
+    stack = [[]]
+    for line in str(parquet_schema).splitlines()[2:-1]:
+        text = line.strip()
+        if text == "}":
+            stack.pop()
+            continue
+        repetition, physical, name, logical, utc, opens = _NODE.fullmatch(text).groups()
+        logical = (logical or "") + (f"({utc})" if logical == "Timestamp" else "")
+        node = {"name": name, "repetition": repetition, "physical": physical.upper(), "logical": logical,
+                "children": []}
+        stack[-1].append(node)
+        if opens == " {":
+            stack.append(node["children"])
+    return [_convert(node) for node in stack[0]]
+
+
+def _convert(node):
+    mode = "REQUIRED" if node["repetition"] == "required" else "NULLABLE"
+    if node["logical"] == "List":  # the standard 3-level list
+        [middle] = node["children"]
+        assert (middle["repetition"], middle["name"]) == ("repeated", "list"), node
+        [element] = middle["children"]
+        assert element["name"] == "element" and element["repetition"] != "repeated"
+        return {**_convert(element), "name": node["name"], "mode": "REPEATED"}
+    assert node["repetition"] != "repeated", node  # only inside a LIST
+    if node["physical"] == "GROUP":
+        return {"name": node["name"], "type": "RECORD", "mode": mode,
+                "fields": [_convert(child) for child in node["children"]]}
+    return {"name": node["name"], "type": _LOGICAL[(node["physical"], node["logical"])], "mode": mode}
