@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -321,12 +322,12 @@ class TestContent:
         con = duckdb.connect()
         nulls = {
             f["name"]: con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path}/t/*.parquet') "
-                               f"WHERE \"{f['name']}\" IS NULL").fetchone()[0]
+                               f"WHERE \"{f['name']}\" IS NULL").fetchall()[0][0]
             for f in schema if f["mode"] == "REPEATED"
         }
         assert set(nulls.values()) == {0}, nulls
         assert "OtherElements" in nulls  # absent from most sample rows
-        lengths = con.execute(f"SELECT avg(len(OtherElements)) FROM read_parquet('{tmp_path}/t/*.parquet')").fetchone()[0]
+        lengths = con.execute(f"SELECT avg(len(OtherElements)) FROM read_parquet('{tmp_path}/t/*.parquet')").fetchall()[0][0]
         assert lengths == sum(len(r.get("OtherElements", [])) for r in rows) / len(rows)
 
     def test_parquet_schema_maps_to_schema_json_by_bigquerys_conversion(self, samples, tmp_path):
@@ -358,7 +359,7 @@ class TestContent:
         assert row["StudyDate"] == dt.date(2020, 1, 31) and row["StudyTime"] == dt.time(23, 45)
         con = duckdb.connect()
         con.execute("SET TimeZone = 'America/New_York'")
-        instant = con.execute(f"SELECT epoch_us(AcquisitionDateTime) FROM read_parquet('{table.files()[0]}')").fetchone()[0]
+        instant = con.execute(f"SELECT epoch_us(AcquisitionDateTime) FROM read_parquet('{table.files()[0]}')").fetchall()[0][0]
         assert instant == 1580532300500000  # 2020-02-01 04:45:00.5 UTC, whatever the reader's zone
 
 
@@ -407,3 +408,147 @@ def _convert(node):
         return {"name": node["name"], "type": "RECORD", "mode": mode,
                 "fields": [_convert(child) for child in node["children"]]}
     return {"name": node["name"], "type": _LOGICAL[(node["physical"], node["logical"])], "mode": mode}
+
+
+# -- the Beam writer on its own, and DuckDB staging ------------------------------------------
+
+class TestWriteParquetShards:
+    def test_row_groups_and_files_per_bundle(self, tmp_path):
+        rows = [{"SOPInstanceUID": str(i), "Tags": ["x"] * (i % 3)} for i in range(25)]
+        with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+            schema = p | "Schema" >> beam.Create([SCHEMA_B])
+            shards = (p | beam.Create(rows, reshuffle=False)
+                      | WriteParquetShards(str(tmp_path / "out"), schema, rows_per_row_group=10, rows_per_file=20))
+            paths = shards | beam.combiners.ToList()
+        files = sorted(glob.glob(str(tmp_path / "out" / "*.parquet")))
+        assert [pq.ParquetFile(f).metadata.num_rows for f in files] in ([20, 5], [5, 20])
+        assert sorted(pq.ParquetFile(f).metadata.num_row_groups for f in files) == [1, 2]
+        back = [r for f in files for r in pq.read_table(f).to_pylist()]
+        assert sorted(back, key=lambda r: int(r["SOPInstanceUID"])) == [
+            {**row, "N": None, "Seq": []} for row in rows
+        ]
+        del paths
+
+    def test_writes_to_cloud_storage(self, gcs_bucket):
+        _client, bucket = gcs_bucket
+        folder = f"gs://{bucket.name}/staging"
+        with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+            p | beam.Create(rows_a("1", "2"), reshuffle=False) | WriteParquetShards(folder, SCHEMA_A)
+        [shard] = [m.path for m in FileSystems.match([folder + "/*.parquet"])[0].metadata_list]
+        assert pq.read_table(io.BytesIO(_gs_to_bytes(shard))).to_pylist() == rows_a("1", "2")
+
+    def test_load_parquet_into_duckdb_keeps_types_and_utc(self, samples, tmp_path):
+        """Staging rows as Parquet gives the same DuckDB rows as the NDJSON load, with [] for
+        absent REPEATED fields, in any session time zone."""
+        from pipeline.destinations.duckdb import DuckDBTable, duckdb_type, quote
+
+        rows, schema = samples
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows, schema)
+        ndjson = tmp_path / "rows.json"
+        ndjson.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        reference = DuckDBTable(str(tmp_path / "ref.duckdb"), "t")
+        reference.write(schema, [str(ndjson)], Disposition.DEFAULT)
+
+        con = duckdb.connect(str(tmp_path / "p.duckdb"))
+        con.execute("SET TimeZone = 'Asia/Tokyo'")
+        columns = ", ".join(f"{quote(f['name'])} {duckdb_type(f)}" for f in schema)
+        con.execute(f"CREATE TABLE t ({columns})")
+        load_parquet_into_duckdb(con, "t", schema, table.files())
+        assert con.execute("SELECT current_setting('TimeZone')").fetchall()[0][0] == "Asia/Tokyo"
+        relation = con.table("t")
+        loaded = [dict(zip(relation.columns, values)) for values in relation.fetchall()]
+        con.close()
+        repeated = [f["name"] for f in schema if f["mode"] == "REPEATED"]
+        assert all(row[name] is not None for row in loaded for name in repeated)
+
+        def key(row):
+            return row["SOPInstanceUID"]
+
+        assert sorted(map(canonical, loaded), key=key) == sorted(map(canonical, reference.read_rows()), key=key)
+
+
+# -- failed and killed runs ---------------------------------------------------------------------
+
+_KILLED_RUN = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipeline.destinations import Disposition
+    from pipeline.destinations.parquet import ParquetTable
+    from tests.test_parquet import SCHEMA_A, Outputs
+
+    table = ParquetTable.parse({uri!r})
+    table.preflight(Disposition.WRITE_TRUNCATE)
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        rows = (p | beam.Create(range(40)) | beam.FlatMap(
+            lambda i: ({{"SOPInstanceUID": f"new-{{i}}-{{j}}", "Tags": ["x"] * 20}} for j in range(100_000))))
+        outputs = Outputs(rows, p | "Schema" >> beam.Create([SCHEMA_A]), p | "None" >> beam.Create([]))
+        table.attach(outputs, Disposition.WRITE_TRUNCATE, "killed", None)
+""")
+
+
+class TestAtomicity:
+    def test_a_killed_run_leaves_the_old_folder_whole(self, tmp_path):
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows_a("1", "2"), SCHEMA_A)
+        before = {f: open(f, "rb").read() for f in glob.glob(f"{tmp_path}/t/*")}
+        script = _KILLED_RUN.format(repo=REPO, uri=str(table))
+        process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+        try:
+            deadline = time.monotonic() + 120
+            while not glob.glob(f"{tmp_path}/.t.staging-killed/*.parquet"):
+                assert process.poll() is None and time.monotonic() < deadline, "the run never started writing"
+                time.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert glob.glob(f"{tmp_path}/.t.staging-*")  # it was killed while writing
+        assert {f: open(f, "rb").read() for f in glob.glob(f"{tmp_path}/t/*")} == before
+        assert uids(table) == ["1", "2"]
+        table.preflight(Disposition.WRITE_APPEND)  # the next run removes the leftovers
+        assert sorted(os.listdir(tmp_path)) == ["t", "t_errors"]
+        export(table, rows_a("3"), SCHEMA_A, Disposition.WRITE_APPEND, run_id="after")
+        assert uids(table) == ["1", "2", "3"]
+
+    def test_a_run_killed_between_two_renames_is_undone(self, tmp_path):
+        """Where renameat2 cannot exchange: the old folder moved aside, the new one not yet in place."""
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows_a("1"), SCHEMA_A)
+        os.rename(tmp_path / "t", tmp_path / ".t.old-x")
+        os.mkdir(tmp_path / ".t.staging-x")
+        with pytest.raises(DestinationError, match="already exists"):
+            table.preflight(Disposition.DEFAULT)
+        assert sorted(os.listdir(tmp_path)) == ["t", "t_errors"] and uids(table) == ["1"]
+
+    def test_a_commit_killed_on_cloud_storage_is_cleaned_up(self, gcs_bucket):
+        """Killed after copying new shards but before the manifest: they are not the table."""
+        _client, bucket = gcs_bucket
+        table = ParquetTable.parse(f"parquet+gs://{bucket.name}/t")
+        export(table, rows_a("1"), SCHEMA_A)
+        stray = bucket.blob("t/part-stray.parquet")
+        stray.upload_from_string(_gs_to_bytes(table.files()[0]))
+        bucket.blob(".t.staging-x/part-y.parquet").upload_from_string(b"partial")
+        table.preflight(Disposition.WRITE_APPEND)
+        assert not stray.exists() and not bucket.blob(".t.staging-x/part-y.parquet").exists()
+        assert uids(table) == ["1"]
+
+    def test_a_folder_with_other_files_is_refused(self, tmp_path):
+        (tmp_path / "t").mkdir()
+        (tmp_path / "t" / "notes.txt").write_text("mine")
+        with pytest.raises(DestinationError, match="notes.txt"):
+            ParquetTable.parse(f"parquet://{tmp_path}/t").preflight(Disposition.WRITE_TRUNCATE)
+
+    def test_parquet_files_without_schema_are_refused(self, tmp_path):
+        (tmp_path / "t").mkdir()
+        pq.write_table(pa.table({"a": [1]}),
+                       tmp_path / "t" / "x.parquet")
+        with pytest.raises(DestinationError, match="_schema.json"):
+            ParquetTable.parse(f"parquet://{tmp_path}/t").preflight(Disposition.WRITE_TRUNCATE)
+
+    def test_an_empty_folder_is_an_absent_table(self, tmp_path):
+        (tmp_path / "t").mkdir()
+        table = ParquetTable.parse(f"parquet://{tmp_path}/t")
+        export(table, rows_a("1"), SCHEMA_A)
+        assert uids(table) == ["1"]

@@ -184,7 +184,7 @@ def load_parquet_into_duckdb(con, table: str, schema: list[dict], files: list[st
         return
     names = {field["name"] for field in schema}
     columns = ", ".join('"' + name.replace('"', '""') + '"' for name in names)
-    previous = con.execute("SELECT current_setting('TimeZone')").fetchone()[0]
+    previous = con.execute("SELECT current_setting('TimeZone')").fetchall()[0][0]
     con.execute("SET TimeZone = 'UTC'")
     try:
         con.execute(
