@@ -107,48 +107,77 @@ _VALUE_CONVERTERS = {
 }
 
 
+def _needs_conversion(field: dict) -> bool:
+    if str(field["type"]).upper() in _RECORDS:
+        return any(_needs_conversion(child) for child in field.get("fields") or [])
+    return str(field["type"]).upper() in _VALUE_CONVERTERS
+
+
 def _field_converter(field: dict) -> Callable | None:
     """A function from the field's JSON value (not None) to what Arrow takes, or None
     if the value passes unchanged."""
+    if not _needs_conversion(field):
+        return None
     bq_type = str(field["type"]).upper()
-    if bq_type in _RECORDS:
-        convert = record_converter(field.get("fields") or [])
-    else:
-        convert = _VALUE_CONVERTERS.get(bq_type)
-    if convert is None or _mode(field) != "REPEATED":
+    convert = record_converter(field["fields"]) if bq_type in _RECORDS else _VALUE_CONVERTERS[bq_type]
+    if _mode(field) != "REPEATED":
         return convert
     return lambda values: [convert(value) for value in values]
 
 
 def record_converter(schema: list[dict]) -> Callable[[dict], dict]:
-    """A function from one row (or record) in BigQuery JSON form to a dict Arrow takes
-    for ``arrow_schema(schema)``: typed values, and ``[]`` for every absent REPEATED field."""
-    converters = {field["name"]: c for field in schema if (c := _field_converter(field)) is not None}
-    repeated = [field["name"] for field in schema if _mode(field) == "REPEATED"]
+    """A function from one row (or record) in BigQuery JSON form to a dict whose DATE, TIME,
+    TIMESTAMP and FLOAT values are Python values Arrow takes. Only the fields that hold
+    such values are visited, and a record is copied only if one of its values changes."""
+    converters = [(field["name"], c) for field in schema if (c := _field_converter(field)) is not None]
 
     def convert(record: dict) -> dict:
-        out = dict(record)
-        for name in out.keys() & converters.keys():
-            value = out[name]
+        out = record
+        for name, converter in converters:
+            value = record.get(name)
             if value is not None:
-                out[name] = converters[name](value)
-        for name in repeated:
-            if out.get(name) is None:
-                out[name] = []
+                if out is record:
+                    out = dict(record)
+                out[name] = converter(value)
         return out
 
     return convert
 
 
+def _loose(data_type: pa.DataType) -> pa.DataType:
+    """The type with every field nullable: what Arrow builds from Python values, where an
+    absent REPEATED field is a null list until :func:`_conform` makes it ``[]``."""
+    if pa.types.is_list(data_type):
+        return pa.list_(_loose(data_type.value_type))
+    if pa.types.is_struct(data_type):
+        return pa.struct([pa.field(f.name, _loose(f.type)) for f in data_type])
+    return data_type
+
+
+def _conform(array: pa.Array, target: pa.DataType) -> pa.Array:
+    """``array`` (of ``_loose(target)``) as ``target``: null lists become empty lists, at every depth."""
+    if pa.types.is_list(target):
+        values = _conform(array.values, target.value_type)
+        return pa.ListArray.from_arrays(array.offsets, values, type=target)
+    if pa.types.is_struct(target):
+        children = [_conform(array.field(i), target.field(i).type) for i in range(target.num_fields)]
+        mask = array.is_null() if array.null_count else None
+        return pa.StructArray.from_arrays(children, fields=list(target), mask=mask)
+    return array
+
+
 def to_arrow_table(rows: Iterable[dict], schema: list[dict] | pa.Schema, convert: Callable | None = None) -> pa.Table:
     """Rows in BigQuery JSON form → an Arrow table with ``arrow_schema(schema)``.
 
-    Keys of a row that the schema does not have are ignored; pass ``convert``
-    (``record_converter(schema)``) to reuse it over many calls.
+    Keys of a row that the schema does not have are ignored; an absent REPEATED field is
+    ``[]``. Pass ``convert`` (``record_converter(schema)``) to reuse it over many calls.
     """
     target = schema if isinstance(schema, pa.Schema) else arrow_schema(schema)
     if convert is None:
         if isinstance(schema, pa.Schema):
             raise TypeError("pass convert= with an Arrow schema")
         convert = record_converter(schema)
-    return pa.Table.from_pylist([convert(row) for row in rows], schema=target)
+    row_type = pa.struct(list(target))
+    loose = pa.array([convert(row) for row in rows], type=_loose(row_type))
+    batch = pa.RecordBatch.from_struct_array(_conform(loose, row_type))
+    return pa.Table.from_batches([batch], schema=target)
