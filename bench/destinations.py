@@ -34,12 +34,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
+import pyarrow  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.destinations import Disposition  # noqa: E402
 from pipeline.destinations.duckdb import DuckDBTable, duckdb_type, quote  # noqa: E402
-from pipeline.destinations.parquet import ROWS_PER_ROW_GROUP, WRITER_OPTIONS, load_parquet_into_duckdb  # noqa: E402
-from schemas.arrow import arrow_schema, record_converter, to_arrow_table  # noqa: E402
+from pipeline.destinations import parquet  # noqa: E402
+from pipeline.destinations.parquet import (  # noqa: E402
+    ROWS_PER_FILE,
+    ROWS_PER_ROW_GROUP,
+    WRITER_OPTIONS,
+    load_parquet_into_duckdb,
+)
 from schemas.convert import flatten_instance  # noqa: E402
 from schemas.merge import count_leaves, merge_fragments, to_bigquery_schema  # noqa: E402
 from transforms.header import read_header, silence_pydicom  # noqa: E402
@@ -63,15 +69,17 @@ def sample_rows(count: int) -> tuple[list[dict], list[dict]]:
 
 
 def write_parquet(rows, schema, folder, rows_per_group=ROWS_PER_ROW_GROUP, options=None) -> list[str]:
-    """One file, row groups of ``rows_per_group`` rows: what one bundle of WriteParquetShards writes."""
+    """The rows as one bundle of WriteParquetShards' DoFn writes them (Beam's runner aside)."""
     os.makedirs(folder, exist_ok=True)
-    target, convert = arrow_schema(schema), record_converter(schema)
-    path = os.path.join(folder, "part-0.parquet")
-    with pq.ParquetWriter(path, target, **(options or WRITER_OPTIONS)) as writer:
-        for start in range(0, len(rows), rows_per_group):
-            batch = to_arrow_table(rows[start:start + rows_per_group], target, convert)
-            writer.write_table(batch, row_group_size=len(batch))
-    return [path]
+    parquet.WRITER_OPTIONS = options or WRITER_OPTIONS
+    try:
+        fn = parquet._WriteShardsFn(folder, schema, rows_per_group, ROWS_PER_FILE, "part")
+        fn.start_bundle()
+        shards = [shard for row in rows for shard in fn.process(row)]
+        shards += [value.value for value in fn.finish_bundle()]
+    finally:
+        parquet.WRITER_OPTIONS = WRITER_OPTIONS
+    return [shard.path for shard in shards]
 
 
 def timed(function, *args, **kwargs):
@@ -121,7 +129,7 @@ def sweep(rows, schema, workdir: pathlib.Path) -> None:
     print(f"\nrow groups and codecs, {len(rows):,} rows (DuckDB reads: a filter on Modality; "
           "sum(len(OtherElements)) over the nested list)")
     print(f"  {'rows/group':>10} {'codec':>7} {'write s':>8} {'MB':>7} {'footer KB':>10} {'filter s':>9} {'nested s':>9}")
-    for rows_per_group in (1_000, 10_000, 50_000):
+    for rows_per_group in (1_000, 10_000, 20_000, 50_000):
         for codec in ("snappy", "zstd"):
             folder = workdir / f"sweep-{rows_per_group}-{codec}"
             options = dict(WRITER_OPTIONS, compression=codec)
@@ -146,7 +154,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also compare row-group sizes and codecs")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; duckdb {duckdb.__version__}; "
-          f"pyarrow {pq.__name__ and __import__('pyarrow').__version__}")
+          f"pyarrow {pyarrow.__version__}")
     for count in (int(c) for c in args.rows.split(",")):
         rows, schema = sample_rows(count)
         workdir = pathlib.Path(tempfile.mkdtemp(prefix="dicom-bench-dest-"))
