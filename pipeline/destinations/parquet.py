@@ -80,7 +80,8 @@ ROWS_PER_BATCH = 1_000
 ROWS_PER_FILE = 200_000
 #: Parquet writer settings: zstd compresses the export's repetitive text about as fast as
 #: snappy and much smaller; pages of 1 MiB (the format's default) keep page indexes small.
-WRITER_OPTIONS = {"compression": "zstd", "data_page_size": 1 << 20, "write_statistics": True}
+WRITER_OPTIONS = {"compression": "zstd", "data_page_size": 1 << 20, "write_statistics": True,
+                  "use_compliant_nested_type": True}
 
 
 class ParquetShard(NamedTuple):
