@@ -552,3 +552,30 @@ class TestAtomicity:
         table = ParquetTable.parse(f"parquet://{tmp_path}/t")
         export(table, rows_a("1"), SCHEMA_A)
         assert uids(table) == ["1"]
+
+
+# -- a real load into the BigQuery emulator ---------------------------------------------------
+
+def test_bigquery_loads_the_folder_with_its_schema(samples, gcp_local, gcs_bucket):
+    """``bq load --source_format=PARQUET --parquet_enable_list_inference`` of the shards,
+    schema autodetected, yields ``_schema.json`` and every row (local-bigquery emulator)."""
+    import uuid
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    rows, schema = samples
+    _client, bucket = gcs_bucket
+    table = ParquetTable.parse(f"parquet+gs://{bucket.name}/t")
+    export(table, rows, schema)
+    client = bigquery.Client(project=gcp_local["project"], credentials=AnonymousCredentials())
+    dataset = f"ds_{uuid.uuid4().hex[:10]}"
+    client.create_dataset(f"{gcp_local['project']}.{dataset}")
+    config = bigquery.LoadJobConfig(source_format="PARQUET", autodetect=True)
+    config.parquet_options = bigquery.ParquetOptions()
+    config.parquet_options.enable_list_inference = True
+    target = f"{gcp_local['project']}.{dataset}.t"
+    client.load_table_from_uri(table.files(), target, job_config=config).result()
+    loaded = client.get_table(target)
+    assert [f.to_api_repr() for f in loaded.schema] == schema_json(table)
+    assert loaded.num_rows == len(rows)
