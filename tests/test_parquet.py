@@ -67,9 +67,10 @@ def dead_letter(path):
 
 
 def export(table: ParquetTable, rows, schema, disposition=Disposition.DEFAULT, dead_letters=(), max_failures=None,
-           run_id="run"):
+           run_id="run", preflight=True):
     """preflight, then a real FnApiRunner pipeline that writes ``rows`` with ``attach``."""
-    table.preflight(disposition)
+    if preflight:
+        table.preflight(disposition)
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
         outputs = Outputs(
             rows=p | "Rows" >> beam.Create(rows, reshuffle=False),
@@ -202,6 +203,14 @@ class TestDispositions:
         before = table.files()
         with pytest.raises(DestinationError, match="not empty"):
             export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_EMPTY, run_id="two")
+        assert table.files() == before and uids(table) == ["1"]
+
+    def test_the_state_is_checked_again_before_the_commit(self, table):
+        table.preflight(Disposition.WRITE_EMPTY)  # absent now
+        export(ParquetTable(table.path), rows_a("1"), SCHEMA_A)  # another run creates it meanwhile
+        before = table.files()
+        with pytest.raises(Exception, match="not empty"):
+            export(table, rows_a("2"), SCHEMA_A, Disposition.WRITE_EMPTY, run_id="two", preflight=False)
         assert table.files() == before and uids(table) == ["1"]
 
     def test_write_append_adds_rows_and_widens_every_shard(self, table):

@@ -198,8 +198,7 @@ def load_parquet_into_duckdb(con, table: str, schema: list[dict], files: list[st
     files = list(files)
     if not files:
         return
-    names = {field["name"] for field in schema}
-    columns = ", ".join('"' + name.replace('"', '""') + '"' for name in names)
+    columns = ", ".join('"' + field["name"].replace('"', '""') + '"' for field in schema)
     previous = con.execute("SELECT current_setting('TimeZone')").fetchall()[0][0]
     con.execute("SET TimeZone = 'UTC'")
     try:
