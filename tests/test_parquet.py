@@ -336,7 +336,8 @@ class TestContent:
         }
         assert set(nulls.values()) == {0}, nulls
         assert "OtherElements" in nulls  # absent from most sample rows
-        lengths = con.execute(f"SELECT avg(len(OtherElements)) FROM read_parquet('{tmp_path}/t/*.parquet')").fetchall()[0][0]
+        lengths = con.execute(
+            f"SELECT avg(len(OtherElements)) FROM read_parquet('{tmp_path}/t/*.parquet')").fetchall()[0][0]
         assert lengths == sum(len(r.get("OtherElements", [])) for r in rows) / len(rows)
 
     def test_parquet_schema_maps_to_schema_json_by_bigquerys_conversion(self, samples, tmp_path):
@@ -360,7 +361,8 @@ class TestContent:
         table = ParquetTable.parse(f"parquet://{tmp_path}/t")
         export(table, [flattened.row], schema)
         parquet = pq.ParquetFile(table.files()[0])
-        [column] = [parquet.schema.column(i) for i in range(len(parquet.schema)) if parquet.schema.column(i).path == "AcquisitionDateTime"]
+        columns = [parquet.schema.column(i) for i in range(len(parquet.schema))]
+        [column] = [c for c in columns if c.path == "AcquisitionDateTime"]
         logical = json.loads(column.logical_type.to_json())
         assert (logical["Type"], logical["isAdjustedToUTC"], logical["timeUnit"]) == ("Timestamp", True, "microseconds")
         [row] = parquet.read().to_pylist()
@@ -368,7 +370,8 @@ class TestContent:
         assert row["StudyDate"] == dt.date(2020, 1, 31) and row["StudyTime"] == dt.time(23, 45)
         con = duckdb.connect()
         con.execute("SET TimeZone = 'America/New_York'")
-        instant = con.execute(f"SELECT epoch_us(AcquisitionDateTime) FROM read_parquet('{table.files()[0]}')").fetchall()[0][0]
+        instant = con.execute(
+            f"SELECT epoch_us(AcquisitionDateTime) FROM read_parquet('{table.files()[0]}')").fetchall()[0][0]
         assert instant == 1580532300500000  # 2020-02-01 04:45:00.5 UTC, whatever the reader's zone
 
 
@@ -382,7 +385,10 @@ _LOGICAL = {  # (physical, logical) → BigQuery type, from BigQuery's "Parquet 
     ("INT64", "Timestamp(isAdjustedToUTC=true)"): "TIMESTAMP",
     ("INT64", "Timestamp(isAdjustedToUTC=false)"): "DATETIME",
 }
-_NODE = re.compile(r"(required|optional|repeated) (\w+) (?:field_id=-?\d+ )?(\S+?)(?: \((\w+)(?:\((isAdjustedToUTC=\w+)[^)]*\))?\))?( \{|;)")
+_NODE = re.compile(  # e.g. "optional int64 field_id=-1 T (Timestamp(isAdjustedToUTC=true, timeUnit=...));"
+    r"(required|optional|repeated) (\w+) (?:field_id=-?\d+ )?(\S+?)"
+    r"(?: \((\w+)(?:\((isAdjustedToUTC=\w+)[^)]*\))?\))?( \{|;)"
+)
 
 
 def bigquery_from_parquet(parquet_schema):

@@ -97,9 +97,10 @@ class _WriteShardsFn(beam.DoFn):
     """Rows → Parquet files in ``directory``, one or more per bundle, each with the whole schema.
 
     Rows are converted to Arrow ``ROWS_PER_BATCH`` at a time and written
-    ``rows_per_row_group`` at a time as one row group; a file is closed after ``rows_per_file`` rows and at the end of the bundle. Yields a
-    :class:`ParquetShard` per closed file: a retried bundle's files are never yielded
-    twice, so the consumer uses the yielded list, not a listing of the folder.
+    ``rows_per_row_group`` at a time as one row group; a file is closed after
+    ``rows_per_file`` rows and at the end of the bundle. Yields a :class:`ParquetShard`
+    per closed file: a retried bundle's files are never yielded twice, so the consumer
+    uses the yielded list, not a listing of the folder.
     """
 
     def __init__(self, directory: str, schema: list[dict] | None, rows_per_row_group: int, rows_per_file: int,
@@ -249,7 +250,8 @@ def _read_json(path: str):
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    with FileSystems.create(path, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    uncompressed = CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(path, mime_type="application/json", compression_type=uncompressed) as handle:
         handle.write(data)
 
 
@@ -572,7 +574,8 @@ class CommitParquet(beam.DoFn):
             )
         disposition = Disposition(plan.disposition)
         commit_folder(plan.table, plan.table_uri, plan.table_staging, schema, shards, disposition, plan.run_id)
-        errors_disposition = Disposition.WRITE_APPEND if disposition is Disposition.WRITE_APPEND else Disposition.WRITE_TRUNCATE
+        appends = disposition is Disposition.WRITE_APPEND
+        errors_disposition = Disposition.WRITE_APPEND if appends else Disposition.WRITE_TRUNCATE
         commit_folder(plan.errors, plan.errors_uri, plan.errors_staging, ERRORS_SCHEMA, error_shards,
                       errors_disposition, plan.run_id)
         yield plan.table_uri
