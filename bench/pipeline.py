@@ -1,6 +1,6 @@
 """Benchmark: the whole export pipeline against the bare pydicom walk, on the same files.
 
-    python bench/pipeline.py [--sizes 1000,10000] [--workers N] [--keep DIR]
+    python bench/pipeline.py [--sizes 1000,10000] [--workers N] [--keep DIR] [--destinations duckdb,parquet]
 
 For each size it writes that many instances (copies of samples/dicom with new study,
 series and SOP instance UIDs) to a temporary folder, then measures in one run:
@@ -8,8 +8,9 @@ series and SOP instance UIDs) to a temporary folder, then measures in one run:
 * the bare single-process pydicom walk over all of them (bench/convert.py's
   ``bare_walk``: ``dcmread(stop_before_pixels=True)`` touching every value);
 * ``dicom-bq-export`` as a user runs it (default local runner: one worker process per
-  core) into a DuckDB file, wall time from process start to exit, with the peak
-  resident memory of the whole process tree (launcher + workers), sampled every 50 ms.
+  core) into each of ``--destinations`` (a DuckDB file, a Parquet folder), wall time
+  from process start to exit, with the peak resident memory of the whole process tree
+  (launcher + workers), sampled every 50 ms.
 
 Aim (issue 3): with 2 cores, pipeline throughput ≥ 1.5× the bare walk's.
 """
@@ -80,11 +81,17 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None) -> dict:
-    db = workdir / "bench.duckdb"
-    summary_path = workdir / "summary.json"
-    command = [sys.executable, "-m", "pipeline.main", "--input", str(folder), f"--bq-table=duckdb://{db}#instances",
-               "--progress-seconds=0", f"--summary-json={summary_path}"]
+DESTINATIONS = {
+    "duckdb": lambda workdir: f"duckdb://{workdir / 'bench.duckdb'}#instances",
+    "parquet": lambda workdir: f"parquet://{workdir / 'bench_parquet'}",
+}
+
+
+def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb") -> dict:
+    summary_path = workdir / f"summary-{destination}.json"
+    command = [sys.executable, "-m", "pipeline.main", "--input", str(folder),
+               f"--bq-table={DESTINATIONS[destination](workdir)}", "--progress-seconds=0",
+               f"--summary-json={summary_path}"]
     if workers:
         command += ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     peak = 0
@@ -115,6 +122,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000", help="comma-separated instance counts (default 1000)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--keep", default=None, help="keep the generated files in this folder")
+    parser.add_argument("--destinations", default="duckdb",
+                        help="comma-separated: duckdb, parquet (default duckdb); one export each")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}; pydicom {pydicom.__version__}")
     for size in (int(s) for s in args.sizes.split(",")):
@@ -127,18 +136,20 @@ def main() -> None:
             for path in paths:
                 bare_walk(path)
             bare = time.perf_counter() - started
-            result = run_export(folder, workdir, args.workers)
-            summary = result["summary"]
-            assert summary["succeeded"] == size, summary
             print(f"\n{size:,} instances ({megabytes:.0f} MB on disk)")
             print(f"  bare pydicom walk, 1 process : {size / bare:8.0f} instances/s")
-            print(f"  dicom-bq-export, end to end  : {size / result['wall_seconds']:8.0f} instances/s "
-                  f"({result['wall_seconds']:.1f} s wall, incl. start-up and DuckDB load)")
-            print(f"  dicom-bq-export, pipeline    : {summary['instances_per_second']:8.0f} instances/s "
-                  f"(run() duration {summary['duration_seconds']:.1f} s)")
-            print(f"  ratio end-to-end / bare      : {bare / result['wall_seconds']:8.2f}x (aim >= 1.5x)")
-            print(f"  bytes read per instance      : {summary['bytes_read_per_instance']:8,}")
-            print(f"  peak memory, process tree    : {result['peak_rss_bytes'] / 2**20:8.0f} MiB")
+            for destination in args.destinations.split(","):
+                result = run_export(folder, workdir, args.workers, destination)
+                summary = result["summary"]
+                assert summary["succeeded"] == size, summary
+                print(f"  into {destination}:")
+                print(f"    dicom-bq-export, end to end  : {size / result['wall_seconds']:8.0f} instances/s "
+                      f"({result['wall_seconds']:.1f} s wall, incl. start-up and the write)")
+                print(f"    dicom-bq-export, pipeline    : {summary['instances_per_second']:8.0f} instances/s "
+                      f"(run() duration {summary['duration_seconds']:.1f} s)")
+                print(f"    ratio end-to-end / bare      : {bare / result['wall_seconds']:8.2f}x (aim >= 1.5x)")
+                print(f"    bytes read per instance      : {summary['bytes_read_per_instance']:8,}")
+                print(f"    peak memory, process tree    : {result['peak_rss_bytes'] / 2**20:8.0f} MiB")
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,686 @@
+"""The Parquet destination: ``parquet://DIR`` (a local folder) or ``parquet+gs://BUCKET/PREFIX``.
+
+The table is the folder's ``*.parquet`` files plus ``_schema.json`` (the BigQuery JSON
+schema, as ``bq mk`` and ``bq load --schema`` take it) and ``_manifest.json`` (the run
+that wrote it, its files and row counts). Every shard carries the whole schema, so DuckDB
+``read_parquet('DIR/**/*.parquet')``, ``pyarrow.dataset``, Spark and Polars read the folder
+as one table, and ``bq load --source_format=PARQUET --parquet_enable_list_inference``
+yields exactly ``_schema.json`` (types: :mod:`schemas.arrow`). Dead letters go to the
+sibling folder ``DIR_errors`` the same way.
+
+How a run stays atomic. Workers write shards into a staging folder beside the table
+(``.NAME.staging-RUN``), never into it; one commit step at the end of the pipeline
+checks the table's state again and puts the new folder in place:
+
+* **Locally** the staging folder is made complete (new shards, old shards hard-linked
+  for WRITE_APPEND, ``_schema.json``, ``_manifest.json``) and swapped with the table
+  folder in one ``renameat2(RENAME_EXCHANGE)``; where that is missing, two renames, and
+  the next run puts the old folder back if it was killed between them.
+* **On Cloud Storage** (no rename, no multi-object transaction) the new shards are copied
+  into the folder under new names, then ``_manifest.json`` is written (a single-object
+  write, so atomic: this is the commit), then ``_schema.json``, then the replaced shards
+  are deleted. A reader that follows ``_manifest.json`` always sees one whole table. A
+  reader that globs ``*.parquet`` sees, during the seconds between the copies and the
+  deletes, the old table plus (some of) the new shards; after the run, exactly the new
+  table. A run killed in that window leaves shards the manifest does not list: the next
+  run (or any preflight) deletes them, and the manifest's table is the one kept.
+
+WRITE_APPEND keeps the old shards. When it widens the schema, the old shards are
+rewritten with the widened schema (new fields NULL, new REPEATED fields ``[]``), so
+that every shard still carries the whole schema: readers that take the first file's
+schema (``pyarrow.dataset``, BigQuery external tables, Spark without ``mergeSchema``)
+see the new columns, and a REPEATED field is never NULL. A folder holds one export's
+table: other files in it are an error, and two exports must not write one folder at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import json
+import os
+import posixpath
+import re
+import shutil
+import uuid
+from typing import NamedTuple
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import AsList, AsSingleton
+from apache_beam.transforms.window import GlobalWindows
+
+from pipeline.destinations import (
+    ERRORS_SCHEMA,
+    DestinationError,
+    Disposition,
+    check_table_state,
+)
+from schemas.arrow import arrow_schema, record_converter, to_arrow_table
+from schemas.merge import extend_schema, schema_conflicts
+
+LOCAL_SCHEME = "parquet://"
+GCS_SCHEME = "parquet+gs://"
+SCHEMA_FILE = "_schema.json"
+MANIFEST_FILE = "_manifest.json"
+SHARD_SUFFIX = ".parquet"
+
+#: Rows per row group. Measured with bench/destinations.py on the samples' rows (218
+#: columns, 543 leaf fields): row groups of 1,000 rows make a footer of 1.7 MB per 20,000
+#: rows and reads 2-4x slower; 10,000 to 50,000 rows compress 2-7x better and read fast.
+#: 20,000 rows of this width are about 75 MB in Arrow, the most a worker holds per file.
+ROWS_PER_ROW_GROUP = 20_000
+#: Rows converted to Arrow at a time, so that few rows are held as Python dicts.
+ROWS_PER_BATCH = 1_000
+#: Rows per file before a bundle starts a new one (files of a few tens of MB).
+ROWS_PER_FILE = 200_000
+#: Parquet writer settings: zstd compresses the export's repetitive text about as fast as
+#: snappy and much smaller; pages of 1 MiB (the format's default) keep page indexes small.
+WRITER_OPTIONS = {"compression": "zstd", "data_page_size": 1 << 20, "write_statistics": True,
+                  "use_compliant_nested_type": True}
+
+
+class ParquetShard(NamedTuple):
+    """One Parquet file written by :class:`WriteParquetShards`."""
+
+    path: str
+    rows: int
+
+
+# -- writing shards in the pipeline ---------------------------------------------------------
+
+class _WriteShardsFn(beam.DoFn):
+    """Rows → Parquet files in ``directory``, one or more per bundle, each with the whole schema.
+
+    Rows are converted to Arrow ``ROWS_PER_BATCH`` at a time and written
+    ``rows_per_row_group`` at a time as one row group; a file is closed after
+    ``rows_per_file`` rows and at the end of the bundle. Yields a :class:`ParquetShard`
+    per closed file: a retried bundle's files are never yielded twice, so the consumer
+    uses the yielded list, not a listing of the folder.
+    """
+
+    def __init__(self, directory: str, schema: list[dict] | None, rows_per_row_group: int, rows_per_file: int,
+                 file_prefix: str):
+        self.directory = directory
+        self.schema = schema
+        self.rows_per_row_group = rows_per_row_group
+        self.rows_per_file = rows_per_file
+        self.file_prefix = file_prefix
+        self._schema = self._schema_key = None
+
+    def start_bundle(self):
+        self._pending: list[dict] = []
+        self._batches: list[pa.Table] = []
+        self._batched = 0
+        self._writer = None
+
+    def process(self, row, schema=None):
+        schema = self.schema if schema is None else schema
+        if schema is not self._schema:
+            key = json.dumps(schema, sort_keys=True)
+            if key != self._schema_key:
+                yield from self._flush(close=True)
+                self._schema_key = key
+                self._arrow = arrow_schema(schema)
+                self._convert = record_converter(schema)
+            self._schema = schema
+        self._pending.append(row)
+        if len(self._pending) >= min(ROWS_PER_BATCH, self.rows_per_row_group):
+            self._convert_pending()
+            if self._batched >= self.rows_per_row_group:
+                yield from self._flush(close=False)
+
+    def finish_bundle(self):
+        for shard in self._flush(close=True):
+            yield GlobalWindows.windowed_value(shard)
+
+    def _convert_pending(self):
+        if self._pending:
+            self._batches.append(to_arrow_table(self._pending, self._arrow, self._convert))
+            self._batched += len(self._pending)
+            self._pending = []
+
+    def _flush(self, close: bool):
+        self._convert_pending()
+        if self._batches:
+            table = pa.concat_tables(self._batches)
+            self._batches, self._batched = [], 0
+            if self._writer is None:
+                self._path = FileSystems.join(self.directory, f"{self.file_prefix}-{uuid.uuid4().hex}{SHARD_SUFFIX}")
+                self._handle = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
+                self._writer = pq.ParquetWriter(self._handle, self._arrow, **WRITER_OPTIONS)
+                self._rows = 0
+            self._writer.write_table(table, row_group_size=len(table))
+            self._rows += len(table)
+        if self._writer is not None and (close or self._rows >= self.rows_per_file):
+            self._writer.close()
+            self._handle.close()
+            self._writer = None
+            yield ParquetShard(self._path, self._rows)
+
+
+class WriteParquetShards(beam.PTransform):
+    """Rows (dicts in BigQuery JSON form) → Parquet files in ``directory`` (local or ``gs://``).
+
+    ``schema`` is the BigQuery JSON schema: a PCollection holding it as its one element
+    (a side input, e.g. the merged schema) or a plain list. Returns a PCollection of
+    :class:`ParquetShard`. Files that a failed bundle left behind are not in it.
+    """
+
+    def __init__(self, directory: str, schema, *, rows_per_row_group: int = ROWS_PER_ROW_GROUP,
+                 rows_per_file: int = ROWS_PER_FILE, file_prefix: str = "part"):
+        super().__init__()
+        self.directory = directory
+        self.schema = schema
+        self.rows_per_row_group = rows_per_row_group
+        self.rows_per_file = rows_per_file
+        self.file_prefix = file_prefix
+
+    def expand(self, rows):
+        fixed = None if isinstance(self.schema, beam.PCollection) else list(self.schema)
+        fn = _WriteShardsFn(self.directory, fixed, self.rows_per_row_group, self.rows_per_file, self.file_prefix)
+        if fixed is not None:
+            return rows | "WriteShards" >> beam.ParDo(fn)
+        return rows | "WriteShards" >> beam.ParDo(fn, AsSingleton(self.schema))
+
+
+def load_parquet_into_duckdb(con, table: str, schema: list[dict], files: list[str]) -> None:
+    """Insert the rows of Parquet ``files`` (written with ``schema``) into the DuckDB ``table``.
+
+    Columns match by name. TIMESTAMP columns are stored adjusted to UTC in Parquet; the
+    insert runs with the session time zone set to UTC so that DuckDB's TIMESTAMPTZ →
+    TIMESTAMP cast keeps the UTC wall time (as the JSON load does), whatever the
+    machine's zone.
+    """
+    files = list(files)
+    if not files:
+        return
+    columns = ", ".join('"' + field["name"].replace('"', '""') + '"' for field in schema)
+    previous = con.execute("SELECT current_setting('TimeZone')").fetchall()[0][0]
+    con.execute("SET TimeZone = 'UTC'")
+    try:
+        con.execute(
+            f'INSERT INTO "{table.replace(chr(34), chr(34) * 2)}" BY NAME '
+            f"SELECT {columns} FROM read_parquet(?, union_by_name = true)",
+            [files],
+        )
+    finally:
+        con.execute("SET TimeZone = ?", [previous])
+
+
+# -- the table's state ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FolderState:
+    """What a table folder holds: its schema and files (names relative to the folder)."""
+
+    exists: bool
+    schema: list[dict] | None = None
+    files: dict[str, int] = dataclasses.field(default_factory=dict)  # name → rows
+    run: str | None = None
+    unlisted: list[str] = dataclasses.field(default_factory=list)  # *.parquet not in the manifest
+
+    @property
+    def rows(self) -> int:
+        return sum(self.files.values())
+
+
+def _list_folder(path: str) -> list[str]:
+    """Names of every file under ``path`` (relative, with ``/`` for subfolders)."""
+    if path.startswith("gs://"):
+        prefix = path + "/"
+        matched = FileSystems.match([prefix + "**"])[0].metadata_list
+        return sorted(m.path[len(prefix):] for m in matched)
+    if not os.path.isdir(path):
+        return []
+    names = []
+    for root, _dirs, files in os.walk(path):
+        rel = os.path.relpath(root, path)
+        names += [name if rel == "." else posixpath.join(rel.replace(os.sep, "/"), name) for name in files]
+    return sorted(names)
+
+
+def _read_json(path: str):
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    uncompressed = CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(path, mime_type="application/json", compression_type=uncompressed) as handle:
+        handle.write(data)
+
+
+def _footer_rows(path: str) -> int:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def read_folder_state(path: str, uri: str) -> FolderState:
+    """The table in the folder ``path``; :class:`DestinationError` if the folder holds
+    anything that is not part of one."""
+    names = _list_folder(path)
+    foreign = [n for n in names if "/" in n or not (n.endswith(SHARD_SUFFIX) or n in (SCHEMA_FILE, MANIFEST_FILE))]
+    if foreign:
+        raise DestinationError(
+            f"{uri} holds {len(foreign):,} file(s) that are not part of a Parquet table this export writes "
+            f"(e.g. {foreign[0]!r}); name an empty or new folder, or the folder of an earlier export"
+        )
+    shards = [n for n in names if n.endswith(SHARD_SUFFIX)]
+    if MANIFEST_FILE in names:
+        manifest = _read_json(FileSystems.join(path, MANIFEST_FILE))
+        files = {entry["name"]: int(entry["rows"]) for entry in manifest["files"]}
+        missing = sorted(set(files) - set(shards))
+        if missing:
+            raise DestinationError(f"{uri} is damaged: {missing[0]!r}, listed in {MANIFEST_FILE}, is missing")
+        return FolderState(True, manifest["schema"], files, manifest.get("run"),
+                           [n for n in shards if n not in files])
+    if SCHEMA_FILE in names:
+        files = {n: _footer_rows(FileSystems.join(path, n)) for n in shards}
+        return FolderState(True, _read_json(FileSystems.join(path, SCHEMA_FILE)), files)
+    if shards:
+        raise DestinationError(
+            f"{uri} holds Parquet files but no {SCHEMA_FILE}, so it is not a table this export wrote; "
+            "name an empty or new folder"
+        )
+    return FolderState(False)
+
+
+def _manifest(schema: list[dict], files: dict[str, int], run: str) -> bytes:
+    entries = [{"name": name, "rows": rows} for name, rows in sorted(files.items())]
+    return json.dumps({"run": run, "schema": schema, "files": entries}, indent=1).encode("utf-8")
+
+
+def _schema_json(schema: list[dict]) -> bytes:
+    return json.dumps(schema, indent=2).encode("utf-8")
+
+
+# -- local swaps -----------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(errno, os.strerror(errno), a)
+
+
+def _sibling(path: str, tag: str, run_id: str) -> str:
+    """``PARENT/.NAME.TAG-RUN`` beside the folder ``path`` (local or gs://)."""
+    parent, name = path.rsplit("/", 1)
+    return f"{parent}/.{name}.{tag}-{run_id}"
+
+
+def _siblings(path: str, tag: str) -> list[str]:
+    """Existing leftovers ``.NAME.TAG-*`` beside ``path``."""
+    parent, name = path.rsplit("/", 1)
+    if path.startswith("gs://"):
+        matched = FileSystems.match([f"{parent}/.{name}.{tag}-*/**"])[0].metadata_list
+        return sorted({m.path[: m.path.index("/", len(parent) + 1)] for m in matched})
+    if not os.path.isdir(parent):
+        return []
+    return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.{tag}-"))
+
+
+def _delete_tree(path: str) -> None:
+    if path.startswith("gs://"):
+        matched = FileSystems.match([path + "/**"])[0].metadata_list
+        if matched:
+            FileSystems.delete([m.path for m in matched])
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def recover_folder(path: str) -> None:
+    """Undo what a killed run left beside (or, on Cloud Storage, in) the table folder.
+
+    Locally: a folder moved aside by an interrupted two-rename swap is put back; staging
+    and moved-aside folders are removed. On Cloud Storage: shards the manifest does not
+    list are deleted, ``_schema.json`` is rewritten from the manifest, staging removed.
+    """
+    if path.startswith("gs://"):
+        names = _list_folder(path)
+        if MANIFEST_FILE in names:
+            manifest = _read_json(FileSystems.join(path, MANIFEST_FILE))
+            listed = {entry["name"] for entry in manifest["files"]}
+            unlisted = [FileSystems.join(path, n) for n in names if n.endswith(SHARD_SUFFIX) and n not in listed]
+            if unlisted:
+                FileSystems.delete(unlisted)
+            if SCHEMA_FILE not in names or _read_json(FileSystems.join(path, SCHEMA_FILE)) != manifest["schema"]:
+                _write_bytes(FileSystems.join(path, SCHEMA_FILE), _schema_json(manifest["schema"]))
+    else:
+        aside = _siblings(path, "old")
+        if aside and not os.path.exists(path):
+            os.rename(aside[-1], path)
+            aside = aside[:-1]
+        for leftover in aside:
+            _delete_tree(leftover)
+    for leftover in _siblings(path, "staging"):
+        _delete_tree(leftover)
+
+
+# -- the commit ------------------------------------------------------------------------------
+
+def _rewrite_shard(source: str, target: str, schema: list[dict]) -> int:
+    """Copy a shard with a widened schema: new fields NULL, new REPEATED fields []."""
+    target_schema, convert = arrow_schema(schema), record_converter(schema)
+    rows = 0
+    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+            FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+        parquet = pq.ParquetFile(src)
+        with pq.ParquetWriter(dst, target_schema, **WRITER_OPTIONS) as writer:
+            for group in range(parquet.num_row_groups):
+                table = to_arrow_table(parquet.read_row_group(group).to_pylist(), target_schema, convert)
+                writer.write_table(table, row_group_size=max(len(table), 1))
+                rows += len(table)
+    return rows
+
+
+def _write_empty_shard(path: str, schema: list[dict]) -> None:
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        pq.write_table(to_arrow_table([], schema), handle, **WRITER_OPTIONS)
+
+
+def _new_name() -> str:
+    return f"part-{uuid.uuid4().hex}{SHARD_SUFFIX}"
+
+
+def commit_folder(path: str, uri: str, staging: str, schema: list[dict], shards: list[ParquetShard],
+                  disposition: Disposition, run_id: str) -> None:
+    """Make the folder ``path`` hold the table the disposition asks for, all or nothing.
+
+    ``shards`` were written with ``schema`` into ``staging``. The folder's state is checked
+    again first (it may have changed since preflight); a run that already committed
+    (a retried step) only finishes cleaning up.
+    """
+    state = read_folder_state(path, uri)
+    if state.exists and state.run == run_id:
+        recover_folder(path)
+        return
+    check_table_state(uri, disposition, state.exists, state.rows)
+    keep: dict[str, int] = {}
+    if state.exists and not disposition.replaces:
+        conflicts = schema_conflicts(schema, state.schema)
+        if conflicts:
+            raise DestinationError(f"cannot append to {uri}: " + "; ".join(conflicts))
+        schema = extend_schema(state.schema, schema)
+        keep = {name: rows for name, rows in state.files.items() if rows}
+    target = arrow_schema(schema)
+    new = {posixpath.basename(s.path): s.rows for s in shards if s.rows}
+    stale = {name for name in new if _file_schema(FileSystems.join(staging, name)) != target}
+    rewrite = {name for name in keep if _file_schema(FileSystems.join(path, name)) != target}
+    if path.startswith("gs://"):
+        _commit_gcs(path, staging, schema, state, keep, new, stale, rewrite, run_id)
+    else:
+        _commit_local(path, staging, schema, keep, new, stale, rewrite, run_id)
+
+
+def _file_schema(path: str) -> pa.Schema:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pq.ParquetFile(handle).schema_arrow.remove_metadata()
+
+
+def _commit_local(path, staging, schema, keep, new, stale, rewrite, run_id) -> None:
+    os.makedirs(staging, exist_ok=True)
+    for name in set(os.listdir(staging)) - set(new):  # files of failed bundles
+        os.remove(os.path.join(staging, name))
+    files = dict(new)
+    for name in stale:
+        fresh = _new_name()
+        files[fresh] = _rewrite_shard(os.path.join(staging, name), os.path.join(staging, fresh), schema)
+        os.remove(os.path.join(staging, name))
+        del files[name]
+    for name, rows in keep.items():
+        source, target = os.path.join(path, name), os.path.join(staging, name)
+        if name in rewrite:
+            fresh = _new_name()
+            files[fresh] = _rewrite_shard(source, os.path.join(staging, fresh), schema)
+            continue
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+        files[name] = rows
+    if not files:
+        name = _new_name()
+        _write_empty_shard(os.path.join(staging, name), schema)
+        files[name] = 0
+    _write_bytes(os.path.join(staging, SCHEMA_FILE), _schema_json(schema))
+    _write_bytes(os.path.join(staging, MANIFEST_FILE), _manifest(schema, files, run_id))
+    _fsync_tree(staging)
+    if not os.path.exists(path):
+        os.rename(staging, path)
+    elif _exchange(staging, path):
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        aside = _sibling(path, "old", run_id)
+        os.rename(path, aside)
+        os.rename(staging, path)
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(path)
+
+
+def _commit_gcs(path, staging, schema, state, keep, new, stale, rewrite, run_id) -> None:
+    files: dict[str, int] = {}
+    copies_from, copies_to = [], []
+    for name, rows in new.items():
+        if name in stale:
+            fresh = _new_name()
+            files[fresh] = _rewrite_shard(FileSystems.join(staging, name), FileSystems.join(path, fresh), schema)
+        else:
+            copies_from.append(FileSystems.join(staging, name))
+            copies_to.append(FileSystems.join(path, name))
+            files[name] = rows
+    if copies_from:
+        FileSystems.copy(copies_from, copies_to)
+    for name, rows in keep.items():
+        if name in rewrite:
+            fresh = _new_name()
+            files[fresh] = _rewrite_shard(FileSystems.join(path, name), FileSystems.join(path, fresh), schema)
+        else:
+            files[name] = rows
+    if not files:
+        name = _new_name()
+        _write_empty_shard(FileSystems.join(path, name), schema)
+        files[name] = 0
+    _write_bytes(FileSystems.join(path, MANIFEST_FILE), _manifest(schema, files, run_id))  # the commit
+    _write_bytes(FileSystems.join(path, SCHEMA_FILE), _schema_json(schema))
+    replaced = [FileSystems.join(path, name) for name in state.files.keys() | set(state.unlisted) if name not in files]
+    if replaced:
+        FileSystems.delete(replaced)
+    _delete_tree(staging)
+
+
+# -- the destination ---------------------------------------------------------------------------
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+_RUN_ID = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _load_schema(schema: list[dict], existing: list[dict] | None, destination: str, replaces: bool) -> list[dict]:
+    """The schema the shards are written with: the export's, or the table's extended by it.
+
+    Raises DestinationError on a field with another type or mode, before any row is written.
+    """
+    if existing is None or replaces:
+        return schema
+    conflicts = schema_conflicts(schema, existing)
+    if conflicts:
+        raise DestinationError(f"cannot append to {destination}: " + "; ".join(conflicts))
+    return extend_schema(existing, schema)
+
+
+class CommitPlan(NamedTuple):
+    table: str  # folder path
+    table_uri: str
+    table_staging: str
+    errors: str
+    errors_uri: str
+    errors_staging: str
+    disposition: str  # a Disposition value
+    run_id: str
+    max_failures: int | None
+
+
+class CommitParquet(beam.DoFn):
+    """After every shard is written: check --max-failures, then commit the table and its
+    dead letters (see the module docstring). Runs once; safe to retry."""
+
+    def __init__(self, plan: CommitPlan):
+        self.plan = plan
+
+    def process(self, schema, failures, shards, error_shards):
+        plan = self.plan
+        if plan.max_failures is not None and failures > plan.max_failures:
+            _delete_tree(plan.table_staging)
+            _delete_tree(plan.errors_staging)
+            raise DestinationError(
+                f"{failures:,} instances failed, more than --max-failures {plan.max_failures:,}; "
+                f"nothing was written to {plan.table_uri}"
+            )
+        disposition = Disposition(plan.disposition)
+        commit_folder(plan.table, plan.table_uri, plan.table_staging, schema, shards, disposition, plan.run_id)
+        appends = disposition is Disposition.WRITE_APPEND
+        errors_disposition = Disposition.WRITE_APPEND if appends else Disposition.WRITE_TRUNCATE
+        commit_folder(plan.errors, plan.errors_uri, plan.errors_staging, ERRORS_SCHEMA, error_shards,
+                      errors_disposition, plan.run_id)
+        yield plan.table_uri
+
+
+@dataclasses.dataclass
+class ParquetTable:
+    """A table as a folder of Parquet files: ``parquet://DIR`` or ``parquet+gs://BUCKET/PREFIX``."""
+
+    path: str  # an absolute local path, or gs://BUCKET/PREFIX, without a trailing slash
+    existing_schema: list[dict] | None = dataclasses.field(default=None, compare=False)
+
+    @classmethod
+    def parse(cls, uri: str, pipeline_options=None) -> "ParquetTable":
+        """``parquet://DIR`` (relative or absolute) or ``parquet+gs://BUCKET/PREFIX`` → ParquetTable."""
+        if uri.startswith(GCS_SCHEME):
+            rest = uri[len(GCS_SCHEME):].strip("/")
+            bucket, _, prefix = rest.partition("/")
+            if not _BUCKET.fullmatch(bucket) or not prefix or "//" in prefix:
+                raise DestinationError(
+                    f"a Cloud Storage Parquet destination looks like parquet+gs://BUCKET/FOLDER, not {uri!r}"
+                )
+            return cls(f"gs://{bucket}/{prefix}")
+        if uri.startswith(LOCAL_SCHEME):
+            folder = uri[len(LOCAL_SCHEME):]
+            if not folder or folder.strip("/") == "":
+                raise DestinationError(f"a local Parquet destination looks like parquet://FOLDER, not {uri!r}")
+            path = os.path.abspath(folder)
+            if not os.path.isdir(os.path.dirname(path)):
+                raise DestinationError(f"the folder that would hold {path} does not exist")
+            return cls(path)
+        raise DestinationError(f"a Parquet destination is parquet://FOLDER or parquet+gs://BUCKET/FOLDER, not {uri!r}")
+
+    @property
+    def local(self) -> bool:
+        return not self.path.startswith("gs://")
+
+    @property
+    def errors_path(self) -> str:
+        return self.path + "_errors"
+
+    def _uri(self, path: str) -> str:
+        return LOCAL_SCHEME + path if self.local else GCS_SCHEME + path[len("gs://"):]
+
+    def __str__(self) -> str:
+        return self._uri(self.path)
+
+    def errors_uri(self) -> str:
+        return self._uri(self.errors_path)
+
+    def check_runner(self, local: bool) -> None:
+        """A local folder can only be written by a runner on this machine."""
+        if self.local and not local:
+            raise DestinationError(
+                "a parquet:// folder needs a local runner; on Dataflow use parquet+gs://BUCKET/FOLDER"
+            )
+
+    def preflight(self, disposition: Disposition) -> None:
+        """Before any file is read: clean up after a killed run, then check the table's
+        state against the disposition (and remember its schema for WRITE_APPEND)."""
+        for path in (self.path, self.errors_path):
+            recover_folder(path)
+        state = read_folder_state(self.path, str(self))
+        read_folder_state(self.errors_path, self.errors_uri())
+        check_table_state(str(self), disposition, state.exists, state.rows)
+        self.existing_schema = state.schema if state.exists else None
+
+    def attach(self, outputs, disposition: Disposition, run_id: str, max_failures: int | None):
+        """Add the writing of ``outputs`` (rows, schema, dead_letters) and the commit to
+        the pipeline; returns the commit's output (the table's URI, once committed)."""
+        run_id = _RUN_ID.sub("_", str(run_id)) or uuid.uuid4().hex
+        plan = CommitPlan(
+            table=self.path,
+            table_uri=str(self),
+            table_staging=_sibling(self.path, "staging", run_id),
+            errors=self.errors_path,
+            errors_uri=self.errors_uri(),
+            errors_staging=_sibling(self.errors_path, "staging", run_id),
+            disposition=disposition.value,
+            run_id=run_id,
+            max_failures=max_failures,
+        )
+        load_schema = outputs.schema | "ParquetSchema" >> beam.Map(
+            _load_schema, self.existing_schema, str(self), disposition.replaces
+        )
+        shards = outputs.rows | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, load_schema)
+        error_shards = outputs.dead_letters | "WriteParquetDeadLetters" >> WriteParquetShards(
+            plan.errors_staging, ERRORS_SCHEMA
+        )
+        failures = outputs.dead_letters | "CountParquetFailures" >> beam.combiners.Count.Globally()
+        return load_schema | "CommitParquet" >> beam.ParDo(
+            CommitParquet(plan), AsSingleton(failures), AsList(shards), AsList(error_shards)
+        )
+
+    def finish(self) -> None:
+        """Nothing: the commit is the pipeline's last step."""
+
+    # -- reading, for tests and tools --------------------------------------------------------
+
+    def files(self, errors: bool = False) -> list[str]:
+        """The current table's files (from its manifest)."""
+        path = self.errors_path if errors else self.path
+        state = read_folder_state(path, self._uri(path))
+        return [FileSystems.join(path, name) for name in sorted(state.files)]
+
+    def schema(self) -> list[dict] | None:
+        state = read_folder_state(self.path, str(self))
+        return state.schema if state.exists else None
