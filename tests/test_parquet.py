@@ -77,7 +77,7 @@ def export(table: ParquetTable, rows, schema, disposition=Disposition.DEFAULT, d
             schema=p | "Schema" >> beam.Create([schema]),
             dead_letters=p | "DeadLetters" >> beam.Create(list(dead_letters), reshuffle=False),
         )
-        table.attach(outputs, disposition, run_id, max_failures)
+        table.attach_run(outputs, disposition, run_id, max_failures)
     table.finish()
 
 
@@ -169,7 +169,7 @@ class TestParse:
     def test_local_folder_needs_a_local_runner(self, tmp_path):
         ParquetTable.parse(f"parquet://{tmp_path}/t").check_runner(local=True)
         ParquetTable.parse("parquet+gs://bucket/t").check_runner(local=False)
-        with pytest.raises(DestinationError, match="parquet\\+gs://"):
+        with pytest.raises(ValueError, match="parquet\\+gs://"):
             ParquetTable.parse(f"parquet://{tmp_path}/t").check_runner(local=False)
 
 
@@ -500,7 +500,7 @@ _KILLED_RUN = textwrap.dedent("""
         rows = (p | beam.Create(range(40)) | beam.FlatMap(
             lambda i: ({{"SOPInstanceUID": f"new-{{i}}-{{j}}", "Tags": ["x"] * 20}} for j in range(100_000))))
         outputs = Outputs(rows, p | "Schema" >> beam.Create([SCHEMA_A]), p | "None" >> beam.Create([]))
-        table.attach(outputs, Disposition.WRITE_TRUNCATE, "killed", None)
+        table.attach_run(outputs, Disposition.WRITE_TRUNCATE, "killed", None)
 """)
 
 
@@ -594,3 +594,44 @@ def test_bigquery_loads_the_folder_with_its_schema(samples, gcp_local, gcs_bucke
     loaded = client.get_table(target)
     assert [f.to_api_repr() for f in loaded.schema] == schema_json(table)
     assert loaded.num_rows == len(rows)
+
+
+# -- end to end: the CLI's run() ------------------------------------------------------------------
+
+
+def _comparable(value):
+    """DuckDB and pyarrow give the same values, but DuckDB's TIMESTAMP is naive UTC."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def test_run_writes_the_same_rows_as_the_duckdb_destination(tmp_path):
+    from pipeline.destinations.duckdb import DuckDBTable
+    from pipeline.main import run
+
+    common = ["--runner=FnApiRunner", "--progress-seconds=0", "--input", os.path.join(REPO, "samples", "dicom")]
+    folder = tmp_path / "table"
+    parquet = run([*common, f"--bq-table=parquet://{folder}"])
+    duck = run([*common, f"--bq-table=duckdb://{tmp_path}/x.duckdb#instances"])
+    assert parquet["succeeded"] == duck["succeeded"] == len(SAMPLES)
+    assert parquet["errors_table"] == f"parquet://{folder}_errors"
+    from_parquet = sorted((_comparable(r) for r in read_table(ParquetTable(str(folder)))),
+                          key=lambda r: r["SOPInstanceUID"])
+    from_duckdb = sorted((_comparable(r) for r in DuckDBTable(str(tmp_path / "x.duckdb"), "instances").read_rows()),
+                         key=lambda r: r["SOPInstanceUID"])
+    assert from_parquet == from_duckdb
+    assert schema_json(ParquetTable(str(folder))) == DuckDBTable(str(tmp_path / "x.duckdb"), "instances").schema()
+
+
+def test_run_refuses_a_local_folder_on_a_remote_runner(tmp_path):
+    from pipeline.main import UsageError, run
+
+    with pytest.raises(UsageError, match="parquet\\+gs://"):
+        run(["--runner=DataflowRunner", "--input", os.path.join(REPO, "samples", "dicom"),
+             f"--bq-table=parquet://{tmp_path}/t", "--project=my-project", "--region=europe-west4",
+             "--temp_location=gs://b/tmp"])

@@ -125,6 +125,14 @@ def append_schema(new: list[dict], existing: list[dict], destination: str) -> li
     return extend_schema(existing, new)
 
 
+def load_schema(schema: list[dict], existing: list[dict] | None, destination: str, replaces: bool) -> list[dict]:
+    """The schema a run writes with: the export's own when the table is new or replaced,
+    else the table's extended by it (:func:`append_schema`, which raises on a conflict)."""
+    if existing is None or replaces:
+        return schema
+    return append_schema(schema, existing, destination)
+
+
 def errors_disposition(disposition: Disposition) -> Disposition:
     """The dead-letter table is appended to by WRITE_APPEND and replaced otherwise."""
     return Disposition.WRITE_APPEND if disposition is Disposition.WRITE_APPEND else Disposition.WRITE_TRUNCATE

@@ -112,8 +112,8 @@ DEFAULT_URI = "duckdb://dicom_metadata.duckdb#dicom_metadata"
 SCHEMES = {
     "bq://": ("pipeline.destinations.bigquery", "BigQueryTable"),
     "duckdb://": ("pipeline.destinations.duckdb", "DuckDBTable"),
-    "parquet://": ("pipeline.destinations.parquet", "ParquetFolder"),
-    "parquet+gs://": ("pipeline.destinations.parquet", "ParquetFolder"),
+    "parquet://": ("pipeline.destinations.parquet", "ParquetTable"),
+    "parquet+gs://": ("pipeline.destinations.parquet", "ParquetTable"),
 }
 
 

@@ -40,6 +40,7 @@ from pipeline.destinations import (
     Disposition,
     append_schema,
     check_max_failures,
+    load_schema,
     check_table_state,
     errors_disposition,
     errors_table_name,
@@ -195,12 +196,12 @@ class BigQueryTable(Destination):
         errors_staging = f"{errors_table}__staging_{run_id}"
         existing, replaces = self.existing_schema, disposition.replaces
 
-        load_schema = outputs.schema | "LoadSchema" >> beam.Map(_load_schema, existing, str(self), replaces)
+        write_schema = outputs.schema | "LoadSchema" >> beam.Map(load_schema, existing, str(self), replaces)
         additional = {"clustering": {"fields": self.cluster_by}} if self.cluster_by else None
         rows = outputs.rows | "StageRows" >> beam.io.WriteToBigQuery(
             table=f"{self.project}:{self.dataset}.{rows_staging}",
             schema=lambda destination, schema: {"fields": schema},
-            schema_side_inputs=(AsSingleton(load_schema),),
+            schema_side_inputs=(AsSingleton(write_schema),),
             method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
             create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
             write_disposition=beam.io.BigQueryDisposition.WRITE_TRUNCATE,
@@ -233,7 +234,7 @@ class BigQueryTable(Destination):
             max_failures=context.max_failures,
             destination=str(self),
         )
-        load_schema | "Finalize" >> beam.ParDo(Finalize(plan), AsSingleton(failures), *jobs)
+        write_schema | "Finalize" >> beam.ParDo(Finalize(plan), AsSingleton(failures), *jobs)
 
 
 def _row_count(table) -> int | None:
@@ -251,16 +252,6 @@ def _get_table(client, table_id: str):
         return client.get_table(table_id)
     except exceptions.NotFound:
         return None
-
-
-def _load_schema(schema: list[dict], existing: list[dict] | None, destination: str, replaces: bool) -> list[dict]:
-    """The staging table's schema: the export's, or the table's extended by it.
-
-    Raises DestinationError on a conflicting field: the pipeline fails before loading.
-    """
-    if existing is None or replaces:
-        return schema
-    return append_schema(schema, existing, destination)
 
 
 class Move(NamedTuple):

@@ -59,7 +59,9 @@ from pipeline.destinations import (
     DestinationError,
     Disposition,
     check_table_state,
+    load_schema,
 )
+from pipeline.destinations.base import Destination, RunContext
 from schemas.arrow import arrow_schema, record_converter, to_arrow_table
 from schemas.merge import extend_schema, schema_conflicts
 
@@ -531,19 +533,6 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _RUN_ID = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-def _load_schema(schema: list[dict], existing: list[dict] | None, destination: str, replaces: bool) -> list[dict]:
-    """The schema the shards are written with: the export's, or the table's extended by it.
-
-    Raises DestinationError on a field with another type or mode, before any row is written.
-    """
-    if existing is None or replaces:
-        return schema
-    conflicts = schema_conflicts(schema, existing)
-    if conflicts:
-        raise DestinationError(f"cannot append to {destination}: " + "; ".join(conflicts))
-    return extend_schema(existing, schema)
-
-
 class CommitPlan(NamedTuple):
     table: str  # folder path
     table_uri: str
@@ -582,7 +571,7 @@ class CommitParquet(beam.DoFn):
 
 
 @dataclasses.dataclass
-class ParquetTable:
+class ParquetTable(Destination):
     """A table as a folder of Parquet files: ``parquet://DIR`` or ``parquet+gs://BUCKET/PREFIX``."""
 
     path: str  # an absolute local path, or gs://BUCKET/PREFIX, without a trailing slash
@@ -605,7 +594,7 @@ class ParquetTable:
                 raise DestinationError(f"a local Parquet destination looks like parquet://FOLDER, not {uri!r}")
             path = os.path.abspath(folder)
             if not os.path.isdir(os.path.dirname(path)):
-                raise DestinationError(f"the folder that would hold {path} does not exist")
+                raise DestinationError(f"{uri}: the folder that would hold {path} does not exist; create it first")
             return cls(path)
         raise DestinationError(f"a Parquet destination is parquet://FOLDER or parquet+gs://BUCKET/FOLDER, not {uri!r}")
 
@@ -629,7 +618,7 @@ class ParquetTable:
     def check_runner(self, local: bool) -> None:
         """A local folder can only be written by a runner on this machine."""
         if self.local and not local:
-            raise DestinationError(
+            raise ValueError(
                 "a parquet:// folder needs a local runner; on Dataflow use parquet+gs://BUCKET/FOLDER"
             )
 
@@ -643,7 +632,11 @@ class ParquetTable:
         check_table_state(str(self), disposition, state.exists, state.rows)
         self.existing_schema = state.schema if state.exists else None
 
-    def attach(self, outputs, disposition: Disposition, run_id: str, max_failures: int | None):
+    def attach(self, outputs, context: RunContext):
+        """The Destination interface: see :meth:`attach_run`."""
+        return self.attach_run(outputs, context.disposition, context.run_id, context.max_failures)
+
+    def attach_run(self, outputs, disposition: Disposition, run_id: str, max_failures: int | None):
         """Add the writing of ``outputs`` (rows, schema, dead_letters) and the commit to
         the pipeline; returns the commit's output (the table's URI, once committed)."""
         run_id = _RUN_ID.sub("_", str(run_id)) or uuid.uuid4().hex
@@ -658,19 +651,19 @@ class ParquetTable:
             run_id=run_id,
             max_failures=max_failures,
         )
-        load_schema = outputs.schema | "ParquetSchema" >> beam.Map(
-            _load_schema, self.existing_schema, str(self), disposition.replaces
+        write_schema = outputs.schema | "ParquetSchema" >> beam.Map(
+            load_schema, self.existing_schema, str(self), disposition.replaces
         )
-        shards = outputs.rows | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, load_schema)
+        shards = outputs.rows | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, write_schema)
         error_shards = outputs.dead_letters | "WriteParquetDeadLetters" >> WriteParquetShards(
             plan.errors_staging, ERRORS_SCHEMA
         )
         failures = outputs.dead_letters | "CountParquetFailures" >> beam.combiners.Count.Globally()
-        return load_schema | "CommitParquet" >> beam.ParDo(
+        return write_schema | "CommitParquet" >> beam.ParDo(
             CommitParquet(plan), AsSingleton(failures), AsList(shards), AsList(error_shards)
         )
 
-    def finish(self) -> None:
+    def finish(self, context: RunContext | None = None) -> None:
         """Nothing: the commit is the pipeline's last step."""
 
     # -- reading, for tests and tools --------------------------------------------------------
