@@ -36,7 +36,8 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, resolve_disposition
 from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable
 from pipeline.graph import ExportPlan, build_pipeline
-from pipeline.options import ExportOptions
+from pipeline.options import ExportOptions, UsageError
+from pipeline.usage import check_inputs_exist
 from pipeline.staging import read_staged, stage_outputs
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
@@ -44,10 +45,6 @@ from transforms.match import input_root, listing_units, looks_laid_out_by_uid, s
 
 #: Runners that execute in (or next to) this process, so the launcher waits and loads.
 LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PrismRunner", "SwitchingDirectRunner"}
-
-
-class UsageError(ValueError):
-    """Bad flags: reported before anything is read."""
 
 
 class TooManyFailures(RuntimeError):
@@ -117,6 +114,7 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
     if not export.input:
         raise UsageError("give at least one --input (a folder, file, glob or gs:// pattern)")
     patterns = input_patterns(export.input)
+    check_inputs_exist(patterns, pipeline_options)  # usage check (terminal branch): the lead calls it from run()
     units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
     units = tuple(shard_listing_units(units, pipeline_options))
     filter_file = None

@@ -218,7 +218,12 @@ def strict_argv(argv: list[str]) -> list[str]:
             underscored = "--" + name[2:].replace("-", "_")
             if underscored in known_set:
                 argv[index] = underscored + equals + value
-    _namespace, unknown = parser.parse_known_args(argv)
+    try:
+        _namespace, unknown = parser.parse_known_args(argv)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 — a Beam action checking its value itself
+        raise UsageError(f"an option has an invalid value ({type(error).__name__}: {_one_line(str(error))})") from None
     for token in unknown:
         if token.startswith("-"):
             name = token.partition("=")[0]
