@@ -9,6 +9,7 @@ options (``--runner``, ``--project``, ``--region``, ``--temp_location``…) pass
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import re
 
@@ -255,3 +256,52 @@ def tool_version() -> str:
     except OSError:
         found = None
     return found.group(1) if found else "unknown"
+
+
+#: ``--log-level`` values (Python's logging levels).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclasses.dataclass
+class CommandFlags:
+    """The command's own flags, which are not pipeline options (Beam never sees them)."""
+
+    help: bool = False
+    version: bool = False
+    debug: bool = False
+    log_level: str | None = None
+
+
+#: The command's own flags and what they do, for --help.
+COMMAND_FLAGS = (
+    ("--log-level LEVEL", "Show log records of this level and above (DEBUG, INFO, WARNING, ERROR), Beam's "
+     "included. Default: this tool's warnings only; Beam's internal INFO and WARNING chatter is hidden."),
+    ("--debug", "Show the traceback of an unexpected error, and the workers' own output."),
+    ("--version", "Print the version and exit."),
+    ("-h, --help", "Print this help and exit."),
+)
+
+
+def split_command_flags(argv: list[str]) -> tuple[CommandFlags, list[str]]:
+    """``(flags, the rest)``: the command's own flags taken out of a command line, in
+    either spelling and form (``--log-level INFO``, ``--log_level=info``)."""
+    flags = CommandFlags()
+    rest: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        name, equals, value = token.partition("=")
+        if token in ("-h", "--help"):
+            flags.help = True
+        elif token == "--version":
+            flags.version = True
+        elif token == "--debug":
+            flags.debug = True
+        elif name in ("--log-level", "--log_level"):
+            if not equals:
+                value = next(tokens, "")
+            if value.upper() not in LOG_LEVELS:
+                raise UsageError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, not {value!r}")
+            flags.log_level = value.upper()
+        else:
+            rest.append(token)
+    return flags, rest
