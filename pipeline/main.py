@@ -83,8 +83,12 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> None:
 
 
 def _small_local_input(plan: ExportPlan) -> bool:
-    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files."""
-    if plan.uid_roots or any("://" in unit for unit in plan.listing_units):
+    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files.
+
+    With a filter file the files under the input count, whether listed by UID layout or
+    not: the filter can only select fewer of them.
+    """
+    if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
         return False
     count = 0
     for unit in plan.listing_units:
