@@ -39,6 +39,7 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, resolve_disposition
 from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable
 from pipeline.graph import ExportPlan, build_pipeline
+from pipeline.progress import LocalProgress  # progress wiring
 from pipeline.options import COMMAND_FLAGS, ExportOptions, UsageError, split_command_flags, strict_argv, tool_version
 from pipeline.usage import check_inputs_exist
 from pipeline.staging import read_staged, stage_outputs
@@ -179,6 +180,7 @@ def run(argv: list[str] | None = None) -> dict:
     started_at = dt.datetime.now(dt.timezone.utc)
     plan = dataclasses.replace(plan, run_started=started_at.isoformat(sep=" ", timespec="microseconds"))
     staging = tempfile.mkdtemp(prefix="dicom-bq-export-")
+    progress = LocalProgress(export.progress_seconds if local else 0)  # progress wiring
     try:
         pipeline = beam.Pipeline(options=options)
         outputs = build_pipeline(pipeline, plan, options)
@@ -193,8 +195,9 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
             return {"submitted": True, "destination": str(destination)}
         try:
-            result = pipeline.run()
-            result.wait_until_finish()
+            with progress.display():  # progress wiring
+                result = pipeline.run()
+                result.wait_until_finish()
         except Exception as error:
             _raise_user_error(error)
             raise
@@ -213,6 +216,7 @@ def run(argv: list[str] | None = None) -> dict:
                 error_files=staged.dead_letter_files,
             )
     finally:
+        progress.close()  # progress wiring
         shutil.rmtree(staging, ignore_errors=True)
 
     summary = run_summary.build(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
-import time
 from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
@@ -171,19 +169,17 @@ class ListFiles(beam.DoFn):
     def __init__(self, progress_seconds: float = 0):
         self.progress_seconds = progress_seconds
         self.matched = Metrics.counter(NAMESPACE, "files_listed")
+        from pipeline.progress import reporter_from_environment  # progress wiring
 
-    def setup(self):
-        self._listed = 0
-        self._last = time.monotonic()
+        self._reporter = reporter_from_environment()  # progress wiring
+
+    def finish_bundle(self):  # progress wiring
+        self._reporter.flush()  # progress wiring
 
     def process(self, pattern: str):
         files = match_files(pattern)
         self.matched.inc(len(files))
-        self._listed += len(files)
-        now = time.monotonic()
-        if self.progress_seconds and now - self._last >= self.progress_seconds:
-            self._last = now
-            print(f"dicom-bq-export: worker {os.getpid()} has listed {self._listed:,} files", file=sys.stderr, flush=True)
+        self._reporter.listed(len(files))  # progress wiring
         yield from files
 
 

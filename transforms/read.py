@@ -27,6 +27,7 @@ from schemas.convert import BASE_FRAGMENT, flatten_instance
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
 from transforms.match import NAMESPACE, InputFile
+from pipeline.progress import reporter_from_environment  # progress wiring
 
 #: Read-ahead of the buffer in front of every file: one request covers most headers.
 READ_BUFFER_BYTES = 64 * 1024
@@ -216,16 +217,19 @@ class ReadInstances(beam.DoFn):
     def __init__(self, pipeline_options=None, progress_seconds: float = 0):
         self._options = pipeline_options
         self._progress_seconds = progress_seconds
+        self._reporter = reporter_from_environment()  # progress wiring
         self.counters = {name: Metrics.counter(NAMESPACE, name) for name in COUNTERS}
         self.bytes_per_instance = Metrics.distribution(NAMESPACE, "bytes_read_per_instance")
 
     def setup(self):
         silence_pydicom()
         self._opener = Opener(self._options)
-        self._progress = Progress(self._progress_seconds)
+
+    def finish_bundle(self):  # progress wiring
+        self._reporter.flush()  # progress wiring
 
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
-        self._progress.tick()
+        self._reporter.read(1)  # progress wiring
         stage = "read"
         counting = None
         try:
