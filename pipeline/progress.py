@@ -136,10 +136,11 @@ def render_line(listed: int, read: int, rate: float | None, elapsed: float, *, b
     (schema, destination). ``done``: the run succeeded, so every listed file was read.
     """
     if read == 0 and not done:
+        if listed == 0:
+            return f"dicom-bq-export: starting ({_duration(elapsed)})"
         return f"dicom-bq-export: listing, {listed:,} files found ({_duration(elapsed)})"
     total = read if done else max(listed, read)
     fraction = read / total if total else 1.0
-    figures = f"{read:,} of {total:,} files read"
     if done:
         tail = f"in {_duration(elapsed)}"
     elif read >= total:
@@ -151,8 +152,8 @@ def render_line(listed: int, read: int, rate: float | None, elapsed: float, *, b
     if bar_width:
         filled = int(fraction * bar_width)
         bar = "[" + "#" * filled + "-" * (bar_width - filled) + "]"
-        return f"dicom-bq-export: {bar} {fraction:4.0%}  {figures}" + (f"  {tail}" if tail else "")
-    return f"dicom-bq-export: {figures} ({fraction:.0%})" + (f", {tail}" if tail else "")
+        return f"dicom-bq-export: {bar} {fraction:4.0%} {read:,}/{total:,} files" + (f", {tail}" if tail else "")
+    return f"dicom-bq-export: {read:,} of {total:,} files read ({fraction:.0%})" + (f", {tail}" if tail else "")
 
 
 class ProgressDisplay:
@@ -192,14 +193,17 @@ class ProgressDisplay:
         elapsed = time.monotonic() - self.started
         if exc_type is None:
             if self.is_tty or self._lines:
-                self._draw(render_line(counts["listed"], counts["read"], None, elapsed,
-                                       bar_width=self._bar_width(), done=True), final=True)
+                self._draw(self._line(counts["listed"], counts["read"], None, elapsed, done=True), final=True)
         elif self.is_tty and self._width:
             self._write("\r" + " " * self._width + "\r")
         return False
 
-    def _bar_width(self) -> int:
-        return 24 if self.is_tty else 0
+    def _line(self, listed: int, read: int, rate: float | None, elapsed: float, done: bool = False) -> str:
+        """On a terminal, the bar takes the room the figures leave on one line (10–30 cells)."""
+        if not self.is_tty:
+            return render_line(listed, read, rate, elapsed, done=done)
+        room = _columns(self.stream) - 1 - len(render_line(listed, read, rate, elapsed, bar_width=1, done=done))
+        return render_line(listed, read, rate, elapsed, bar_width=max(0, min(30, room)) if room >= 10 else 0, done=done)
 
     def _loop(self) -> None:
         period = REDRAW_SECONDS if self.is_tty else self.interval
@@ -209,8 +213,7 @@ class ProgressDisplay:
             rate = self._rate(now, counts["read"])
             if counts["listed"] == 0 and counts["read"] == 0 and not self.is_tty:
                 continue
-            self._draw(render_line(counts["listed"], counts["read"], rate, now - self.started,
-                                   bar_width=self._bar_width()))
+            self._draw(self._line(counts["listed"], counts["read"], rate, now - self.started))
 
     def _rate(self, now: float, read: int) -> float | None:
         """Files per second over the last RATE_WINDOW_SECONDS of reading."""
