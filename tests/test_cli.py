@@ -1,0 +1,208 @@
+"""The command as a user meets it (issue 11): exit codes, one-line errors and never a
+traceback, nothing written when usage is wrong, --help, --version, a quiet default run,
+and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import duckdb
+import pytest
+
+from pipeline import main as command
+from tests.test_progress import copies_of_the_samples
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "dicom"
+
+
+def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.fixture
+def table(tmp_path):
+    """A DuckDB table holding one row: what no failed run may change."""
+    path = tmp_path / "existing.duckdb"
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("CREATE TABLE instances (Legacy VARCHAR)")
+        connection.execute("INSERT INTO instances VALUES ('old')")
+    return path
+
+
+def table_rows(path: pathlib.Path) -> list[tuple]:
+    with duckdb.connect(str(path), read_only=True) as connection:
+        return connection.execute("SELECT * FROM instances").fetchall()
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = command.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+class TestHelpAndVersion:
+    def test_version_prints_the_version_and_exits_0(self, capsys):
+        code, out, err = run_main(capsys, "--version")
+        assert (code, err) == (0, "")
+        assert re.fullmatch(r"dicom-bq-export \d+\.\d+\.\d+\S*\n", out)
+
+    def test_help_lists_this_tools_options_first_each_explained(self, capsys):
+        code, out, _err = run_main(capsys, "--help")
+        assert code == 0
+        ours = ["--input PATTERN...", "--bq-table URI", "--write-disposition D", "--overwrite-table",
+                "--filter-config-gcs-uri URI", "--input-layout LAYOUT", "--summary-json PATH", "--max-failures N",
+                "--cluster-by COLUMNS", "--progress-seconds S", "--log-level LEVEL", "--debug", "--version"]
+        positions = [out.index(f"\n  {flag}\n") for flag in ours]
+        assert positions == sorted(positions)
+        assert positions[-1] < out.index("Beam's own options pass")
+        assert "[OVERWRITE_TABLE]" not in out and "OVERWRITE_TABLE" not in out
+        for flag in ours:  # each followed by its explanation
+            after = out[out.index(f"\n  {flag}\n") + len(flag) + 4:]
+            assert after.startswith("      ") and len(after.split("\n", 1)[0].strip()) > 10
+
+    def test_no_arguments_is_the_help_with_exit_2(self, capsys):
+        code, out, err = run_main(capsys)
+        assert code == 2 and "--input PATTERN" in err and out == ""
+
+
+class TestUsageErrors:
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (["--bq-tabel", "duckdb://x.duckdb#t"], "--bq-tabel: unknown option; did you mean --bq-table?"),
+            (["--write-dispositon", "WRITE_TRUNCATE"], "--write-dispositon: unknown option; did you mean --write-disposition?"),
+            (["--frobnicate"], "--frobnicate: unknown option (see --help)"),
+            (["--max-failures", "abc"], "--max-failures: expected a whole number, not 'abc'"),
+            (["--input-layout", "x"], "--input-layout: invalid choice: 'x' (choose from 'auto', 'by-uid', 'any')"),
+            (["--log-level", "LOUD"], "--log-level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'LOUD'"),
+        ],
+    )
+    def test_a_usage_error_is_one_line_exit_2_and_writes_nothing(self, capsys, table, args, message):
+        code, out, err = run_main(capsys, "--input", str(SAMPLES), f"--bq-table=duckdb://{table}#instances",
+                                  "--write-disposition=WRITE_TRUNCATE", *args)
+        assert code == 2
+        assert err == f"dicom-bq-export: error: {message}\n"
+        assert out == ""
+        assert table_rows(table) == [("old",)]
+
+    @pytest.mark.parametrize("missing", ["typo", "**/*.DCM"])
+    def test_an_input_naming_nothing_does_not_truncate_the_table(self, capsys, table, tmp_path, missing):
+        if missing.startswith("**"):
+            shutil_copy = copies_of_the_samples(tmp_path / "in", 10)
+            pattern = str(shutil_copy / missing)
+        else:
+            pattern = str(tmp_path / missing)
+        code, _out, err = run_main(capsys, "--input", pattern, f"--bq-table=duckdb://{table}#instances",
+                                   "--write-disposition", "WRITE_TRUNCATE")
+        assert code == 2
+        assert re.fullmatch(r"dicom-bq-export: error: --input \S+: (no such file or folder|the pattern matches no "
+                            r"file \(names are case-sensitive\))\n", err)
+        assert table_rows(table) == [("old",)]
+
+
+class TestErrorsAreOneLine:
+    def test_a_destination_error_is_exit_1(self, capsys, table):
+        code, _out, err = run_main(capsys, "--input", str(SAMPLES), f"--bq-table=duckdb://{table}#instances")
+        assert code == 1
+        assert err.startswith("dicom-bq-export: error: ") and err.count("\n") == 1
+        assert table_rows(table) == [("old",)]
+
+    def test_an_unexpected_error_names_its_type_and_debug_shows_the_traceback(self, capsys, tmp_path):
+        folder = tmp_path / "a-folder"
+        folder.mkdir()  # a folder where the DuckDB file should be
+        args = ("--input", str(SAMPLES), f"--bq-table=duckdb://{folder}#t")
+        code, _out, err = run_main(capsys, *args)
+        assert code == 1
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert re.fullmatch(
+            r"dicom-bq-export: error: (unexpected \w+; run again with --debug to see the traceback|.+)\n", err
+        )
+        if "unexpected" in err:
+            code, _out, err = run_main(capsys, *args, "--debug")
+            assert code == 1 and "Traceback (most recent call last)" in err
+
+
+def test_a_default_run_prints_only_the_summary(tmp_path):
+    done = cli("--input", str(SAMPLES), "--bq-table", f"duckdb://{tmp_path / 'x.duckdb'}#t")
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert done.stdout.startswith("dicom-bq-export: exported to ")
+
+
+def test_log_level_shows_beams_records(tmp_path):
+    done = cli("--input", str(SAMPLES), "--bq-table", f"duckdb://{tmp_path / 'x.duckdb'}#t", "--log-level", "INFO")
+    assert done.returncode == 0
+    assert re.search(r"^INFO apache_beam\.", done.stderr, re.M)
+
+
+def test_the_readme_filter_example_runs_in_one_process(tmp_path):
+    """The README's three-line filter example: no worker process is started."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from pipeline.options import ExportOptions, parse_pipeline_options
+
+    options = parse_pipeline_options(["--input", str(SAMPLES), "--filter-config-gcs-uri",
+                                      str(REPO / "samples" / "filter.txt")])
+    plan, _filter = command.plan_export(options.view_as(ExportOptions), options)
+    command._local_defaults(options, plan)
+    assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------
+
+
+def _processes_marked(mark: str) -> list[int]:
+    """Processes (Beam's workers included) started with our marker in their environment."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if f"DICOM_BQ_EXPORT_TEST_MARK={mark}".encode() in handle.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("when", ["after_a_second", "while_reading"])
+def test_ctrl_c_is_one_line_exit_130_and_nothing_written(tmp_path, table, when):
+    """A real run on 3,000 files (worker processes), interrupted as a terminal does:
+    SIGINT to the whole process group."""
+    inputs = copies_of_the_samples(tmp_path / "in", 3000)
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, DICOM_BQ_EXPORT_TEST_MARK=mark)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--input", str(inputs), f"--bq-table=duckdb://{table}#instances",
+         "--write-disposition=WRITE_TRUNCATE", "--progress-seconds=0.2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    if when == "after_a_second":
+        time.sleep(1)
+    else:  # once the workers are reading (the progress lines say so)
+        line = b""
+        while b"files read" not in line:
+            line = process.stderr.readline()
+            assert line, "the run ended before reading"
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    lines = [line for line in err.decode().splitlines() if "files read" not in line and "listing" not in line
+             and "starting" not in line]
+    assert lines == ["dicom-bq-export: error: interrupted; nothing was written"], err.decode()[-3000:]
+    assert out == b""
+    assert table_rows(table) == [("old",)]
+    time.sleep(0.5)
+    assert _processes_marked(mark) == []  # no worker left behind
