@@ -206,3 +206,64 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_written(tmp_path, table, when):
     assert table_rows(table) == [("old",)]
     time.sleep(0.5)
     assert _processes_marked(mark) == []  # no worker left behind
+
+
+# -- the summary ------------------------------------------------------------------------------
+
+
+def _counts(**figures) -> dict:
+    counts = dict.fromkeys(
+        ("files_listed", "files_matched", "succeeded", "failed", "not_selected", "bytes_read", "dropped_tags",
+         "moved_to_other_elements", "charset_fallbacks", "undecodable_values", "too_deep",
+         "dropped_by_rule", "dropped_not_fit"), 0)
+    counts.update(figures)
+    return counts
+
+
+def _summary(counts: dict) -> dict:
+    from pipeline.destinations import Disposition
+    from pipeline.summary import build
+
+    return build(counts, duration=2.0, destination="duckdb://x.duckdb#t", errors_table="duckdb://x.duckdb#t_errors",
+                 disposition=Disposition.DEFAULT,
+                 filter_file=None, lines_used=None, listing="patterns")
+
+
+def test_the_summary_breaks_failures_down_by_type_most_frequent_first():
+    from pipeline.summary import render
+
+    kinds = {"NotDicomError": 40, "TruncatedError": 7, "MissingUIDError": 7, "A": 3, "B": 2, "C": 1, "D": 1}
+    counts = _counts(files_matched=161, succeeded=100, failed=61, **{f"failed:{k}": v for k, v in kinds.items()})
+    counts["failed:Unused"] = 0
+    summary = _summary(counts)
+    assert list(summary["failures_by_type"].items()) == [
+        ("NotDicomError", 40), ("MissingUIDError", 7), ("TruncatedError", 7), ("A", 3), ("B", 2), ("C", 1), ("D", 1)]
+    text = render(summary)
+    failed = text.index("instances failed")
+    shown = [re.match(r" {4}(\S.*?) +([\d,]+)$", line).groups() for line in text[failed:].splitlines()[1:7]]
+    assert shown == [("NotDicomError", "40"), ("MissingUIDError", "7"), ("TruncatedError", "7"), ("A", "3"),
+                     ("B", "2"), ("2 other types", "2")]
+
+
+def test_the_summary_separates_tags_dropped_by_rule_from_values_that_did_not_fit():
+    from pipeline.summary import render
+
+    summary = _summary(_counts(files_matched=10, succeeded=10, dropped_tags=27, dropped_by_rule=25, dropped_not_fit=2))
+    assert (summary["dropped_by_rule"], summary["dropped_not_fit"], summary["dropped_tags"]) == (25, 2, 27)
+    text = render(summary)
+    assert re.search(r"^  tags dropped by rule +25 +\(binary VRs, Pixel Data: by design\)$", text, re.M)
+    assert re.search(r"^  tags dropped, not fit +2 +\(value could not be kept; named in DroppedTags\)$", text, re.M)
+    assert "    " + "NotDicomError" not in text  # no failure lines without failures
+
+
+def test_the_summary_json_has_the_same_breakdown(tmp_path):
+    import json
+
+    from pipeline.summary import write_json
+
+    summary = _summary(_counts(files_matched=3, succeeded=1, failed=2, **{"failed:NotDicomError": 2},
+                               dropped_by_rule=5, dropped_not_fit=1, dropped_tags=6))
+    write_json(summary, str(tmp_path / "summary.json"))
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["failures_by_type"] == {"NotDicomError": 2}
+    assert (written["dropped_by_rule"], written["dropped_not_fit"]) == (5, 1)
