@@ -39,10 +39,10 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, resolve_disposition
 from pipeline.destinations.duckdb import DEFAULT_URI, DuckDBTable
 from pipeline.graph import ExportPlan, build_pipeline
-from pipeline.progress import LocalProgress  # progress wiring
 from pipeline.options import COMMAND_FLAGS, ExportOptions, UsageError, split_command_flags, strict_argv, tool_version
-from pipeline.usage import check_inputs_exist
+from pipeline.progress import LocalProgress  # progress wiring
 from pipeline.staging import read_staged, stage_outputs
+from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
 from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
@@ -363,10 +363,11 @@ def _quiet_thread_exception(args) -> None:
 
 
 def stop_worker_processes() -> None:
-    """Terminate this process's descendants: Beam's worker processes (``sh -c python -m
-    …sdk_worker_main`` and the interpreter under it). On Ctrl-C the terminal signals them
-    too; when only this process is interrupted they would run on, and Beam's threads that
-    wait for them would keep this process alive. Linux (/proc); elsewhere nothing."""
+    """Terminate Beam's worker processes among this process's descendants (``sh -c python
+    -m …sdk_worker_main`` and the interpreter under it; nothing else). On Ctrl-C the
+    terminal signals them too; when only this process is interrupted they would run on,
+    and Beam's threads that wait for them would keep this process alive. Linux (/proc);
+    elsewhere nothing."""
     import signal
 
     parents: dict[int, list[int]] = {}
@@ -391,6 +392,9 @@ def stop_worker_processes() -> None:
             queue.append(child)
     for pid in reversed(descendants):
         try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"sdk_worker_main" not in handle.read():
+                    continue
             os.kill(pid, signal.SIGTERM)
         except OSError:
             pass
