@@ -32,5 +32,5 @@ setuptools.setup(
             "gcp-storage-emulator==2026.7.19",
         ],
     },
-    entry_points={"console_scripts": ["dicom-bq-export=pipeline.main:main"]},
+    entry_points={"console_scripts": ["dicom-bq-export=pipeline.cli:console"]},
 )

@@ -31,7 +31,6 @@ class ExportPlan:
     listing_units: tuple[str, ...] = ()
     filter_uri: str | None = None
     uid_roots: tuple[str, ...] = ()
-    progress_seconds: float = 0
     run_started: str | None = None  # UTC timestamp stamped on the dead letters
 
 
@@ -42,8 +41,12 @@ class ExportOutputs(NamedTuple):
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
 
 
-def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None) -> ExportOutputs:
-    """Add the export's reading steps to ``pipeline``; return its outputs (no writes)."""
+def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None, reporter=None) -> ExportOutputs:
+    """Add the export's reading steps to ``pipeline``; return its outputs (no writes).
+
+    ``reporter`` (a :class:`pipeline.progress.ProgressReporter`) receives the counts of
+    files listed and read, for a local run's progress display.
+    """
     filter_file = None
     if plan.filter_uri:
         filter_file = (
@@ -61,9 +64,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
     else:
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
-    files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds)
+    files = units | "MatchInputs" >> MatchInputs(reporter)
 
-    read = ReadInstances(pipeline_options, plan.progress_seconds, plan.run_started)
+    read = ReadInstances(pipeline_options, plan.run_started, reporter)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"

@@ -19,14 +19,18 @@ worker process per core, or in this process for a small local input. Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import glob
 import logging
 import os
 import re
+import shutil
 import sys
+import threading
 import time
+import traceback
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -35,8 +39,18 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
-from pipeline.options import ExportOptions
+from pipeline.options import (
+    COMMAND_FLAGS,
+    ExportOptions,
+    UsageError,
+    parse_pipeline_options,
+    split_command_flags,
+    strict_argv,
+    tool_version,
+)
+from pipeline.progress import LocalProgress
 from pipeline.staging import read_staged, stage_summary, staging_folder
+from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
 from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
@@ -45,8 +59,6 @@ from transforms.match import input_root, listing_units, looks_laid_out_by_uid, s
 LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PrismRunner", "SwitchingDirectRunner"}
 
 
-class UsageError(ValueError):
-    """Bad flags: reported before anything is read."""
 
 
 def _runner_name(options: PipelineOptions) -> str:
@@ -78,8 +90,12 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> None:
 
 
 def _small_local_input(plan: ExportPlan) -> bool:
-    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files."""
-    if plan.uid_roots or any("://" in unit for unit in plan.listing_units):
+    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files.
+
+    With a filter file the files under the input count, whether listed by UID layout or
+    not: the filter can only select fewer of them.
+    """
+    if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
         return False
     count = 0
     for unit in plan.listing_units:
@@ -112,6 +128,7 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
     if not export.input:
         raise UsageError("give at least one --input (a folder, file, glob or gs:// pattern)")
     patterns = input_patterns(export.input)
+    check_inputs_exist(patterns, pipeline_options)
     units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
     units = tuple(shard_listing_units(units, pipeline_options))
     filter_file = None
@@ -129,7 +146,6 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
         listing_units=units,
         filter_uri=export.filter_config_gcs_uri,
         uid_roots=uid_roots,
-        progress_seconds=export.progress_seconds,
     )
     return plan, filter_file
 
@@ -137,7 +153,7 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
 def run(argv: list[str] | None = None) -> dict:
     """Run an export; return the summary (also printed)."""
     silence_pydicom()
-    options = PipelineOptions(argv)
+    options = parse_pipeline_options(argv)
     export = options.view_as(ExportOptions)
     disposition = _usage(resolve_disposition, export.write_disposition, export.overwrite_table)
     destination = _usage(parse_destination, export.bq_table or DEFAULT_URI, options)
@@ -152,17 +168,19 @@ def run(argv: list[str] | None = None) -> dict:
     started = time.monotonic()
     context = RunContext(disposition, dt.datetime.now(dt.timezone.utc), export.max_failures, local)
     plan = dataclasses.replace(plan, run_started=context.run_started)
+    progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
-    outputs = build_pipeline(pipeline, plan, options)
+    outputs = build_pipeline(pipeline, plan, options, progress.reporter)
     if not local:
         destination.attach(outputs, context)
         pipeline.run()
         print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
         return {"submitted": True, "destination": str(destination)}
-    with staging_folder(destination.staging_prefix(), context.run_id) as context.staging:
+    with progress, staging_folder(destination.staging_prefix(), context.run_id) as context.staging:
         destination.attach(outputs, context)
         stage_summary(outputs, context.staging)
-        context.counts = run_summary.counters(_run_to_completion(pipeline))
+        with progress.display():
+            context.counts = run_summary.counters(_run_to_completion(pipeline))
         destination.finish(context)
         lines_used = read_staged(context.staging).filter_lines_used
 
@@ -232,17 +250,203 @@ def _user_error(error: Exception) -> Exception | None:
     return None
 
 
-def print_help() -> None:
-    parser = argparse.ArgumentParser(
-        prog="dicom-bq-export",
-        description="Export DICOM metadata to BigQuery or DuckDB. Also: dicom-bq-export inspect FILE... "
-        "Standard Beam options (--runner, --project, --region, --temp_location, ...) pass through.",
-    )
+def print_help(stream=None) -> None:
+    """This tool's options first, each explained; then that Beam's options pass through."""
+    import textwrap
+
+    stream = stream or sys.stdout
+    parser = argparse.ArgumentParser(add_help=False)
     ExportOptions._add_argparse_args(parser)
-    parser.print_help()
+    entries = []
+    for action in parser._actions:
+        name = action.option_strings[0]
+        if action.nargs == "?":  # a boolean that also takes true/false (templates pass one)
+            usage = name
+        else:
+            usage = f"{name} {action.metavar}" + ("..." if action.nargs == "+" else "")
+        entries.append((usage, action.help))
+    entries += list(COMMAND_FLAGS)
+    width = shutil.get_terminal_size((100, 24)).columns
+    lines = [
+        "usage: dicom-bq-export --input PATTERN... [--bq-table URI] [--write-disposition D] [options]",
+        "       dicom-bq-export inspect FILE...",
+        "",
+        "Export the headers of DICOM files (local or gs://) to BigQuery or a DuckDB file, one row per",
+        "instance, in the Cloud Healthcare API's export schema.",
+        "",
+        "options:",
+    ]
+    for usage, text in entries:
+        lines.append(f"  {usage}")
+        lines += textwrap.wrap(text, width=max(width - 1, 40), initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += [
+        "",
+        "Every option also has its underscore spelling (--bq_table). Apache Beam's own options pass",
+        "through: --runner, --project, --region, --temp_location, --direct_num_workers, ... (see Beam's",
+        "PipelineOptions). Without --runner the export runs locally.",
+    ]
+    print("\n".join(lines), file=stream)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A log handler writing to whatever ``sys.stderr`` is when a record comes."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging(level: str | None) -> None:
+    """One line per record on stderr. Without ``--log-level``: WARNING and above from this
+    tool, ERROR and above from Beam (whose INFO and WARNING records are its own chatter:
+    "No semi_persistent_directory found", "Discarding unparseable args", workers' logs)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level or logging.WARNING)
+    for name in ("apache_beam", "absl", "grpc", "google", "urllib3"):
+        logging.getLogger(name).setLevel(level or logging.ERROR)
+
+
+@contextlib.contextmanager
+def workers_output_hidden(hidden: bool = True):
+    """File descriptor 2 goes to /dev/null for the duration, ``sys.stderr`` stays the
+    terminal: Beam's worker processes inherit descriptor 2, and on Ctrl-C, or when gRPC
+    has something to say, they write tracebacks there. This process's messages and the
+    progress display still reach the user through ``sys.stderr``."""
+    if not hidden:
+        yield
+        return
+    sys.stderr.flush()
+    original = sys.stderr
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(saved, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8",
+                      errors="backslashreplace", closefd=False)
+    excepthook = threading.excepthook
+    threading.excepthook = _quiet_thread_exception
+    try:
+        yield
+    finally:
+        threading.excepthook = excepthook
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr = original
+        os.close(saved)
+
+
+def _quiet_thread_exception(args) -> None:
+    """Beam's threads that watch worker processes raise when a worker is stopped (Ctrl-C):
+    a DEBUG record, not a traceback on the terminal; the run itself reports the failure."""
+    logging.getLogger(__name__).debug(
+        "thread %s ended with %s", getattr(args.thread, "name", "?"), args.exc_type.__name__,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+def stop_worker_processes() -> None:
+    """Terminate Beam's worker processes among this process's descendants (``sh -c python
+    -m …sdk_worker_main`` and the interpreter under it; nothing else). On Ctrl-C the
+    terminal signals them too; when only this process is interrupted they would run on,
+    and Beam's threads that wait for them would keep this process alive. Linux (/proc);
+    elsewhere nothing."""
+    import signal
+
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(parent, []).append(int(entry))
+    descendants, queue = [], [os.getpid()]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            descendants.append(child)
+            queue.append(child)
+    for pid in reversed(descendants):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"sdk_worker_main" not in handle.read():
+                    continue
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+INTERRUPTED_MESSAGE = "interrupted; nothing was written"
+
+#: After Ctrl-C, how long the run may take to unwind before the process leaves anyway.
+INTERRUPT_GRACE_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def interrupt_handling():
+    """Ctrl-C stops the worker processes and raises KeyboardInterrupt as usual, so that the
+    run unwinds (staging removed, no table touched); but Beam can swallow it in one of its
+    threads, so a watchdog leaves the process (exit 130) if the run has not unwound within
+    INTERRUPT_GRACE_SECONDS, and a second Ctrl-C leaves at once."""
+    import signal
+
+    done = threading.Event()
+    interrupted = threading.Event()
+
+    def leave_now():
+        stop_worker_processes()
+        _error(INTERRUPTED_MESSAGE)
+        sys.stdout.flush()
+        os._exit(130)
+
+    def watchdog():
+        if not done.wait(INTERRUPT_GRACE_SECONDS):
+            leave_now()
+
+    def on_interrupt(_signum, _frame):
+        if interrupted.is_set():
+            leave_now()
+        interrupted.set()
+        threading.Thread(target=watchdog, name="interrupt-watchdog", daemon=True).start()
+        stop_worker_processes()  # Beam's clean-up waits for them
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    except ValueError:  # not the main thread: Python's own handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        done.set()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted() -> int:
+    stop_worker_processes()
+    _error(INTERRUPTED_MESSAGE)
+    return 130
+
+
+def _error(message: str) -> None:
+    print(f"dicom-bq-export: error: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: exit 0 on success, 2 for a usage error, 1 for any other error
+    (one line, never a traceback unless ``--debug``), 130 when interrupted (Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         from pipeline import inspect
@@ -254,17 +458,39 @@ def main(argv: list[str] | None = None) -> int:
         return report.run(argv[1:])
     if argv and argv[0] == "export":
         argv = argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print_help()
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in argv
     try:
-        run(argv)
-    except (UsageError, FilterFileError, DestinationError, TooManyFailures) as error:
-        print(f"dicom-bq-export: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        flags, argv = split_command_flags(argv)
+        if flags.help or (not argv and not flags.version):
+            print_help(sys.stdout if flags.help else sys.stderr)
+            return 0 if flags.help else 2
+        if flags.version:
+            print(f"dicom-bq-export {tool_version()}")
+            return 0
+        configure_logging(flags.log_level)
+        argv = strict_argv(argv)
+        with workers_output_hidden(not flags.debug), interrupt_handling():
+            try:
+                run(argv)
+            except KeyboardInterrupt:
+                return _interrupted()
+    except KeyboardInterrupt:  # before or after the run
+        return _interrupted()
+    except UsageError as error:
+        _error(str(error))
+        return 2
+    except (FilterFileError, DestinationError, TooManyFailures) as error:
+        _error(str(error))
+        return 1
+    except Exception as error:  # noqa: BLE001 — the last line of defence: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        _error(f"unexpected {type(error).__name__}; run again with --debug to see the traceback")
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import _exit
+
+    _exit(main())

@@ -326,7 +326,7 @@ def _open_duckdb(uri: str) -> _DuckDBSource:
         duckdb_quote(errors) if errors in tables else None,
         destination.schema(),
         str(destination),
-        destination.errors_table_uri(),
+        destination.errors_uri(),
     )
 
 

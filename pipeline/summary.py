@@ -3,6 +3,10 @@
 Like the Healthcare API operation's counters: instances succeeded and failed, plus
 dropped tags, values moved to OtherElements, bytes read and duration. The figures are
 the pipeline's Beam metrics, so a Dataflow job shows the same ones in its console.
+
+Failures are broken down by type (the ``failed:<ErrorType>`` counters), and dropped
+tags into those dropped by rule (by design: binary VRs, Pixel Data, …: ``dropped_by_rule``)
+and those dropped because their value could not be kept (``dropped_not_fit``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import json
 from apache_beam.metrics.metric import MetricsFilter
 
 from transforms.counters import COUNTERS as _ALL_COUNTERS
-from transforms.counters import NAMESPACE
+from transforms.counters import FAILED_PREFIX, NAMESPACE
+
+#: The summary prints this many failure types; the JSON has them all.
+TOP_FAILURE_TYPES = 5
 
 
 class CountMismatch(RuntimeError):
@@ -28,6 +35,14 @@ def counters(result) -> dict[str, int]:
         value = counter.committed if counter.committed is not None else counter.attempted
         values[name] = values.get(name, 0) + (value or 0)
     return values
+
+
+def failures_by_type(counts: dict[str, int]) -> dict[str, int]:
+    """``{error type: count}`` from the ``failed:<ErrorType>`` counters, most frequent
+    first (then by name), zero counts left out."""
+    kinds = {name[len(FAILED_PREFIX):]: value for name, value in counts.items()
+             if name.startswith(FAILED_PREFIX) and value}
+    return dict(sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
 
 
 def build(counts, *, duration, destination, errors_table, disposition, filter_file, lines_used, listing) -> dict:
@@ -46,7 +61,10 @@ def build(counts, *, duration, destination, errors_table, disposition, filter_fi
         "inputs": inputs,
         "succeeded": counts["succeeded"],
         "failed": counts["failed"],
+        "failures_by_type": failures_by_type(counts),
         "dropped_tags": counts["dropped_tags"],
+        "dropped_by_rule": counts.get("dropped_by_rule", 0),
+        "dropped_not_fit": counts.get("dropped_not_fit", 0),
         "moved_to_other_elements": counts["moved_to_other_elements"],
         "charset_fallbacks": counts["charset_fallbacks"],
         "undecodable_values": counts["undecodable_values"],
@@ -75,7 +93,17 @@ def render(summary: dict) -> str:
         f"  instances succeeded      {summary['succeeded']:>12,}",
         f"  instances failed         {summary['failed']:>12,}" + (
             f"   (one row each in {summary['errors_table']})" if summary["failed"] else ""),
-        f"  dropped tags             {summary['dropped_tags']:>12,}",
+    ]
+    kinds = list(summary.get("failures_by_type", {}).items())
+    for kind, count in kinds[:TOP_FAILURE_TYPES]:
+        lines.append(f"    {kind:<22}{count:>12,}")
+    if len(kinds) > TOP_FAILURE_TYPES:
+        rest = kinds[TOP_FAILURE_TYPES:]
+        lines.append(f"    {f'{len(rest)} other types':<22}{sum(c for _k, c in rest):>12,}")
+    lines += [
+        f"  tags dropped by rule     {summary.get('dropped_by_rule', 0):>12,}   (binary VRs, Pixel Data: by design)",
+        f"  tags dropped, not fit    {summary.get('dropped_not_fit', 0):>12,}"
+        + ("   (value could not be kept; named in DroppedTags)" if summary.get("dropped_not_fit") else ""),
         f"  moved to OtherElements   {summary['moved_to_other_elements']:>12,}",
         f"  charset fallbacks        {summary['charset_fallbacks']:>12,}",
         f"  bytes read               {summary['bytes_read']:>12,}   "

@@ -10,9 +10,6 @@ values.
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -44,29 +41,6 @@ def dead_letter(path: str, stage: str, error_type: str, message: str, run_starte
     return {"path": path, "stage": stage, "error_type": error_type, "message": message, "run_started": run_started}
 
 
-class Progress:
-    """Prints, at most every ``seconds``, how many files this process has read."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.count = 0
-        self.started = self.last = time.monotonic()
-
-    def tick(self) -> None:
-        self.count += 1
-        if not self.seconds:
-            return
-        now = time.monotonic()
-        if now - self.last >= self.seconds:
-            self.last = now
-            rate = self.count / (now - self.started)
-            print(
-                f"dicom-bq-export: worker {os.getpid()} has read {self.count:,} files ({rate:,.0f}/s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
 class ReadInstances(beam.DoFn):
     """An input file → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
 
@@ -74,9 +48,9 @@ class ReadInstances(beam.DoFn):
     ``not_selected`` and dropped: they are neither successes nor failures.
     """
 
-    def __init__(self, pipeline_options=None, progress_seconds: float = 0, run_started: str | None = None):
+    def __init__(self, pipeline_options=None, run_started: str | None = None, reporter=None):
         self._options = pipeline_options
-        self._progress_seconds = progress_seconds
+        self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
         self._run_started = run_started
         self.counters = {name: Metrics.counter(counters.NAMESPACE, name) for name in counters.READ_COUNTERS}
         self.bytes_per_instance = Metrics.distribution(counters.NAMESPACE, counters.BYTES_READ_PER_INSTANCE)
@@ -84,10 +58,10 @@ class ReadInstances(beam.DoFn):
     def setup(self):
         silence_pydicom()
         self._opener = Opener(self._options)
-        self._progress = Progress(self._progress_seconds)
 
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
-        self._progress.tick()
+        if self._reporter is not None:
+            self._reporter.read(1)
         if input_file.error is not None:
             yield self._failed(input_file, LIST, *input_file.error)
             return
@@ -119,6 +93,10 @@ class ReadInstances(beam.DoFn):
             if name in self.counters:
                 self.counters[name].inc(count)
         yield Instance(flattened.row, flattened.fragment, lines)
+
+    def finish_bundle(self):
+        if self._reporter is not None:
+            self._reporter.flush()
 
     def _failed(self, input_file: InputFile, stage: str, error_type: str, message: str):
         self.counters[counters.FAILED].inc()

@@ -18,8 +18,6 @@ import glob
 import os
 import re
 import stat
-import sys
-import time
 from typing import Iterable, Iterator
 
 import apache_beam as beam
@@ -267,23 +265,20 @@ def uid_listing_units(roots: Iterable[str], filter_file: FilterFile) -> Iterator
 class ListFiles(beam.DoFn):
     """A listing unit (file pattern) → the files it matches, with their sizes."""
 
-    def __init__(self, progress_seconds: float = 0):
-        self.progress_seconds = progress_seconds
+    def __init__(self, reporter=None):
         self.matched = Metrics.counter(NAMESPACE, "files_listed")
-
-    def setup(self):
-        self._listed = 0
-        self._last = time.monotonic()
+        self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
 
     def process(self, pattern: str):
         files = match_files(pattern)
         self.matched.inc(len(files))
-        self._listed += len(files)
-        now = time.monotonic()
-        if self.progress_seconds and now - self._last >= self.progress_seconds:
-            self._last = now
-            print(f"dicom-bq-export: worker {os.getpid()} has listed {self._listed:,} files", file=sys.stderr, flush=True)
+        if self._reporter is not None:
+            self._reporter.listed(len(files))
         yield from files
+
+    def finish_bundle(self):
+        if self._reporter is not None:
+            self._reporter.flush()
 
 
 class MatchInputs(beam.PTransform):
@@ -294,15 +289,15 @@ class MatchInputs(beam.PTransform):
     for the read step.
     """
 
-    def __init__(self, progress_seconds: float = 0):
+    def __init__(self, reporter=None):
         super().__init__()
-        self.progress_seconds = progress_seconds
+        self.reporter = reporter
 
     def expand(self, units):
         return (
             units
             | "SpreadUnits" >> beam.Reshuffle()
-            | "List" >> beam.ParDo(ListFiles(self.progress_seconds))
+            | "List" >> beam.ParDo(ListFiles(self.reporter))
             | "KeyByFile" >> beam.Map(lambda f: (file_identity(f), f))
             | "Deduplicate" >> beam.CombinePerKey(_first_path)
             | "AsInputFile" >> beam.Values()
