@@ -930,6 +930,7 @@ def convert_metadata(instance_json: dict) -> InstanceRow:
     bulk: list[str] = []
     cleaned = _without_bulk_values(instance_json, "", bulk)
     dataset = Dataset.from_json(cleaned)
+    _keep_number_texts(dataset, cleaned)
     uids = _uids_from(dataset)
     flattened = flatten_instance(dataset)
     if bulk:
@@ -953,6 +954,8 @@ def _without_bulk_values(dataset_json: dict, prefix: str, bulk: list[str]) -> di
             else:
                 bulk.append(prefix + tag_name(int(tag, 16)))
                 continue
+        elif vr in ("DS", "IS") and element.get("Value"):
+            element = {**element, "Value": [_number_text(value) for value in element["Value"]]}
         elif vr == "SQ" and element.get("Value"):
             name = tag_name(int(tag, 16))
             element = {
@@ -961,6 +964,29 @@ def _without_bulk_values(dataset_json: dict, prefix: str, bulk: list[str]) -> di
             }
         cleaned[tag] = element
     return cleaned
+
+
+def _number_text(value):
+    """A DS/IS value as the server wrote it in the JSON (``10`` stays ``"10"``), rather than
+    as pydicom would reformat a float (``"10.0"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return str(value) if isinstance(value, int) else repr(value)
+
+
+def _keep_number_texts(dataset, dataset_json: dict) -> None:
+    """Give DS/IS elements the text of their JSON numbers (pydicom's ``from_json`` makes
+    floats of them, which would print ``10`` as ``10.0``)."""
+    for tag, element in dataset_json.items():
+        vr, values = element.get("vr"), element.get("Value")
+        if not values:
+            continue
+        if vr in ("DS", "IS"):
+            texts = [value if isinstance(value, str) else "" for value in values]
+            dataset[int(tag, 16)].value = texts[0] if len(texts) == 1 else texts
+        elif vr == "SQ":
+            for item, item_json in zip(dataset[int(tag, 16)].value, values):
+                _keep_number_texts(item, item_json)
 
 
 def _uids_from(dataset) -> InstanceUIDs:
@@ -996,4 +1022,242 @@ __all__ = [
     "read_series_metadata",
     "server_limits",
     "split_studies",
+]
+
+
+# -- Beam: the two seams -----------------------------------------------------------------
+# Listing: units → InputFile(url, 0). Reading: open_instance (one at a time, for the
+# storage opener), or ReadDicomWebInstances / ReadDicomWebMetadata (many in flight).
+
+import apache_beam as beam  # noqa: E402
+from apache_beam.metrics import Metrics  # noqa: E402
+from apache_beam.transforms.window import GlobalWindows  # noqa: E402
+
+try:
+    from transforms.storage import InputFile  # after the storage refactor
+except ImportError:  # pragma: no cover - before it
+    from transforms.match import InputFile
+
+NAMESPACE = "dicom_bq_export"
+#: Counter names (move to transforms/counters.py with the others).
+REQUESTS_COUNTER = "dicomweb_requests"
+RETRIES_COUNTER = "dicomweb_retries"
+
+
+class DicomWebResult(NamedTuple):
+    """What reading one listed instance gave: a row, or an error for its dead letter
+    (``path`` is the instance URL, ``stage`` "read" or "convert")."""
+
+    path: str
+    row: InstanceRow | None
+    error: tuple[str, str] | None
+    stage: str
+    bytes_received: int
+    requests: int
+    retries: int
+
+
+def _failure(path: str, stage: str, error: BaseException, tally: Tally | None = None) -> DicomWebResult:
+    from transforms.header import describe_error
+
+    requests_, retries, received = tally.snapshot() if tally else (0, 0, 0)
+    return DicomWebResult(path, None, (type(error).__name__, describe_error(error)), stage, received, requests_, retries)
+
+
+class _Counting:
+    """Beam counters of the DICOMweb requests, incremented on the DoFn's own thread
+    (Beam's metrics are thread-local, so worker threads only return numbers)."""
+
+    def _make_counters(self):
+        self._requests = Metrics.counter(NAMESPACE, REQUESTS_COUNTER)
+        self._retries = Metrics.counter(NAMESPACE, RETRIES_COUNTER)
+
+    def _publish(self, requests_: int, retries: int) -> None:
+        if requests_:
+            self._requests.inc(requests_)
+        if retries:
+            self._retries.inc(retries)
+
+
+class _SplitStudySearches(beam.DoFn, _Counting):
+    def __init__(self, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        self._policy, self._limits = policy, limits
+        self._make_counters()
+
+    def process(self, unit: ListingUnit):
+        tally = Tally()
+        yield from split_studies(unit, client_for(unit.root, self._policy, self._limits), tally)
+        self._publish(*tally.snapshot()[:2])
+
+
+class ExpandDicomWebUnit(beam.DoFn, _Counting):
+    """A listing unit → ``InputFile(instance URL, 0)`` for each of its instances.
+
+    A listing that cannot be completed raises: the run fails rather than miss instances.
+    """
+
+    def __init__(self, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        self._policy, self._limits = policy, limits
+        self._make_counters()
+        self._listed = Metrics.counter(NAMESPACE, "files_listed")
+
+    def process(self, unit: ListingUnit):
+        tally = Tally()
+        count = 0
+        for ref in expand(unit, client_for(unit.root, self._policy, self._limits), tally):
+            count += 1
+            yield InputFile(ref.url, 0)
+        self._listed.inc(count)
+        self._publish(*tally.snapshot()[:2])
+
+
+class ListDicomWeb(beam.PTransform):
+    """Listing units (:func:`listing_units`) → one ``InputFile`` per instance.
+
+    Study searches are split into one unit per study first, and those are spread over
+    workers before their instances are listed.
+    """
+
+    def __init__(self, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        super().__init__()
+        self._policy, self._limits = policy, limits
+
+    def expand(self, units):
+        return (
+            units
+            | "SplitStudySearches" >> beam.ParDo(_SplitStudySearches(self._policy, self._limits))
+            | "SpreadStudies" >> beam.Reshuffle()
+            | "ListInstances" >> beam.ParDo(ExpandDicomWebUnit(self._policy, self._limits))
+        )
+
+
+class _ConcurrentDoFn(beam.DoFn, _Counting):
+    """Runs :meth:`work` on up to ``max_workers`` elements of a bundle at once and yields
+    their results as they complete (the rest at the end of the bundle)."""
+
+    def __init__(self, max_workers: int = 16, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        self.max_workers = max_workers
+        self._policy, self._limits = policy, limits
+        self._make_counters()
+
+    def setup(self):
+        from transforms.header import silence_pydicom
+
+        silence_pydicom()
+        self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="dicomweb")
+
+    def start_bundle(self):
+        self._pending = set()
+
+    def process(self, element):
+        self._pending.add(self._pool.submit(self.work, element))
+        block = len(self._pending) >= 2 * self.max_workers
+        done, self._pending = wait(self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            yield from self._results(future)
+
+    def finish_bundle(self):
+        pending, self._pending = self._pending, set()
+        for future in wait(pending).done:
+            for result in self._results(future):
+                yield GlobalWindows.windowed_value(result)
+
+    def _results(self, future):
+        for result in future.result():
+            self._publish(result.requests, result.retries)
+            yield result
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def work(self, element) -> list[DicomWebResult]:
+        raise NotImplementedError
+
+
+class ReadDicomWebInstances(_ConcurrentDoFn):
+    """Instance mode: ``InputFile`` (a DICOMweb instance URL) → :class:`DicomWebResult`,
+    with up to ``max_workers`` retrieves in flight per DoFn instance."""
+
+    def work(self, input_file) -> list[DicomWebResult]:
+        tally = Tally()
+        stage = ["read"]
+
+        def handle(stream):
+            header = read_header(stream)
+            stage[0] = "convert"
+            flattened = flatten_instance(
+                header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred
+            )
+            return InstanceRow(header.uids, flattened)
+
+        try:
+            row = read_instance(input_file.path, handle, tally=tally, policy=self._policy, limits=self._limits)
+        except Exception as error:
+            return [_failure(input_file.path, stage[0], error, tally)]
+        requests_, retries, received = tally.snapshot()
+        return [DicomWebResult(input_file.path, row, None, "convert", received, requests_, retries)]
+
+
+class ReadDicomWebMetadata(_ConcurrentDoFn):
+    """Metadata mode: ``(series URL, its listed InputFiles)`` → a :class:`DicomWebResult`
+    per listed instance, from one WADO-RS metadata request per series. A listed instance
+    missing from the metadata fails with ``NotInSeriesMetadata``."""
+
+    def work(self, element) -> list[DicomWebResult]:
+        series_url, input_files = element
+        paths = sorted({f.path for f in input_files})
+        tally = Tally()
+        try:
+            items = read_series_metadata(series_url, tally=tally, policy=self._policy, limits=self._limits)
+        except Exception as error:
+            return [_failure(path, "read", error, tally if i == 0 else None) for i, path in enumerate(paths)]
+        by_instance = {}
+        for item in items:
+            uid = _first_value(item, "00080018") if isinstance(item, dict) else None
+            if uid:
+                by_instance[uid] = item
+        requests_, retries, received = tally.snapshot()
+        results = []
+        for i, path in enumerate(paths):
+            counts = (received, requests_, retries) if i == 0 else (0, 0, 0)
+            item = by_instance.get(parse_instance_url(path).instance)
+            if item is None:
+                error = ("NotInSeriesMetadata", "the series metadata does not hold this instance")
+                results.append(DicomWebResult(path, None, error, "read", *counts))
+                continue
+            try:
+                row = convert_metadata(item)
+            except Exception as error:
+                failed = _failure(path, "convert", error)
+                results.append(failed._replace(bytes_received=counts[0], requests=counts[1], retries=counts[2]))
+                continue
+            results.append(DicomWebResult(path, row, None, "convert", *counts))
+        return results
+
+
+class ReadDicomWebMetadataBySeries(beam.PTransform):
+    """Instance ``InputFile``s → grouped by series → :class:`ReadDicomWebMetadata`."""
+
+    def __init__(self, max_workers: int = 16, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        super().__init__()
+        self._dofn = ReadDicomWebMetadata(max_workers, policy, limits)
+
+    def expand(self, input_files):
+        return (
+            input_files
+            | "KeyBySeries" >> beam.Map(lambda f: (series_url_of(f.path), f))
+            | "GroupBySeries" >> beam.GroupByKey()
+            | "ReadMetadata" >> beam.ParDo(self._dofn)
+        )
+
+
+__all__ += [
+    "DicomWebResult",
+    "ExpandDicomWebUnit",
+    "ListDicomWeb",
+    "ReadDicomWebInstances",
+    "ReadDicomWebMetadata",
+    "ReadDicomWebMetadataBySeries",
 ]
