@@ -10,7 +10,7 @@ act like other servers or like a bad network:
 * ``latency``: seconds added before each answer;
 * faults: :meth:`DicomWebProxy.fault` queues, for paths matching a regex, answers of
   ``429`` (with Retry-After), ``503``, ``404``, ``reset`` (connection reset without an
-  answer), ``slow`` (answer after ``slow_seconds``) or ``cut`` (reset in the body).
+  answer), ``slow`` (answer after ``slow_seconds``) or ``cut`` (reset after 200 bytes of the body); any other number: that status.
 
 ``bytes_sent`` counts the body bytes written to clients per path (what really left).
 """
@@ -105,7 +105,7 @@ class DicomWebProxy:
         if fault == "reset":
             _reset(handler)
             return
-        if fault in ("429", "503", "404"):
+        if fault is not None and fault.isdigit():
             headers = {"Retry-After": "1"} if fault == "429" else {}
             self._send(handler, int(fault), b"", "text/plain", headers)
             return
@@ -174,7 +174,7 @@ class DicomWebProxy:
         handler.send_header("Content-Type", headers.get("Content-Type", "application/octet-stream"))
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
-        handler.wfile.write(body[: len(body) // 3])
+        handler.wfile.write(body[:200])
         handler.wfile.flush()
         _reset(handler)
 

@@ -28,6 +28,7 @@ import email.message
 import email.utils
 import http.client
 import io
+import itertools
 import os
 import random
 import re
@@ -39,7 +40,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import requests
 import urllib3
 
-from schemas.columns import tag_name
+from schemas.columns import column_for_tag
 from schemas.convert import Flattened, flatten_instance
 from schemas.vr_types import is_excluded
 from transforms.header import InstanceUIDs, MissingInstanceUIDError, read_header
@@ -185,7 +186,7 @@ def server_limits(root: str) -> ServerLimits:
     ``DICOMWEB_QIDO_LIMIT`` and ``DICOMWEB_QIDO_MAX_RESULTS`` override them (e.g. to
     list a large Orthanc, which has no cap, without splitting).
     """
-    host = http_url(root).split("://", 1)[1].split("/", 1)[0].split(":")[0].lower()
+    host = _host(root)
     if host == HEALTHCARE_HOST:
         limits = HEALTHCARE_LIMITS
     elif host.endswith(".azurehealthcareapis.com"):
@@ -543,8 +544,9 @@ def split_studies(unit: ListingUnit, client: DicomWebClient, tally: Tally | None
     If the server cannot page through all its studies in one query (more than
     ``max_results``), the search is split by StudyDate ranges (halved until each fits)
     plus the studies with no StudyDate, found by empty-value matching (PS3.4
-    C.2.2.2.1). A server that does not support that, seen from an undated study on the
-    first page, makes the listing fail: it could not be complete.
+    C.2.2.2.1). A server that does not support that — an undated study among the first
+    studies that this search does not find — makes the listing fail: it could not be
+    complete.
     """
     if not unit.is_study_search:
         yield unit
@@ -562,8 +564,10 @@ def _study_results(unit: ListingUnit, client: DicomWebClient, tally) -> Iterator
     if not client.has_more_than("/studies", _STUDY_FIELDS, most, tally):
         yield from client.page_through("/studies", _STUDY_FIELDS, "studies", tally)
         return
-    first_page = client.search("/studies", {**_STUDY_FIELDS, "limit": client.limits.studies}, tally)
-    undated_seen = {_first_value(r, "0020000D") for r in first_page if not _first_value(r, "00080020")}
+    first = itertools.islice(
+        client.page_through("/studies", _STUDY_FIELDS, "studies", tally), min(most, client.limits.studies)
+    )
+    undated_seen = {_first_value(r, "0020000D") for r in first if not _first_value(r, "00080020")}
     undated = list(_search_or_fail(client, {**_STUDY_FIELDS, "StudyDate": '""'}, tally, "with no StudyDate"))
     if any(_first_value(r, "00080020") for r in undated) or not undated_seen <= {
         _first_value(r, "0020000D") for r in undated
@@ -577,7 +581,7 @@ def _study_results(unit: ListingUnit, client: DicomWebClient, tally) -> Iterator
     ranges = [(_FIRST_DAY, _LAST_DAY)]
     while ranges:
         low, high = ranges.pop()
-        dates = {**_STUDY_FIELDS, "StudyDate": f"{low:%Y%m%d}-{high:%Y%m%d}"}
+        dates = {**_STUDY_FIELDS, "StudyDate": f"{_da(low)}-{_da(high)}"}
         if client.has_more_than("/studies", dates, most, tally):
             if low == high:
                 raise DicomWebError(
@@ -587,7 +591,12 @@ def _study_results(unit: ListingUnit, client: DicomWebClient, tally) -> Iterator
             middle = low + (high - low) // 2
             ranges += [(middle + datetime.timedelta(days=1), high), (low, middle)]
             continue
-        yield from _search_or_fail(client, dates, tally, f"dated {low:%Y%m%d}-{high:%Y%m%d}")
+        yield from _search_or_fail(client, dates, tally, f"dated {_da(low)}-{_da(high)}")
+
+
+def _da(day: datetime.date) -> str:
+    """A DA value (``strftime`` does not zero-pad years before 1000 everywhere)."""
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
 
 def _search_or_fail(client: DicomWebClient, params: dict, tally, what: str) -> Iterator[dict]:
@@ -952,12 +961,12 @@ def _without_bulk_values(dataset_json: dict, prefix: str, bulk: list[str]) -> di
             if is_excluded(vr):
                 element = {"vr": vr}  # no value; the flattener names it in DroppedTags
             else:
-                bulk.append(prefix + tag_name(int(tag, 16)))
+                bulk.append(prefix + column_for_tag(int(tag, 16)).name)
                 continue
         elif vr in ("DS", "IS") and element.get("Value"):
             element = {**element, "Value": [_number_text(value) for value in element["Value"]]}
         elif vr == "SQ" and element.get("Value"):
-            name = tag_name(int(tag, 16))
+            name = column_for_tag(int(tag, 16)).name
             element = {
                 **element,
                 "Value": [_without_bulk_values(item, f"{prefix}{name}.", bulk) for item in element["Value"]],
