@@ -1,4 +1,11 @@
-"""A small HTTP proxy in front of a real DICOMweb server, for tests and benchmarks.
+"""A real DICOMweb server (Orthanc) and a small HTTP proxy in front of it, for tests and
+benchmarks.
+
+:func:`run_orthanc` starts Debian's ``/usr/sbin/Orthanc`` with its DICOMweb plugin on a
+free loopback port (HTTP Basic on, ``StudiesMetadata``/``SeriesMetadata`` Full) and stops
+it afterwards. :class:`DicomWebProxy` forwards to it;
+``python -m tests.dicomweb_proxy UPSTREAM --latency 0.02`` runs the proxy in its own
+process (so that its work does not share the measured process's interpreter).
 
 It forwards every GET (headers included, so the server checks the credentials) and can
 act like other servers or like a bad network:
@@ -17,15 +24,21 @@ act like other servers or like a bad network:
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import re
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.parse
+import urllib.error
+import urllib.request
 from collections import Counter
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -194,3 +207,89 @@ def _reset(handler) -> None:
         handler.connection.close()
     except OSError:
         pass
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+class OrthancNotInstalled(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_orthanc(home: Path, user: str, password: str):
+    """Orthanc on a free loopback port; yields its base URL (``http://127.0.0.1:PORT``)."""
+    if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
+        raise OrthancNotInstalled("Orthanc with its DICOMweb plugin is needed: apt-get install -y orthanc orthanc-dicomweb")
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = {
+        "Name": "dicom-bq-export-tests",
+        "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"), "HttpPort": port,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {user: password},
+        "DicomServerEnabled": False, "UnknownSopClassAccepted": True, "HttpTimeout": 60,
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{port}", "Ssl": False,
+                     "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+    }
+    (home / "config.json").write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{port}"
+    with open(home / "orthanc.log", "wb") as log:
+        process = subprocess.Popen([ORTHANC, str(home / "config.json")], cwd=home, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(url + "/system", process, home / "orthanc.log")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {process.returncode}; see {log}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without credentials)
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s; see {log}")
+
+
+def upload(url: str, data: bytes, user: str, password: str) -> None:
+    """POST one DICOM file to Orthanc's REST API."""
+    import requests
+
+    answer = requests.post(url + "/instances", data=data, auth=(user, password), timeout=120)
+    answer.raise_for_status()
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A latency-adding proxy in front of a DICOMweb server.")
+    parser.add_argument("upstream")
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--port-file", help="write the proxy's port here once it listens")
+    args = parser.parse_args(argv)
+    with DicomWebProxy(args.upstream, latency=args.latency) as proxy:
+        if args.port_file:
+            Path(args.port_file).write_text(str(proxy.port))
+        print(proxy.port, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

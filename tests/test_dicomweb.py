@@ -13,10 +13,7 @@ import base64
 import collections
 import glob
 import io
-import json
 import logging
-import os
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,22 +21,18 @@ from types import SimpleNamespace
 import apache_beam as beam
 import pydicom
 import pytest
-import requests
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
-from pydicom.dataset import Dataset
 
 from schemas.convert import flatten_instance
 from tests.builders import instance, to_bytes
-from tests.conftest import _free_port
-from tests.dicomweb_proxy import DicomWebProxy
+from tests.dicomweb_proxy import free_port as _free_port
+from tests.dicomweb_proxy import DicomWebProxy, OrthancNotInstalled, run_orthanc, upload
 from transforms.filter_file import parse_filter_file
 from transforms.header import read_header
 from transforms.sources import dicomweb as dw
 
-ORTHANC = "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER = "exporter"
 PASSWORD = "Pw-7f3a9c-never-printed"
 SAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parent.parent / "samples/dicom/**/*.dcm"), recursive=True))
@@ -81,59 +74,29 @@ def _flatten_file(fileobj):
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory):
-    if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
-        pytest.fail("Orthanc with its DICOMweb plugin is needed: apt-get install -y orthanc orthanc-dicomweb")
     home = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "dicom-bq-export-tests",
-        "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"), "HttpPort": port,
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-        "DicomServerEnabled": False, "UnknownSopClassAccepted": True, "HttpTimeout": 60,
-        "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{port}", "Ssl": False,
-                     "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
-    }
-    (home / "config.json").write_text(json.dumps(config))
-    log = open(home / "orthanc.log", "wb")
-    process = subprocess.Popen([ORTHANC, str(home / "config.json")], cwd=home, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with {process.returncode}; see {home / 'orthanc.log'}")
-            try:
-                if requests.get(url + "/system", auth=(USER, PASSWORD), timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("Orthanc did not answer within 30 s")
-            time.sleep(0.05)
+        server = run_orthanc(home, USER, PASSWORD)
+        url = server.__enter__()
+    except OrthancNotInstalled as error:
+        pytest.fail(str(error))
+    try:
         disk = {}
         big, big_header_size = _big_instance()
         study = pydicom.uid.generate_uid()
         series = [pydicom.uid.generate_uid(), pydicom.uid.generate_uid()]
         built = [big] + [to_bytes(instance(study, series[i % 2])) for i in range(3)]
-        for index, data in enumerate(built):
-            (home / f"built-{index}.dcm").write_bytes(data)
-        for path in SAMPLES + [str(home / f"built-{index}.dcm") for index in range(len(built))]:
-            data = Path(path).read_bytes()
-            answer = requests.post(url + "/instances", data=data, auth=(USER, PASSWORD), timeout=60)
-            assert answer.ok, answer.status_code
+        for data in [Path(path).read_bytes() for path in SAMPLES] + built:
+            upload(url, data, USER, PASSWORD)
             uids, flattened = _flatten_file(io.BytesIO(data))
-            disk[uids.instance] = SimpleNamespace(path=path, uids=uids, flattened=flattened, data=data)
+            disk[uids.instance] = SimpleNamespace(uids=uids, flattened=flattened, data=data)
         root = f"dicomweb+{url}/dicom-web"
-        big_uids = _flatten_file(io.BytesIO(big))[0]
         yield SimpleNamespace(
-            url=url, root=root, disk=disk, big=big_uids, big_header_size=big_header_size, multi_series_study=study,
-            urls={uid: dw.InstanceRef(root, *entry.uids).url for uid, entry in disk.items()},
+            url=url, root=root, disk=disk, big=_flatten_file(io.BytesIO(big))[0], big_header_size=big_header_size,
+            multi_series_study=study, urls={uid: dw.InstanceRef(root, *entry.uids).url for uid, entry in disk.items()},
         )
     finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture(autouse=True)
