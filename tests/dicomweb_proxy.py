@@ -55,6 +55,7 @@ class DicomWebProxy:
         self.slow_seconds = slow_seconds
         self._faults: list[list] = []  # [regex, kind, remaining]
         self._lock = threading.Lock()
+        self._upstream = threading.local()  # one kept-alive connection per proxy thread
         self.served = Counter()  # faults served, by kind
         self.bytes_sent = Counter()  # body bytes written, by path
         self.requests = []  # (path, query)
@@ -62,6 +63,7 @@ class DicomWebProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else delayed ACKs add 40 ms to small answers
 
             def log_message(self, *args):
                 pass
@@ -138,15 +140,25 @@ class DicomWebProxy:
 
     def _forward(self, handler, split, query, *, drop=()):
         params = [(k, v) for k, v in query if k not in drop]
-        connection = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() in ("authorization", "accept")}
         target = split.path + ("?" + urllib.parse.urlencode(params) if params else "")
-        connection.request("GET", target, headers=headers)
-        response = connection.getresponse()
-        body = response.read()
-        out_headers = {k: v for k, v in response.getheaders()}
-        connection.close()
-        return response.status, out_headers, body
+        for attempt in range(2):  # a kept-alive upstream connection may have been closed
+            connection = getattr(self._upstream, "connection", None)
+            if connection is None:
+                connection = self._upstream.connection = http.client.HTTPConnection(
+                    self.upstream_host, self.upstream_port, timeout=60
+                )
+            try:
+                connection.request("GET", target, headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+                break
+            except (http.client.HTTPException, OSError):
+                connection.close()
+                self._upstream.connection = None
+                if attempt:
+                    raise
+        return response.status, dict(response.getheaders()), body
 
     def _rewrite_search(self, handler, split, query, body: bytes) -> bytes:
         params = dict(query)

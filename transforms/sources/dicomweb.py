@@ -24,7 +24,6 @@ Credentials come from the environment only and never appear in a message.
 from __future__ import annotations
 
 import datetime
-import email.message
 import email.utils
 import http.client
 import io
@@ -692,7 +691,7 @@ class InstanceStream(io.RawIOBase):
         self._delimiter = None
         content_type = response.headers.get("Content-Type", "")
         if content_type.lower().startswith("multipart/"):
-            boundary = _content_type_parameter(content_type, "boundary")
+            boundary = _boundary(content_type)
             if not boundary:
                 raise DicomWebRequestError("the server's multipart answer names no boundary")
             self._delimiter = b"\r\n--" + boundary.encode("latin-1")
@@ -759,7 +758,8 @@ class InstanceStream(io.RawIOBase):
             end = len(self._body)
         else:
             end = self._position + size
-            self._fill(end)
+            if end > len(self._body):
+                self._fill(end)
         data = bytes(self._body[self._position:end])
         self._position += len(data)
         return data
@@ -813,11 +813,13 @@ class InstanceStream(io.RawIOBase):
                 pass
 
 
-def _content_type_parameter(content_type: str, name: str) -> str | None:
-    message = email.message.Message()
-    message["Content-Type"] = content_type
-    value = message.get_param(name)
-    return value if isinstance(value, str) else None
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def _boundary(content_type: str) -> str | None:
+    """The ``boundary`` parameter of a multipart Content-Type (RFC 2046), quoted or not."""
+    match = _BOUNDARY.search(content_type)
+    return (match.group(1) or match.group(2)) if match else None
 
 
 
