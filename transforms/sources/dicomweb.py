@@ -254,7 +254,7 @@ class Tally:
 #: Sessions of this process, one per (server, auth); shared by every thread.
 _SESSIONS: dict[tuple, requests.Session] = {}
 _SESSIONS_LOCK = threading.Lock()
-POOL_SIZE = 64
+POOL_SIZE = 128
 
 
 def _credentials_key(host: str) -> tuple:
@@ -872,7 +872,7 @@ def read_instance(url: str, handle: Callable = convert_stream, *, tally: Tally |
     raise AssertionError("unreachable")
 
 
-def read_many(urls: Iterable[str], handle: Callable = convert_stream, *, max_workers: int = 16,
+def read_many(urls: Iterable[str], handle: Callable = convert_stream, *, max_workers: int = 32,
               tally: Tally | None = None, policy: RetryPolicy | None = None,
               limits: ServerLimits | None = None) -> Iterator[tuple[str, object]]:
     """Read many instances with up to ``max_workers`` requests in flight.
@@ -1146,7 +1146,7 @@ class _ConcurrentDoFn(beam.DoFn, _Counting):
     """Runs :meth:`work` on up to ``max_workers`` elements of a bundle at once and yields
     their results as they complete (the rest at the end of the bundle)."""
 
-    def __init__(self, max_workers: int = 16, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+    def __init__(self, max_workers: int = 32, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
         self.max_workers = max_workers
         self._policy, self._limits = policy, limits
         self._make_counters()
@@ -1251,7 +1251,7 @@ class ReadDicomWebMetadata(_ConcurrentDoFn):
 class ReadDicomWebMetadataBySeries(beam.PTransform):
     """Instance ``InputFile``s → grouped by series → :class:`ReadDicomWebMetadata`."""
 
-    def __init__(self, max_workers: int = 16, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+    def __init__(self, max_workers: int = 32, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
         super().__init__()
         self._dofn = ReadDicomWebMetadata(max_workers, policy, limits)
 
