@@ -59,6 +59,7 @@ class DicomWebProxy:
         self.served = Counter()  # faults served, by kind
         self.bytes_sent = Counter()  # body bytes written, by path
         self.requests = []  # (path, query)
+        self.authorizations = []  # the Authorization header of each request
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -114,6 +115,7 @@ class DicomWebProxy:
         query = urllib.parse.parse_qsl(split.query, keep_blank_values=True)
         with self._lock:
             self.requests.append((split.path, split.query))
+            self.authorizations.append(handler.headers.get("Authorization", ""))
         if self.latency:
             time.sleep(self.latency)
         fault = self._take_fault(split.path)

@@ -67,6 +67,22 @@ def _big_instance() -> tuple[bytes, int]:
     return data, header_size
 
 
+def _large_values_instance() -> bytes:
+    """Values over read_header's 64 KiB deferral before Pixel Data: an ICC profile (OB,
+    skipped unread) and a long TextValue (UT, exported, so read back after a seek)."""
+    ds = instance()
+    ds.TextValue = "a long text value " * 5000
+    ds.ICCProfile = bytes(range(256)) * 400
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(256)
+    return to_bytes(ds)
+
+
 def _flatten_file(fileobj):
     header = read_header(fileobj)
     return header.uids, flatten_instance(header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred)
@@ -85,7 +101,7 @@ def orthanc(tmp_path_factory):
         big, big_header_size = _big_instance()
         study = pydicom.uid.generate_uid()
         series = [pydicom.uid.generate_uid(), pydicom.uid.generate_uid()]
-        built = [big] + [to_bytes(instance(study, series[i % 2])) for i in range(3)]
+        built = [big, _large_values_instance()] + [to_bytes(instance(study, series[i % 2])) for i in range(3)]
         for data in [Path(path).read_bytes() for path in SAMPLES] + built:
             upload(url, data, USER, PASSWORD)
             uids, flattened = _flatten_file(io.BytesIO(data))
@@ -180,6 +196,21 @@ class TestPreflight:
         with pytest.raises(dw.DicomWebError, match="HTTP 401.*DICOMWEB_TOKEN"):
             dw.check_server(orthanc.root)
 
+    def test_a_bearer_token_is_sent_and_never_quoted(self, orthanc, monkeypatch):
+        token = "tok-" + PASSWORD[::-1]
+        monkeypatch.setenv("DICOMWEB_TOKEN", token)
+        with DicomWebProxy(orthanc.url) as proxy:
+            with pytest.raises(dw.DicomWebError) as caught:
+                dw.check_server(_via(proxy))  # Orthanc takes Basic only: 401
+            assert proxy.authorizations == ["Bearer " + token]  # the token wins over Basic
+        assert "401" in str(caught.value) and token not in str(caught.value)
+
+    def test_healthcare_without_google_credentials_is_one_line(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+        with pytest.raises(dw.DicomWebError, match="no Google credentials.*application-default login") as caught:
+            dw.check_server("projects/p/locations/l/datasets/d/dicomStores/s")
+        assert "\n" not in str(caught.value)
+
     def test_forbidden_says_so(self, orthanc):
         with DicomWebProxy(orthanc.url) as proxy:
             proxy.fault(r"/studies$", "403", times=-1)
@@ -238,8 +269,8 @@ class TestListing:
         assert sorted(r.instance for r in refs) == sorted({study.instance, series.instance, single.instance})
 
     def test_paging_with_a_capped_limit_and_offset_splits_and_lists_each_instance_once(self, orthanc):
-        limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=4)
-        with DicomWebProxy(orthanc.url, limit_cap=2, max_results=4, empty_matching=True) as proxy:
+        limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=5)
+        with DicomWebProxy(orthanc.url, limit_cap=2, max_results=5, empty_matching=True) as proxy:
             refs = _list(_via(proxy), limits=limits)
             queries = [q for path, q in proxy.requests if path.endswith("/studies")]
         urls = [r.url.replace(_via(proxy), orthanc.root) for r in refs]
@@ -249,10 +280,19 @@ class TestListing:
         assert any("offset=2" in q for q in queries)  # paged by what the capped server returned
 
     def test_split_fails_loudly_when_undated_studies_cannot_be_searched(self, orthanc):
-        limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=4)
-        with DicomWebProxy(orthanc.url, limit_cap=2, max_results=4, empty_matching=False) as proxy:
+        limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=5)
+        with DicomWebProxy(orthanc.url, limit_cap=2, max_results=5, empty_matching=False) as proxy:
             with pytest.raises(dw.DicomWebError, match="without a StudyDate.*filter file"):
                 _list(_via(proxy), limits=limits)
+
+    def test_more_undated_studies_than_one_search_can_page_fails_loudly(self, orthanc):
+        undated = sum(1 for e in orthanc.disk.values() if not e.flattened.row.get("StudyDate"))
+        limit = len({e.uids.study for e in orthanc.disk.values() if not e.flattened.row.get("StudyDate")}) - 1
+        limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=limit)
+        with DicomWebProxy(orthanc.url, limit_cap=2, max_results=limit, empty_matching=True) as proxy:
+            with pytest.raises(dw.DicomWebError, match="more studies with no StudyDate than one search"):
+                _list(_via(proxy), limits=limits)
+        assert undated > limit
 
     def test_a_study_too_large_for_one_search_is_listed_by_series(self, orthanc):
         study = orthanc.multi_series_study
@@ -448,9 +488,9 @@ def _count_number_changes(a, b) -> int:
 def test_beam_lists_and_reads_every_instance_once(orthanc):
     """The seams in a real pipeline (FnApiRunner), through the capping proxy with faults:
     every listed instance is read exactly once, in both modes, and retries are counted."""
-    limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=4)
+    limits = dw.ServerLimits(studies=5, series=5, instances=5, max_results=5)
     gone = sorted(orthanc.disk)[3]
-    with DicomWebProxy(orthanc.url, limit_cap=2, max_results=4, empty_matching=True) as proxy:
+    with DicomWebProxy(orthanc.url, limit_cap=2, max_results=5, empty_matching=True) as proxy:
         root = _via(proxy)
         proxy.fault(r"/instances/" + sorted(orthanc.disk)[1] + "$", "503")
         proxy.fault(r"/instances/" + gone + "$", "404", times=-1)

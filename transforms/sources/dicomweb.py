@@ -909,7 +909,7 @@ def read_many(urls: Iterable[str], handle: Callable = convert_stream, *, max_wor
 def read_series_metadata(series_url: str, *, tally: Tally | None = None, policy: RetryPolicy | None = None,
                          limits: ServerLimits | None = None) -> list[dict]:
     """WADO-RS ``/studies/S/series/SE/metadata``: the DICOM JSON of every instance."""
-    root, _, path = series_url.partition("/studies/")
+    root, path = series_url.rsplit("/studies/", 1)
     client = client_for(root, policy, limits)
     response = client.get(
         f"/studies/{path}/metadata", headers={"Accept": "application/dicom+json"}, tally=tally
