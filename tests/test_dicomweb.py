@@ -359,7 +359,7 @@ class TestInstanceMode:
             elapsed = time.monotonic() - started
             assert sum(proxy.served.values()) == len(faults) + 1
         failed = {url: r for url, r in results.items() if isinstance(r, Exception)}
-        assert list(failed) == [u for u in urls if gone in u]
+        assert list(failed) == [u for u in urls if u.endswith("/instances/" + gone)]
         error = failed.popitem()[1]
         assert isinstance(error, dw.DicomWebRequestError) and error.status == 404 and "HTTP 404" in str(error)
         for result in results.values():

@@ -333,10 +333,10 @@ class DicomWebClient:
         self._proven_page: dict[str, int] = {}
 
     def get(self, path: str, *, params=None, headers=None, stream: bool = False, tally: Tally | None = None,
-            ok_statuses=(200,)) -> requests.Response:
+            ok_statuses=(200,), policy: RetryPolicy | None = None) -> requests.Response:
         """GET ``root + path``, retrying 429/5xx (honouring Retry-After) and connection
         resets and timeouts, within the policy's attempts and time budget."""
-        policy = self.policy
+        policy = policy or self.policy
         started = time.monotonic()
         tally = tally if tally is not None else Tally()
         for attempt in range(policy.attempts):
@@ -425,12 +425,12 @@ class DicomWebClient:
     def has_more_than(self, path: str, params: dict, count: int, tally: Tally | None = None) -> bool:
         return bool(self.search(path, {**params, "offset": count, "limit": 1}, tally))
 
-    def retrieve(self, ref: InstanceRef, tally: Tally | None = None) -> "InstanceStream":
+    def retrieve(self, ref: InstanceRef, tally: Tally | None = None, policy: RetryPolicy | None = None) -> "InstanceStream":
         """Open a WADO-RS retrieve of ``ref`` as stored (``transfer-syntax=*``), streamed."""
         tally = tally if tally is not None else Tally()
         response = self.get(
             ref.resource_path, headers={"Accept": INSTANCE_ACCEPT, "Accept-Encoding": "identity"},
-            stream=True, tally=tally,
+            stream=True, tally=tally, policy=policy,
         )
         return InstanceStream(response, tally)
 
@@ -850,26 +850,34 @@ def read_instance(url: str, handle: Callable = convert_stream, *, tally: Tally |
     """Retrieve one instance and ``handle(stream)`` it while it is open.
 
     Failures of the transfer itself (a reset or a timeout in the middle of the body)
-    retry the whole retrieve, within the same bounds as a failed request.
+    retry the whole retrieve. Every request for the instance counts against one bound:
+    the policy's attempts and time budget, whatever failed.
     """
     ref = parse_instance_url(url)
     client = client_for(ref.root, policy, limits)
     policy = client.policy
-    tally = tally if tally is not None else Tally()
+    mine = Tally()  # this instance's requests only (the caller's tally may be shared)
     started = time.monotonic()
-    for attempt in range(policy.attempts):
-        try:
-            with client.retrieve(ref, tally) as stream:
-                return handle(stream)
-        except _TRANSPORT_ERRORS as error:
-            sleep = policy.sleep_for(attempt, None)
-            if attempt + 1 >= policy.attempts or time.monotonic() - started + sleep > policy.budget:
-                raise DicomWebRequestError(
-                    f"{type(error).__name__} while receiving the instance (after {attempt + 1} attempts)"
-                ) from None
-            tally.add(retries=1)
-            time.sleep(sleep)
-    raise AssertionError("unreachable")
+    try:
+        while True:
+            made = mine.requests
+            remaining = policy._replace(
+                attempts=policy.attempts - made, budget=policy.budget - (time.monotonic() - started)
+            )
+            try:
+                with client.retrieve(ref, mine, remaining) as stream:
+                    return handle(stream)
+            except _TRANSPORT_ERRORS as error:
+                sleep = policy.sleep_for(mine.requests - 1, None)
+                if mine.requests >= policy.attempts or time.monotonic() - started + sleep > policy.budget:
+                    raise DicomWebRequestError(
+                        f"{type(error).__name__} while receiving the instance (after {mine.requests} attempts)"
+                    ) from None
+                mine.add(retries=1)
+                time.sleep(sleep)
+    finally:
+        if tally is not None:
+            tally.add(*mine.snapshot())
 
 
 def read_many(urls: Iterable[str], handle: Callable = convert_stream, *, max_workers: int = 32,
