@@ -65,7 +65,12 @@ _INSTANCE_URL = re.compile(
     rf"(?P<root>{re.escape(PREFIX)}https?://.+?)/studies/(?P<study>{_UID})"
     rf"/series/(?P<series>{_UID})/instances/(?P<instance>{_UID})"
 )
+class _AnswerCutShort(OSError):
+    """The server's answer ended before the instance did (retried like a reset)."""
+
+
 _TRANSPORT_ERRORS = (
+    _AnswerCutShort,
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
     requests.exceptions.ChunkedEncodingError,
@@ -715,7 +720,7 @@ class InstanceStream(io.RawIOBase):
                     return
             chunk = self._receive(MIN_READ)
             if not chunk:
-                raise DicomWebRequestError("the server's multipart answer holds no part")
+                raise _AnswerCutShort("the server's multipart answer ended before its first part")
             self._pending += chunk
 
     def _fill(self, end: int) -> None:
@@ -732,7 +737,7 @@ class InstanceStream(io.RawIOBase):
             if len(self._pending) < need:
                 chunk = self._receive(max(need - len(self._pending), MIN_READ))
                 if not chunk:
-                    raise DicomWebRequestError("the server's answer ended inside the instance")
+                    raise _AnswerCutShort("the server's answer ended inside the instance")
                 self._pending += chunk
             found = self._pending.find(self._delimiter)
             if found >= 0:
@@ -1032,6 +1037,7 @@ __all__ = [
     "convert_stream",
     "expand",
     "is_dicomweb_input",
+    "is_instance_url",
     "listing_units",
     "open_instance",
     "parse_instance_url",
