@@ -19,7 +19,8 @@ act like other servers or like a bad network:
   ``429`` (with Retry-After), ``503``, ``404``, ``reset`` (connection reset without an
   answer), ``slow`` (answer after ``slow_seconds``) or ``cut`` (reset after 200 bytes of the body); any other number: that status.
 
-``bytes_sent`` counts the body bytes written to clients per path (what really left).
+``bytes_sent`` counts the body bytes written to clients per path (what really left;
+``GET /proxy-stats`` returns it as JSON).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class DicomWebProxy:
     def __init__(self, upstream: str, *, limit_cap: int | None = None, max_results: int | None = None,
-                 empty_matching: bool = False, latency: float = 0.0, slow_seconds: float = 2.0):
+                 empty_matching: bool = False, latency: float = 0.0, slow_seconds: float = 2.0,
+                 send_buffer: int = 32 * 1024):
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream_host = parsed.hostname
         self.upstream_port = parsed.port
@@ -53,6 +55,7 @@ class DicomWebProxy:
         self.empty_matching = empty_matching
         self.latency = latency
         self.slow_seconds = slow_seconds
+        self.send_buffer = send_buffer
         self._faults: list[list] = []  # [regex, kind, remaining]
         self._lock = threading.Lock()
         self._upstream = threading.local()  # one kept-alive connection per proxy thread
@@ -68,6 +71,11 @@ class DicomWebProxy:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                # A small send buffer, so that bytes_sent is close to what reached the client.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, proxy.send_buffer)
 
             def do_GET(self):
                 proxy._handle(self)
@@ -113,6 +121,12 @@ class DicomWebProxy:
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         split = urllib.parse.urlsplit(handler.path)
         query = urllib.parse.parse_qsl(split.query, keep_blank_values=True)
+        if split.path == "/proxy-stats":  # for a proxy in another process
+            time.sleep(0.2)  # let the writes of answers just closed by the client fail
+            with self._lock:
+                stats = json.dumps({"bytes_sent": dict(self.bytes_sent)}).encode()
+            self._send(handler, 200, stats, "application/json", {})
+            return
         with self._lock:
             self.requests.append((split.path, split.query))
             self.authorizations.append(handler.headers.get("Authorization", ""))
