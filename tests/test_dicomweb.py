@@ -344,6 +344,16 @@ class TestInstanceMode:
         assert tally.bytes_received <= 2 * orthanc.big_header_size, (tally.bytes_received, orthanc.big_header_size)
         assert {"TagName": "PixelData"} in row.flattened.row["DroppedTags"]
 
+    def test_closing_a_40_mb_answer_stops_the_transfer(self, orthanc):
+        """What the server side wrote before the client closed: its send buffer and the
+        client's receive window, not the 40 MB."""
+        url = orthanc.urls[orthanc.big.instance]
+        with DicomWebProxy(orthanc.url) as proxy:
+            dw.read_instance(url.replace(orthanc.root, _via(proxy)), policy=PATIENT_POLICY)
+            time.sleep(0.5)  # the proxy's next writes fail: the connection is gone
+            sent = proxy.bytes_sent["/dicom-web" + dw.parse_instance_url(url).resource_path]
+        assert 0 < sent < 1024 * 1024, sent
+
     def test_faults_are_retried_and_counted_and_a_permanent_404_is_one_failure(self, orthanc):
         uids = sorted(uid for uid in orthanc.disk if uid != orthanc.big.instance)
         faults = {uids[0]: "429", uids[1]: "503", uids[2]: "reset", uids[3]: "slow", uids[4]: "cut", uids[5]: "502"}
