@@ -27,6 +27,7 @@ _GLOB_CHARS = set("*?[")
 class InputFile(NamedTuple):
     path: str
     size: int
+    error: tuple[str, str] | None = None  # (error_type, message): a dead letter, never opened
 
 
 def _has_glob(pattern: str) -> bool:
