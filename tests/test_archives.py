@@ -338,6 +338,20 @@ def test_a_corrupt_archive_is_one_dead_letter_not_a_crash(tmp_path):
     assert stream_members(tmp_path / "noise.tgz") == ({}, {"": "CorruptArchiveError"})
 
 
+def test_a_tar_damaged_after_its_first_members_lists_them_and_dead_letters_the_rest(tmp_path):
+    files = dict(list(instance_files().items())[:3])
+    archive = build_tar(tmp_path / "damaged.tar", files)
+    with tarfile.open(archive) as tf:
+        second = tf.getmembers()[1].offset
+    data = bytearray(archive.read_bytes())
+    data[second: second + tarfile.BLOCKSIZE] = b"x" * tarfile.BLOCKSIZE
+    archive.write_bytes(bytes(data))
+    outputs = list(expand_archive(InputFile(str(archive), len(data)), open_local))
+    assert [o.path for o in outputs] == [f"{archive}#{next(iter(files))}", str(archive)]
+    assert outputs[0].error is None
+    assert outputs[1].error[0] == "CorruptArchiveError" and "rest of the archive" in outputs[1].error[1]
+
+
 def bomb_member(zf: zipfile.ZipFile, name: str, zeros: int) -> None:
     """A real DICOM header, then a private value of ``zeros`` zero bytes the reader skips
     (so it must inflate through them), then one more element; written in chunks."""

@@ -34,6 +34,7 @@ import io
 import re
 import struct
 import tarfile
+import threading
 import zipfile
 import zlib
 from typing import BinaryIO, Callable, Iterator, NamedTuple
@@ -242,7 +243,8 @@ class _ForwardBuffer(io.RawIOBase):
         while len(self._buffer) < end and not self._ended:
             if end > MAX_BUFFERED_HEADER:
                 raise MemberHeaderTooLargeError(
-                    f"{self._what}: its header runs past the {MAX_BUFFERED_HEADER >> 20} MiB read limit"
+                    f"{self._what}: reading it needs more than {MAX_BUFFERED_HEADER >> 20} MiB held in memory "
+                    f"(the limit for a compressed or streamed member's header)"
                 )
             data = self._fill(_CHUNK)  # small steps: the ratio guard sees each
             if not data:
@@ -314,9 +316,10 @@ def check_ratio(produced: int, consumed: int, what: str, max_ratio: float = MAX_
 
 
 class _Member(NamedTuple):
-    """Where one member's bytes are, as found by listing."""
+    """Where one member's bytes are, as found by listing (no name: the rest of a damaged
+    archive, dead-lettered under the archive's own path)."""
 
-    name: str
+    name: str | None
     size: int
     error: ArchiveError | None
     offset: int = 0  # ZIP: the local header; tar: the data
@@ -421,6 +424,11 @@ def _walk_tar(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth:
                 error = DuplicateMemberError("the archive holds an earlier member of the same name: only that one is read")
             seen.add(info.name)
             members.append(_Member(info.name, info.size, error, info.offset_data))
+        fileobj.seek(archive.offset)  # tarfile ends quietly at a damaged header: say so
+        if fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
+            members.append(_Member(None, 0, CorruptArchiveError(
+                f"a damaged member header after {len(members):,} members: the rest of the archive is not read"
+            )))
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise CorruptArchiveError(f"not a readable tar archive ({error})") from None
     return members
@@ -447,7 +455,8 @@ def list_members(
     Folders are skipped. A member a guard refuses is an :class:`InputFile` with ``error``
     set. An archive that cannot be listed raises :class:`ArchiveError` (its dead letter).
     The listing is cached (see :func:`open_member`), so members opened later on this
-    worker cost no second listing.
+    worker cost no second listing. A tar damaged after its first members lists those,
+    then the archive itself with ``error`` set: the rest cannot be read.
     """
     kind = archive_kind(archive_path)
     if kind not in ("zip", "tar"):
@@ -456,7 +465,7 @@ def list_members(
     _INDEX.put(archive_path, kind, members)
     return [
         InputFile(
-            member_input_path(archive_path, m.name),
+            archive_path if m.name is None else member_input_path(archive_path, m.name),
             m.size,
             None if m.error is None else (type(m.error).__name__, str(m.error)),
         )
@@ -472,28 +481,33 @@ class _IndexCache:
         self._max = max_members
         self._held = 0
         self._archives: collections.OrderedDict[str, tuple[str, dict]] = collections.OrderedDict()
+        self._lock = threading.Lock()  # bundles run in threads of one worker
 
     def get(self, archive_path: str):
-        entry = self._archives.get(archive_path)
-        if entry is not None:
-            self._archives.move_to_end(archive_path)
-        return entry
+        with self._lock:
+            entry = self._archives.get(archive_path)
+            if entry is not None:
+                self._archives.move_to_end(archive_path)
+            return entry
 
     def put(self, archive_path: str, kind: str, members: list[_Member]) -> tuple[str, dict]:
         index = {}
         for member in members:
-            index.setdefault(member.name, member)
-        if archive_path in self._archives:
-            self._held -= len(self._archives.pop(archive_path)[1])
-        while self._archives and self._held + len(index) > self._max:
-            self._held -= len(self._archives.popitem(last=False)[1][1])
-        self._archives[archive_path] = (kind, index)
-        self._held += len(index)
+            if member.name is not None:
+                index.setdefault(member.name, member)
+        with self._lock:
+            if archive_path in self._archives:
+                self._held -= len(self._archives.pop(archive_path)[1])
+            while self._archives and self._held + len(index) > self._max:
+                self._held -= len(self._archives.popitem(last=False)[1][1])
+            self._archives[archive_path] = (kind, index)
+            self._held += len(index)
         return kind, index
 
     def clear(self) -> None:
-        self._archives.clear()
-        self._held = 0
+        with self._lock:
+            self._archives.clear()
+            self._held = 0
 
 
 _INDEX = _IndexCache()
