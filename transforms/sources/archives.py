@@ -44,10 +44,11 @@ from apache_beam.metrics import Metrics
 
 from transforms.header import InstanceError, InstanceHeader, describe_error, read_header
 
-try:  # the reference to one input moves to transforms.storage (CONTRACTS.md 1)
-    from transforms.storage import InputFile
+try:  # the reference to one input and byte access move to transforms.storage (CONTRACTS.md 1)
+    from transforms.storage import READ_BUFFER_BYTES, InputFile
 except ImportError:
     from transforms.match import InputFile
+    from transforms.read import READ_BUFFER_BYTES
 
 NAMESPACE = "dicom_bq_export"
 
@@ -169,18 +170,20 @@ def unsafe_name_reason(member: str) -> str | None:
 
 
 class _Window(io.RawIOBase):
-    """Bytes ``[start, start + size)`` of a seekable file object, as a file of its own.
+    """Bytes ``[start, start + size)`` of a seekable raw reader, as a file of its own.
 
-    Reads go straight to the underlying reader, so a stored member costs only the ranges
-    the header reader asks for. Seeking (also to the end) reads nothing.
+    Reads go to the raw reader clamped to the window, so a member costs what the header
+    reader asks for (through the buffer put in front), never the bytes after it; the first
+    ``preloaded`` bytes were fetched with the member's local header. Seeking (also to the
+    end) reads nothing. Every read seeks first, so windows may share one raw reader.
     """
 
-    def __init__(self, fileobj: BinaryIO, start: int, size: int, owner: BinaryIO | None = None):
-        self._fileobj = fileobj
+    def __init__(self, raw: BinaryIO, start: int, size: int, preloaded: bytes = b""):
+        self._raw = raw
         self._start = start
         self._size = size
+        self._preloaded = preloaded[:size]
         self._position = 0
-        self._owner = owner  # closed with this window
 
     def readable(self) -> bool:
         return True
@@ -192,8 +195,10 @@ class _Window(io.RawIOBase):
         count = min(len(buffer), self._size - self._position)
         if count <= 0:
             return 0
-        self._fileobj.seek(self._start + self._position)
-        data = self._fileobj.read(count)
+        if self._position < len(self._preloaded):
+            data = self._preloaded[self._position : self._position + count]
+        else:
+            data = _read_at(self._raw, self._start + self._position, count)
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -206,10 +211,24 @@ class _Window(io.RawIOBase):
     def tell(self) -> int:
         return self._position
 
-    def close(self) -> None:
-        if self._owner is not None and not self.closed:
-            self._owner.close()
-        super().close()
+
+def _read_at(raw: BinaryIO, offset: int, count: int) -> bytes:
+    """Up to ``count`` bytes at ``offset`` (fewer only at the end of the file)."""
+    raw.seek(offset)
+    chunks, left = [], count
+    while left > 0:
+        chunk = raw.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _raw_of(fileobj: BinaryIO) -> BinaryIO:
+    """The unbuffered reader under a buffered one: members bring their own buffer, sized
+    to the member, so that a small member does not cost a full read-ahead of the archive."""
+    return fileobj.raw if isinstance(fileobj, io.BufferedReader) else fileobj
 
 
 class _ForwardBuffer(io.RawIOBase):
@@ -547,19 +566,22 @@ def open_member(
         raise MemberNotFoundError("the archive has no member of that name")
     if member.error is not None:
         raise member.error
+    raw = _raw_of(archive_fileobj)
     if kind == "tar":
-        return _Window(archive_fileobj, member.offset, member.size)
-    archive_fileobj.seek(member.offset)
-    local = archive_fileobj.read(zipfile.sizeFileHeader)
-    if len(local) != zipfile.sizeFileHeader or local[:4] != zipfile.stringFileHeader:
+        return io.BufferedReader(_Window(raw, member.offset, member.size), READ_BUFFER_BYTES)
+    stored = member.method == zipfile.ZIP_STORED
+    length = member.size if stored else member.compressed_size
+    # one read: the local header (its name and extra field are rarely over 1 KiB) and data
+    head = _read_at(raw, member.offset, min(READ_BUFFER_BYTES, zipfile.sizeFileHeader + 1024 + length))
+    if len(head) < zipfile.sizeFileHeader or head[:4] != zipfile.stringFileHeader:
         raise CorruptArchiveError("the member's local header is missing or damaged")
-    fields = struct.unpack(zipfile.structFileHeader, local)
+    fields = struct.unpack(zipfile.structFileHeader, head[: zipfile.sizeFileHeader])
     name_length, extra_length = fields[10], fields[11]  # APPNOTE 4.3.7: the local header's last two
-    start = member.offset + zipfile.sizeFileHeader + name_length + extra_length
-    if member.method == zipfile.ZIP_STORED:
-        return _Window(archive_fileobj, start, member.size)
-    compressed = _Window(archive_fileobj, start, member.compressed_size)
-    return _ForwardBuffer(_Inflater(compressed, "the member", max_ratio), member.size, "the member")
+    skip = zipfile.sizeFileHeader + name_length + extra_length
+    window = _Window(raw, member.offset + skip, length, head[skip:])
+    if stored:
+        return io.BufferedReader(window, READ_BUFFER_BYTES)
+    return _ForwardBuffer(_Inflater(window, "the member", max_ratio), member.size, "the member")
 
 
 def open_input(
