@@ -13,7 +13,6 @@ import subprocess
 import tarfile
 import tracemalloc
 import zipfile
-import zlib
 
 import apache_beam as beam
 import pytest
@@ -294,7 +293,8 @@ def counted_members(archive: pathlib.Path) -> tuple[int, int, dict]:
 
 
 def test_tar_listing_reads_headers_and_seeks_past_member_data(tmp_path):
-    archive = build_tar(tmp_path / "big.tar", {"a/big.dcm": big_instance(), "b/ct.dcm": instance_files()["bundled/CT_small.dcm"]})
+    ct = instance_files()["bundled/CT_small.dcm"]
+    archive = build_tar(tmp_path / "big.tar", {"a/big.dcm": big_instance(), "b/ct.dcm": ct})
     assert archive.stat().st_size > 40 * 2**20
     listed, opened, rows = counted_members(archive)
     assert listed <= 3 * archives.TAR_HEADER_BUFFER  # one small read per member header
@@ -657,7 +657,8 @@ def test_a_beam_pipeline_accounts_for_every_member(tmp_path):
     (tmp_path / "broken.zip").write_bytes(b"PK not really")
     plain = tmp_path / "plain.dcm"
     shutil.copyfile(files[next(iter(files))], plain)
-    inputs = [InputFile(str(p), p.stat().st_size) for p in (zip_path, tar_path, tgz_path, tmp_path / "broken.zip", plain)]
+    paths = (zip_path, tar_path, tgz_path, tmp_path / "broken.zip", plain)
+    inputs = [InputFile(str(p), p.stat().st_size) for p in paths]
 
     sop = {name: read_header(open(path, "rb")).uids.instance for name, path in files.items()}
     expected_rows = [(f"{a}#{name}", sop[name]) for a in (zip_path, tar_path, tgz_path) for name in files]

@@ -15,7 +15,7 @@ How much is read, per kind (through any seekable reader, e.g. the ranged Cloud S
   holding at most that member's header; the rest of the member is skipped by the stream.
 
 Guards (each a dead letter whose error type and message name the limit): members per
-archive, compression ratio (checked while inflating, not only from the headers), encrypted
+archive, compression ratio (judged while inflating, on what is inflated), encrypted
 members, compression methods other than stored/deflated, nested archives (not expanded
 unless asked for), member names with ``..`` or an absolute path, links and special tar
 members. Folders are skipped; a member that is not DICOM is failed by the header reader,
@@ -357,8 +357,11 @@ def _member_error(name: str, nested_archives: bool, depth: int) -> ArchiveError 
     return None
 
 
-def _zip_members(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth: int,
-                 max_ratio: float) -> list[_Member]:
+def _duplicate() -> DuplicateMemberError:
+    return DuplicateMemberError("the archive holds an earlier member of the same name: only that one is read")
+
+
+def _zip_members(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth: int) -> list[_Member]:
     try:
         infos = zipfile.ZipFile(fileobj).infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error) as error:
@@ -373,7 +376,7 @@ def _zip_members(fileobj: BinaryIO, max_members: int, nested_archives: bool, dep
             continue
         name, error = info.filename, _member_error(info.filename, nested_archives, depth)
         if error is None and name in seen:
-            error = DuplicateMemberError("the archive holds an earlier member of the same name: only that one is read")
+            error = _duplicate()
         elif error is None and info.flag_bits & 0x1:
             error = EncryptedMemberError("the member is encrypted: encrypted members are not read")
         elif error is None and info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -440,7 +443,7 @@ def _walk_tar(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth:
                 raise TooManyMembersError(f"the archive has more than the limit of {max_members:,} members per archive")
             error = _member_error(info.name, nested_archives, depth) or _tar_error(info)
             if error is None and info.name in seen:
-                error = DuplicateMemberError("the archive holds an earlier member of the same name: only that one is read")
+                error = _duplicate()
             seen.add(info.name)
             members.append(_Member(info.name, info.size, error, info.offset_data))
         fileobj.seek(archive.offset)  # tarfile ends quietly at a damaged header: say so
@@ -453,10 +456,9 @@ def _walk_tar(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth:
     return members
 
 
-def _list(fileobj: BinaryIO, kind: str, max_members: int, nested_archives: bool, depth: int,
-          max_ratio: float) -> list[_Member]:
+def _list(fileobj: BinaryIO, kind: str, max_members: int, nested_archives: bool, depth: int) -> list[_Member]:
     if kind == "zip":
-        return _zip_members(fileobj, max_members, nested_archives, depth, max_ratio)
+        return _zip_members(fileobj, max_members, nested_archives, depth)
     return _tar_members(fileobj, max_members, nested_archives, depth)
 
 
@@ -466,7 +468,6 @@ def list_members(
     *,
     max_members: int = MAX_MEMBERS,
     nested_archives: bool = False,
-    max_ratio: float = MAX_COMPRESSION_RATIO,
     depth: int = 0,
 ) -> list[InputFile]:
     """The members of a ZIP or tar archive (seekable), as inputs ``ARCHIVE#member``.
@@ -480,7 +481,7 @@ def list_members(
     kind = archive_kind(archive_path)
     if kind not in ("zip", "tar"):
         raise ValueError(f"not a random-access archive name: {archive_path}")
-    members = _list(fileobj, kind, max_members, nested_archives, depth, max_ratio)
+    members = _list(fileobj, kind, max_members, nested_archives, depth)
     _INDEX.put(archive_path, kind, members)
     return [
         InputFile(
@@ -558,7 +559,7 @@ def open_member(
         if kind not in ("zip", "tar"):
             raise ValueError(f"not a random-access archive name: {archive_path}")
         cached = _INDEX.put(
-            archive_path, kind, _list(archive_fileobj, kind, MAX_MEMBERS, nested_archives, depth, max_ratio)
+            archive_path, kind, _list(archive_fileobj, kind, MAX_MEMBERS, nested_archives, depth)
         )
     kind, index = cached
     member = index.get(member_name)
@@ -807,7 +808,7 @@ def _expand(input_file, open_file, nested_archives, max_members, max_ratio, dept
         fileobj = open_input(input_file.path, open_file, nested_archives=nested_archives, max_ratio=max_ratio)
         with fileobj:
             members = list_members(fileobj, input_file.path, max_members=max_members,
-                                   nested_archives=nested_archives, max_ratio=max_ratio, depth=depth)
+                                   nested_archives=nested_archives, depth=depth)
     except Exception as error:
         yield input_file._replace(error=(type(error).__name__, describe_error(error)))
         return
