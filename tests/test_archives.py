@@ -665,22 +665,28 @@ def test_a_beam_pipeline_accounts_for_every_member(tmp_path):
     paths = (zip_path, tar_path, tgz_path, tmp_path / "broken.zip", plain)
     inputs = [InputFile(str(p), p.stat().st_size) for p in paths]
 
-    sop = {name: read_header(open(path, "rb")).uids.instance for name, path in files.items()}
+    sop = {name: read_header(io.BytesIO(path.read_bytes())).uids.instance for name, path in files.items()}
     expected_rows = [(f"{a}#{name}", sop[name]) for a in (zip_path, tar_path, tgz_path) for name in files]
     expected_rows.append((str(plain), sop[next(iter(files))]))
     expected_dead = [(f"{a}#notes.txt", "NotDicomError") for a in (zip_path, tar_path, tgz_path)]
     expected_dead += [(f"{a}#../up.dcm", "UnsafeMemberNameError") for a in (zip_path, tar_path, tgz_path)]
     expected_dead.append((str(tmp_path / "broken.zip"), "CorruptArchiveError"))
 
-    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-        expanded = (
-            pipeline
-            | beam.Create(inputs)
-            | beam.ParDo(ExpandArchives()).with_outputs(STREAMED, main="inputs")
-        )
-        read = expanded.inputs | "Read" >> beam.ParDo(ReadInputs(False)).with_outputs("dead", main="rows")
-        streamed = expanded[STREAMED] | "Stream" >> beam.ParDo(ReadInputs(True)).with_outputs("dead", main="rows")
-        rows = (read.rows, streamed.rows) | "AllRows" >> beam.Flatten()
-        dead = (read.dead, streamed.dead) | "AllDead" >> beam.Flatten()
-        assert_that(rows, equal_to(expected_rows), label="rows")
-        assert_that(dead, equal_to(expected_dead), label="dead")
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    expanded = (
+        pipeline
+        | beam.Create(inputs)
+        | beam.ParDo(ExpandArchives()).with_outputs(STREAMED, main="inputs")
+    )
+    read = expanded.inputs | "Read" >> beam.ParDo(ReadInputs(False)).with_outputs("dead", main="rows")
+    streamed = expanded[STREAMED] | "Stream" >> beam.ParDo(ReadInputs(True)).with_outputs("dead", main="rows")
+    rows = (read.rows, streamed.rows) | "AllRows" >> beam.Flatten()
+    dead = (read.dead, streamed.dead) | "AllDead" >> beam.Flatten()
+    assert_that(rows, equal_to(expected_rows), label="rows")
+    assert_that(dead, equal_to(expected_dead), label="dead")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    assert counters["archives_expanded"] == 2  # the ZIP and the tar; the tar.gz is streamed
+    assert counters["archive_members"] == 2 * (len(files) + len(junk))
+    assert 0 < counters["bytes_read"] < 16 * 1024  # listing: central directory, tar headers
