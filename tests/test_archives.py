@@ -156,6 +156,10 @@ class CountingReader(io.RawIOBase):
     def tell(self):
         return self._file.tell()
 
+    def close(self):
+        self._file.close()
+        super().close()
+
 
 # -- names ------------------------------------------------------------------------------------
 
