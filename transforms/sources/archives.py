@@ -862,8 +862,8 @@ class ExpandArchives(beam.DoFn):
             if isinstance(output, StreamArchive):
                 yield beam.pvalue.TaggedOutput(STREAMED, output.input_file)
             else:
-                expanded |= output.path != input_file.path
                 if output.path != input_file.path:
+                    expanded = True
                     self.members.inc()
                 yield output
         if expanded:
