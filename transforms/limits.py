@@ -29,6 +29,15 @@ from typing import Callable, TypeVar
 #: Bytes past it are never read: the file is a ``HeaderTooLargeError`` dead letter.
 MAX_HEADER_BYTES = 64 * 2**20
 
+#: Bytes at the end of a file read to find the elements after encapsulated Pixel Data
+#: (Data Set Trailing Padding, a Digital Signatures Sequence): one ranged read of this
+#: size instead of walking the fragments. 4 KiB holds a signature with its X.509
+#: certificate (1–2 KiB) and the padding writers add (DCMTK pads to a block size you
+#: choose; pydicom's test files carry 126 bytes), and adds at most 1/16 to the 64 KiB a
+#: header read of a large file costs. Elements that do not fit in it are not read and
+#: are counted (``unread_after_pixel_data``).
+AFTER_PIXEL_DATA_WINDOW = 4 * 1024
+
 #: Bytes one deflated file (Deflated Explicit VR Little Endian) may inflate to before
 #: Pixel Data. Inflated incrementally, as parsing asks for bytes, so memory never holds
 #: more than this, whatever the ratio (a 1 MB deflate bomb inflates to 1 GB): past it,
@@ -315,6 +324,7 @@ def _size(count: int) -> str:
 
 
 __all__ = [
+    "AFTER_PIXEL_DATA_WINDOW",
     "MAX_HEADER_BYTES",
     "MAX_INFLATED_BYTES",
     "MAX_SECONDS_PER_FILE",
