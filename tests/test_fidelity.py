@@ -199,6 +199,23 @@ def test_what_cannot_be_read_unambiguously_after_encapsulated_pixel_data_is_coun
     assert flattened.counts["unread_after_pixel_data"] == 1 and dropped(flattened)[-1] == "PixelData"
 
 
+def test_bytes_after_native_pixel_data_that_never_end_cost_at_most_the_limit_and_keep_the_row(tmp_path, signer):
+    import os
+
+    from transforms.limits import MAX_BYTES_AFTER_PIXEL_DATA
+
+    files = image_files(tmp_path, signer, 8, 8)
+    endless = tmp_path / "endless.dcm"  # a private OB of undefined length, never delimited
+    endless.write_bytes(files["native"].read_bytes() + struct.pack("<HH2sHL", 0x7FE1, 0x1010, b"OB", 0, 0xFFFFFFFF)
+                        + os.urandom(3 * MAX_BYTES_AFTER_PIXEL_DATA))
+    raw = storage.CountingRaw(open(endless, "rb", buffering=0))
+    with io.BufferedReader(raw, storage.READ_BUFFER_BYTES) as fileobj:
+        flattened = flatten_file(fileobj)
+    assert flattened.row["SOPInstanceUID"] == UID + "1.3"
+    assert flattened.counts["unread_after_pixel_data"] == 1 and dropped(flattened)[-1] == "PixelData"
+    assert raw.bytes_read <= MAX_BYTES_AFTER_PIXEL_DATA + 2 * storage.READ_BUFFER_BYTES
+
+
 def test_after_pixel_data_on_cloud_storage_costs_one_small_request_at_most(tmp_path, signer, gcs_bucket, monkeypatch):
     from google.cloud.storage import Blob
 

@@ -46,10 +46,12 @@ from pydicom.values import converters
 
 from transforms.limits import (
     AFTER_PIXEL_DATA_WINDOW,
+    MAX_BYTES_AFTER_PIXEL_DATA,
     MAX_HEADER_BYTES,
     MAX_INFLATED_BYTES,
     MAX_SECONDS_PER_FILE,
     Budget,
+    HeaderTooLargeError,
     InflatingReader,
     InputTypeError,
     LimitError,
@@ -275,10 +277,13 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
     uids = _instance_uids(dataset)
     if stopped_at:
         tag, vr, length = stopped_at[0]
+        after = None  # deflated: what follows would cost inflating the pixel data
         if dataset.buffer is reader:  # where pydicom stopped: the start of Pixel Data
-            after = _read_after_pixel_data(reader, dataset, tag, vr, length, reader.tell())
-        else:  # deflated: what follows would cost inflating the pixel data
-            after = None
+            try:
+                with budget.at_most(MAX_BYTES_AFTER_PIXEL_DATA):
+                    after = _read_after_pixel_data(reader, dataset, tag, vr, length, reader.tell())
+            except HeaderTooLargeError:
+                pass
         if after is None:
             setattr(dataset, UNREAD_AFTER_PIXEL_DATA, True)
         else:
