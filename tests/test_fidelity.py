@@ -172,6 +172,27 @@ def test_a_signature_and_trailing_padding_after_pixel_data_follow_every_rule(tmp
         assert plain.counts["unread_after_pixel_data"] == 0
 
 
+@pytest.mark.parametrize("transfer_syntax", ["+ti", "+tb"], ids=["implicit-vr", "big-endian"])
+def test_elements_after_native_pixel_data_are_read_in_every_uncompressed_syntax(tmp_path, signer, transfer_syntax):
+    files = image_files(tmp_path, signer, 8, 8)
+    converted = tmp_path / "converted.dcm"
+    dcmtk("dcmconv", transfer_syntax, "+p", "1024", "0", files["native+trailing"], converted)
+    flattened = flatten_path(converted)
+    assert flattened.row["DigitalSignaturesSequence"] == expected_signature(converted)
+    assert dropped(flattened)[-4:] == AFTER_PIXELS_DROPPED
+    assert flattened.counts["unread_after_pixel_data"] == 0
+
+
+def test_a_deflated_dataset_keeps_its_row_and_is_counted_for_what_follows_pixel_data(tmp_path, signer):
+    files = image_files(tmp_path, signer, 8, 8)
+    deflated = tmp_path / "deflated.dcm"
+    dcmtk("dcmconv", "+td", files["native+trailing"], deflated)
+    assert pydicom.dcmread(deflated).file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+    flattened = flatten_path(deflated)
+    assert flattened.row["SOPInstanceUID"] == UID + "1.3" and "DigitalSignaturesSequence" not in flattened.row
+    assert flattened.counts["unread_after_pixel_data"] == 1
+
+
 def test_the_dt_of_a_signature_is_the_utc_timestamp_bigquery_takes(tmp_path, signer):
     files = image_files(tmp_path, signer, 8, 8)
     signed_at = pydicom.dcmread(files["rle+trailing"]).DigitalSignaturesSequence[0].DigitalSignatureDateTime
