@@ -10,7 +10,8 @@ union, which is what makes the table's schema independent of the order of instan
 
 Values are converted from the raw bytes pydicom leaves unparsed wherever the VR is
 known, which is both faster than pydicom's own value classes and keeps DS/IS text as
-written; pydicom does the rest (ambiguous VRs, UN, private dictionaries, charsets).
+written; pydicom does the rest (ambiguous VRs, private dictionaries, charsets, sequences).
+A public element stored as UN is converted by its dictionary VR (``_resolve_vr``).
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ BY_RULE = "dropped_by_rule"
 NOT_FIT = "dropped_not_fit"
 
 SPECIFIC_CHARACTER_SET = 0x00080005
+PIXEL_DATA_KEYWORDS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 
 #: The dataset attribute (set by ``transforms.header.read_header``) saying that what
 #: follows Pixel Data could not be read unambiguously; counted under the same name.
 UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"
-PIXEL_DATA_KEYWORDS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 
 Field = tuple  # (kind, order, name, type, mode)
 Path = tuple  # (Field, ...), from a top-level column to a leaf
@@ -386,7 +387,7 @@ class _Flattener:
     def _from_un(self, tag: int, element: RawDataElement, dictionary_vr: str, encodings):
         """A public element stored as UN, as its dictionary VR (see ``_resolve_vr``)."""
         as_implicit = element._replace(VR=dictionary_vr, is_implicit_VR=True, is_little_endian=True)
-        if vr_types.is_excluded(dictionary_vr) or dictionary_vr != "SQ":
+        if dictionary_vr != "SQ":
             return dictionary_vr, as_implicit
         try:
             items = dicom_values.convert_SQ(self._raw_bytes(element), True, True, encodings)
