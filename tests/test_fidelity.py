@@ -132,7 +132,7 @@ def flatten_path(path: Path):
 
 def expected_timestamp(dt: str) -> str:
     """What BigQuery's JSON load takes for a DT with an offset, computed independently."""
-    moment = datetime.datetime.strptime(dt, "%Y%m%d%H%M%S.%f%z")
+    moment = datetime.datetime.strptime(dt, "%Y%m%d%H%M%S.%f%z" if "." in dt else "%Y%m%d%H%M%S%z")
     return moment.astimezone(datetime.timezone.utc).isoformat(sep=" ", timespec="microseconds")
 
 
