@@ -10,7 +10,8 @@ union, which is what makes the table's schema independent of the order of instan
 
 Values are converted from the raw bytes pydicom leaves unparsed wherever the VR is
 known, which is both faster than pydicom's own value classes and keeps DS/IS text as
-written; pydicom does the rest (ambiguous VRs, UN, private dictionaries, charsets).
+written; pydicom does the rest (ambiguous VRs, private dictionaries, charsets, sequences).
+A public element stored as UN is converted by its dictionary VR (``_resolve_vr``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable, Iterator, NamedTuple
 from pydicom import charset as dicom_charset
 from pydicom import datadict
 from pydicom import values as dicom_values
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import TEXT_VR_DELIMS
@@ -74,6 +75,10 @@ NOT_FIT = "dropped_not_fit"
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 PIXEL_DATA_KEYWORDS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+
+#: The dataset attribute (set by ``transforms.header.read_header``) saying that what
+#: follows Pixel Data could not be read unambiguously; counted under the same name.
+UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"
 
 Field = tuple  # (kind, order, name, type, mode)
 Path = tuple  # (Field, ...), from a top-level column to a leaf
@@ -136,15 +141,16 @@ def flatten_instance(
     """Flatten an instance: file meta (if any) and dataset → row, fragment, counts.
 
     ``pixel_data_tag`` names the pixel data element reading stopped before, so that it is
-    listed in DroppedTags without its bytes ever being read. ``read_deferred`` reads a
-    top-level value that parsing skipped (see :mod:`transforms.header`).
+    listed in DroppedTags (in tag order, before the elements that follow it) without its
+    bytes ever being read. ``read_deferred`` reads a top-level value that parsing skipped
+    (see :mod:`transforms.header`).
     """
     flattener = _Flattener(read_deferred)
     meta = getattr(dataset, "file_meta", None)
     encodings = flattener.encodings(dataset)
-    row, paths = flattener.record(dataset, encodings, "", 0, meta)
-    if pixel_data_tag is not None:
-        flattener.drop(PIXEL_DATA_KEYWORDS.get(pixel_data_tag, tag_name(pixel_data_tag)))
+    row, paths = flattener.record(dataset, encodings, "", 0, meta, pixel_data_tag)
+    if getattr(dataset, UNREAD_AFTER_PIXEL_DATA, False):
+        flattener.counts[UNREAD_AFTER_PIXEL_DATA] += 1
     if flattener.dropped:
         row["DroppedTags"] = [{"TagName": name} for name in flattener.dropped]
     for reason in (BY_RULE, NOT_FIT):
@@ -186,13 +192,18 @@ class _Flattener:
     # -- datasets ---------------------------------------------------------------------
 
     def record(
-        self, dataset: Dataset, encodings: list[str], prefix: str, depth: int, meta=None
+        self, dataset: Dataset, encodings: list[str], prefix: str, depth: int, meta=None,
+        pixel_data_tag: int | None = None,
     ) -> tuple[dict, set]:
-        """Flatten one dataset (the instance, or a sequence item) at ``depth`` records deep."""
+        """Flatten one dataset (the instance, or a sequence item) at ``depth`` records deep;
+        ``pixel_data_tag``: the instance's unread pixel data, named in DroppedTags in its place."""
         row: dict = {}
         paths: set = set()
         others: list[dict] = []
         for source, tag, element in _elements_of(meta, dataset):
+            if pixel_data_tag is not None and tag > pixel_data_tag:
+                self.drop(PIXEL_DATA_KEYWORDS.get(pixel_data_tag, tag_name(pixel_data_tag)))
+                pixel_data_tag = None
             column = column_for_tag(tag)
             if _too_large(element) or not self._afford(element, column):
                 self._drop_too_large(source, tag, element, column, prefix)
@@ -210,6 +221,8 @@ class _Flattener:
                 else:
                     self.counts["moved_to_other_elements"] += 1
                     others.append({"Tag": tag_name(tag), "Data": not_fit.texts})
+        if pixel_data_tag is not None:
+            self.drop(PIXEL_DATA_KEYWORDS.get(pixel_data_tag, tag_name(pixel_data_tag)))
         if others:
             row["OtherElements"] = others
             paths |= OTHER_ELEMENTS_PATHS
@@ -224,7 +237,7 @@ class _Flattener:
         does not fit. Excluded VRs and sequences (their items are charged) cost nothing."""
         if not isinstance(element, RawDataElement) or not element.length or element.length == 0xFFFFFFFF:
             return True
-        vr = element.VR or column.vr
+        vr = _stored_vr(element, column)
         if vr == "SQ" or (vr is not None and vr_types.is_excluded(vr)) or (vr is None and column.bq_type is None):
             return True
         cost = element.length * (4 if vr in _BINARY else 1)
@@ -236,8 +249,9 @@ class _Flattener:
     def _drop_too_large(self, source, tag, element, column: Column, prefix: str) -> None:
         """A value over MAX_VALUE_BYTES, or past the row's MAX_ROW_VALUE_BYTES: named in
         DroppedTags, never read. An excluded VR (explicit, or the dictionary's) is dropped
-        by rule as any value of its VR."""
-        vr = element.VR or column.vr
+        by rule as any value of its VR; a public element stored as UN is judged by its
+        dictionary VR (too large, not UN)."""
+        vr = _stored_vr(element, column)
         if vr is None and column.kind == OTHER_ELEMENTS:
             vr = _private_dictionary_vr(source, tag)
         excluded = column.bq_type is None if column.kind != OTHER_ELEMENTS else False
@@ -249,7 +263,7 @@ class _Flattener:
         if column.bq_type is None:
             self.drop(prefix + name)
             return
-        vr, element = self._resolve_vr(source, tag, element, column.vr)
+        vr, element = self._resolve_vr(source, tag, element, column.vr, encodings)
         if vr == _UNCONVERTIBLE:
             self.drop(prefix + name, NOT_FIT)
             return
@@ -262,7 +276,7 @@ class _Flattener:
             if vr != "SQ":
                 self.drop(prefix + name, NOT_FIT)
                 return
-            items = source[tag].value
+            items = element.value if isinstance(element, DataElement) else source[tag].value
             value, child_paths = self._sequence(items, encodings, prefix + name + ".", value_depth)
             if not child_paths:
                 if items:  # items, none with a field: say so rather than lose it silently
@@ -300,7 +314,7 @@ class _Flattener:
     def _other(self, source, tag, element, column, encodings, prefix, depth, row, paths, others):
         """A private or keyword-less element: OtherElements, a Tag_ sequence, or dropped."""
         name = column.name
-        vr, element = self._resolve_vr(source, tag, element, None)
+        vr, element = self._resolve_vr(source, tag, element, None, encodings)
         if vr == _UNCONVERTIBLE:
             self.drop(prefix + name, NOT_FIT)
             return
@@ -339,18 +353,24 @@ class _Flattener:
 
     # -- values -----------------------------------------------------------------------
 
-    def _resolve_vr(self, source: Dataset, tag: int, element, dictionary_vr: str | None):
+    def _resolve_vr(self, source: Dataset, tag: int, element, dictionary_vr: str | None, encodings):
         """The element's actual VR, converting through pydicom where only it knows.
 
-        pydicom resolves what the raw bytes cannot tell: an implicit VR that is ambiguous
-        (``US or SS``), a private tag's VR from its private dictionary, a public element
-        stored as UN.
+        A public element stored as UN (relayed by a system that did not know it, or over
+        64 KiB in explicit VR: DICOM CP-1066) has its dictionary VR whatever its length;
+        its value is implicit VR little endian (PS3.5 §6.2.2), so a sequence's items are
+        parsed as such. (pydicom's ``config.replace_un_with_known_vr`` does this only for
+        values under 0xFFFF bytes, and in the file's byte order.) pydicom resolves what
+        the raw bytes cannot tell: an implicit VR that is ambiguous (``US or SS``), a
+        private tag's VR from its private dictionary.
         """
         if not isinstance(element, RawDataElement):
             return element.VR, element
         vr = element.VR
         if vr is None and dictionary_vr and " or " not in dictionary_vr:
             return dictionary_vr, element
+        if vr == "UN" and dictionary_vr and " or " not in dictionary_vr:
+            return self._from_un(tag, element, dictionary_vr, encodings)
         if vr is not None and vr != "UN":
             return vr, element
         if element.value is None and element.length and dictionary_vr is None:
@@ -363,6 +383,17 @@ class _Flattener:
         except Exception:  # pydicom cannot convert it (e.g. a length its VR forbids)
             return _UNCONVERTIBLE, element
         return converted.VR, converted
+
+    def _from_un(self, tag: int, element: RawDataElement, dictionary_vr: str, encodings):
+        """A public element stored as UN, as its dictionary VR (see ``_resolve_vr``)."""
+        as_implicit = element._replace(VR=dictionary_vr, is_implicit_VR=True, is_little_endian=True)
+        if dictionary_vr != "SQ":
+            return dictionary_vr, as_implicit
+        try:
+            items = dicom_values.convert_SQ(self._raw_bytes(element), True, True, encodings)
+        except Exception:  # not items: the value does not fit its dictionary VR
+            return _UNCONVERTIBLE, element
+        return "SQ", DataElement(tag, "SQ", items)
 
     def _raw_bytes(self, element: RawDataElement) -> bytes:
         value = element.value
@@ -465,6 +496,15 @@ def _items_in_un(element, encodings) -> list | None:
         return list(dicom_values.convert_SQ(value, True, True, encodings))
     except Exception:
         return None
+
+
+def _stored_vr(element: RawDataElement, column: Column) -> str | None:
+    """The VR a stored value is converted by: the explicit one, else (implicit VR, or a
+    public element stored as UN) the dictionary's."""
+    vr = element.VR
+    if vr is None or (vr == "UN" and column.vr):
+        return column.vr or vr
+    return vr
 
 
 def _private_dictionary_vr(dataset: Dataset, tag: int) -> str | None:

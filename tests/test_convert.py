@@ -660,3 +660,46 @@ def test_values_past_the_rows_budget_are_dropped_so_a_row_stays_loadable():
     flat = flatten_bytes(data)
     assert "RealWorldValueLUTData" in dropped(flat.row) and "RealWorldValueLUTData" not in flat.row
     assert flat.row["PatientID"] == "P1" and flat.counts["dropped_not_fit"] == 1
+
+
+# -- public elements stored as UN (issue 13) --------------------------------------------------
+
+
+def _un_element(tag: int, value: bytes, order: str = "<") -> bytes:
+    """An explicit VR element stored as UN (pydicom's writer would give it its dictionary VR)."""
+    import struct
+
+    return struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, b"UN", 0, len(value)) + value
+
+
+def test_a_public_un_value_is_little_endian_even_in_a_big_endian_file():
+    import struct
+
+    data = (to_bytes(instance(), ExplicitVRBigEndian)
+            + _un_element(0x00181310, struct.pack("<4H", 0, 256, 256, 0), ">")  # AcquisitionMatrix
+            + _un_element(0x00280010, struct.pack("<H", 512), ">"))  # Rows: PS3.5 §6.2.2
+    flat = flatten_bytes(data)
+    assert flat.row["Rows"] == 512
+    assert flat.row["AcquisitionMatrix"] == [0, 256, 256, 0]
+
+
+def test_a_public_sequence_stored_as_un_over_64_kib_is_read_and_parsed_as_items():
+    uids = [f"1.2.826.0.1.3680043.10.1137.{i}" for i in range(2000)]
+    items = b""
+    for uid in uids:
+        value = _implicit_element(0x0020000E, uid.encode() + b"\0" * (len(uid) % 2))
+        items += _implicit_element(0xFFFEE000, value)
+    assert len(items) > 64 * 1024  # skipped while parsing, read because it is exported
+    flat = flatten_bytes(to_bytes(instance()) + _un_element(0x00081115, items))  # ReferencedSeriesSequence
+    assert flat.row["ReferencedSeriesSequence"] == [{"SeriesInstanceUID": uid} for uid in uids]
+    assert dropped(flat.row) == ["FileMetaInformationVersion"]
+
+
+def test_a_public_un_value_that_does_not_parse_as_its_dictionary_vr_is_not_fit():
+    data = (to_bytes(instance())
+            + _un_element(0x00081115, b"\x01\x02\x03\x04")  # ReferencedSeriesSequence, but not items
+            + _un_element(0x00280010, b"\x01\x02\x03"))  # Rows, three bytes
+    flat = flatten_bytes(data)
+    assert "ReferencedSeriesSequence" in dropped(flat.row)
+    assert flat.row["OtherElements"] == [{"Tag": "Tag_00280010", "Data": ["010203"]}]
+    assert flat.counts["dropped_not_fit"] == 1

@@ -22,6 +22,7 @@ MOVED_TO_OTHER_ELEMENTS = "moved_to_other_elements"
 CHARSET_FALLBACKS = "charset_fallbacks"
 UNDECODABLE_VALUES = "undecodable_values"
 TOO_DEEP = "too_deep"
+UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"  # elements after Pixel Data not read unambiguously
 
 #: Counted while listing.
 LISTING_COUNTERS = (FILES_LISTED, FILES_MATCHED)
@@ -40,6 +41,7 @@ READ_COUNTERS = (
     CHARSET_FALLBACKS,
     UNDECODABLE_VALUES,
     TOO_DEEP,
+    UNREAD_AFTER_PIXEL_DATA,
 )
 
 #: Every fixed counter, in the order the summary knows them.

@@ -9,6 +9,13 @@ Large values before it (ICC profiles, encapsulated documents, vendor blobs) are 
 with a seek, not read, and read later only if their VR is exported. So on Cloud Storage
 a ranged reader fetches a few KB of a 40 MB object.
 
+What follows Pixel Data (Data Set Trailing Padding, Digital Signatures Sequence, private
+elements) is read without reading Pixel Data (:func:`_read_after_pixel_data`): after a
+defined length, by one seek past its value (nothing when the value ends the file); after
+encapsulated Pixel Data, from the file's last ``AFTER_PIXEL_DATA_WINDOW`` bytes (one small
+ranged read). What cannot be read unambiguously is left out and flagged on the dataset
+(:data:`UNREAD_AFTER_PIXEL_DATA`), so the converter counts it.
+
 Every way a file can fail to be an instance is an :class:`InstanceError` subclass whose
 message never contains a tag value (DICOM headers hold patient data). What one file may
 cost (header bytes, inflated bytes, time, nesting) is bounded by :mod:`transforms.limits`.
@@ -27,14 +34,24 @@ import pydicom.uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filereader import (
+    _read_command_set_elements,
+    _read_file_meta_info,
+    data_element_generator,
+    read_dataset,
+    read_preamble,
+)
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.values import converters
 
 from transforms.limits import (
+    AFTER_PIXEL_DATA_WINDOW,
+    MAX_BYTES_AFTER_PIXEL_DATA,
     MAX_HEADER_BYTES,
     MAX_INFLATED_BYTES,
     MAX_SECONDS_PER_FILE,
     Budget,
+    HeaderTooLargeError,
     InflatingReader,
     InputTypeError,
     LimitError,
@@ -69,6 +86,17 @@ _UID_KEYWORDS = {
     SERIES_INSTANCE_UID: "SeriesInstanceUID",
     SOP_INSTANCE_UID: "SOPInstanceUID",
 }
+
+#: The attribute :func:`read_header` sets to True on a dataset whose elements after Pixel
+#: Data could not be read unambiguously (or at all: a deflated dataset's would need its
+#: pixel data inflated); :mod:`schemas.convert` counts it as ``unread_after_pixel_data``.
+UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"
+
+#: PS3.5 §7.5: the Sequence Delimitation Item (FFFE,E0DD) with its zero length, which ends
+#: encapsulated Pixel Data (always little endian: every encapsulated syntax is).
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_ITEM_TAG = 0xFFFEE000
+_SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
 
 #: Groups a dataset written without preamble and file meta plausibly starts with.
 _FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
@@ -158,6 +186,11 @@ class _GuardedReader(io.RawIOBase):
         return data
 
     @property
+    def size(self) -> int:
+        """The file's size (taken once, when reading starts)."""
+        return self._end
+
+    @property
     def ended_early(self) -> bool:
         """True if a read (of the file, or of its inflated dataset) returned less than asked."""
         return self.short_read or (self.inflated is not None and self.inflated.short_read)
@@ -221,11 +254,11 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
     reader.seek(0)
     reader.short_read = False
 
-    stopped_at: list[int] = []
+    stopped_at: list[tuple[int, str | None, int]] = []
 
     def stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
         if tag in PIXEL_DATA_TAGS:
-            stopped_at.append(int(tag))
+            stopped_at.append((int(tag), vr, length))
             return True
         return tag == 0 and not length  # zero bytes: padding, not an element
 
@@ -241,11 +274,138 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
         raise
     if reader.ended_early or _has_cut_value(dataset, reader):
         raise TruncatedFileError("the file ends inside the header")
+    uids = _instance_uids(dataset)
+    if stopped_at:
+        tag, vr, length = stopped_at[0]
+        after = None  # deflated: what follows would cost inflating the pixel data
+        if dataset.buffer is reader:  # where pydicom stopped: the start of Pixel Data
+            try:
+                with budget.at_most(MAX_BYTES_AFTER_PIXEL_DATA):
+                    after = _read_after_pixel_data(reader, dataset, tag, vr, length, reader.tell())
+            except HeaderTooLargeError:
+                pass
+        if after is None:
+            setattr(dataset, UNREAD_AFTER_PIXEL_DATA, True)
+        else:
+            dataset._dict.update(after)
     return InstanceHeader(
         dataset=dataset,
-        uids=_instance_uids(dataset),
-        pixel_data_tag=stopped_at[0] if stopped_at else None,
+        uids=uids,
+        pixel_data_tag=stopped_at[0][0] if stopped_at else None,
     )
+
+
+def _read_after_pixel_data(
+    reader: "_GuardedReader", dataset: FileDataset, pixel_tag: int, vr: str | None, length: int, start: int
+) -> dict | None:
+    """The elements after the Pixel Data element that starts at ``start``, ``{tag: element}``
+    (empty if Pixel Data ends the file), or None if they cannot be read unambiguously.
+
+    Pixel Data's value is never read. A defined length gives the position of what follows:
+    one seek there (and no read at all if the value ends the file). Encapsulated Pixel Data
+    (undefined length, PS3.5 §A.4) ends with a Sequence Delimitation Item after fragments
+    whose sizes are known only by walking them, so the file's last AFTER_PIXEL_DATA_WINDOW
+    bytes are read once instead: if they hold the whole value, its items are walked; else
+    each delimiter found there is a candidate, and exactly one must be followed by elements
+    (ascending tags after Pixel Data's) that end exactly at the end of the file.
+    """
+    implicit, little = dataset.original_encoding
+    value_start = start + (12 if not implicit and vr in EXPLICIT_VR_LENGTH_32 else 8)
+    end = reader.size
+    encoding = dataset.original_character_set
+    if length != 0xFFFFFFFF:
+        after = value_start + length
+        if after >= end:
+            return {}
+        return _elements_between(reader, after, end, implicit, little, pixel_tag, encoding)
+    if not little:
+        return None
+    window_start = max(value_start, end - AFTER_PIXEL_DATA_WINDOW)
+    reader.seek(window_start)
+    tail = reader.read_chunk(end - window_start)
+    if len(tail) != end - window_start:
+        return None
+    if window_start == value_start:
+        delimiter_end = _end_of_fragments(tail)
+        candidates = [] if delimiter_end is None else [delimiter_end]
+    else:
+        candidates = []
+        found = tail.find(_SEQUENCE_DELIMITER)
+        while found >= 0:
+            candidates.append(found + len(_SEQUENCE_DELIMITER))
+            found = tail.find(_SEQUENCE_DELIMITER, found + 1)
+    parsed = []
+    for offset in candidates:
+        elements = _elements_between(
+            _OffsetBytes(tail, window_start), window_start + offset, end, implicit, little, pixel_tag, encoding
+        )
+        if elements is not None:
+            parsed.append(elements)
+    return parsed[0] if len(parsed) == 1 else None
+
+
+def _end_of_fragments(value: bytes) -> int | None:
+    """The offset just past the Sequence Delimitation Item of encapsulated Pixel Data whose
+    value starts ``value``, walking its items (Basic Offset Table, fragments)."""
+    position = 0
+    while position + 8 <= len(value):
+        group, element, length = struct.unpack_from("<HHL", value, position)
+        tag = group << 16 | element
+        position += 8
+        if tag == _SEQUENCE_DELIMITER_TAG:
+            return position
+        if tag != _ITEM_TAG or length == 0xFFFFFFFF:
+            return None
+        position += length
+    return None
+
+
+def _elements_between(fileobj, start: int, end: int, implicit: bool, little: bool, after_tag: int,
+                      encoding) -> dict | None:
+    """The elements from ``start`` to exactly ``end``, all with tags in ascending order after
+    ``after_tag``, or None if the bytes are not such elements. Values over DEFER_SIZE are
+    skipped with a seek, as before Pixel Data."""
+    fileobj.seek(start)
+    elements: dict = {}
+    previous = after_tag
+    position = start
+    try:
+        for element in data_element_generator(fileobj, implicit, little, defer_size=DEFER_SIZE, encoding=encoding):
+            tag = int(element.tag)
+            if tag <= previous or tag >> 16 == 0xFFFE:
+                return None
+            if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
+                if element.value_tell + element.length > end:
+                    return None
+                if element.value is not None and len(element.value) != element.length:
+                    return None
+            elements[tag] = element
+            previous = tag
+            position = fileobj.tell()
+    except (LimitError, RecursionError):
+        raise
+    except Exception as error:
+        if _from_recursion(error):
+            raise
+        return None
+    return elements if position == end else None
+
+
+class _OffsetBytes(io.BytesIO):
+    """Bytes read from the file at ``offset``, positioned as in the file (so the elements
+    parsed from them have their values' positions in the file)."""
+
+    def __init__(self, data: bytes, offset: int):
+        super().__init__(data)
+        self._offset = offset
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            position -= self._offset
+        return super().seek(position, whence) + self._offset
+
+    def tell(self) -> int:
+        return super().tell() + self._offset
 
 
 def _read_partial(reader, stop_when, force: bool, budget: Budget, max_inflated_bytes: int) -> FileDataset:
@@ -320,20 +480,14 @@ def _starts_like_a_dataset(start: bytes) -> bool:
 
 def _has_cut_value(dataset: Dataset, reader: _GuardedReader) -> bool:
     """True if a top-level value is shorter than its length, or a skipped one runs past the end."""
-    end = None
     for raw in dataset._dict.values():
         if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
             continue
         if raw.value is not None:
             if len(raw.value) < raw.length:
                 return True
-        elif dataset.buffer is reader:
-            if end is None:
-                position = reader.tell()
-                end = reader.seek(0, io.SEEK_END)
-                reader.seek(position)
-            if raw.value_tell + raw.length > end:
-                return True
+        elif dataset.buffer is reader and raw.value_tell + raw.length > reader.size:
+            return True
     return False
 
 

@@ -13,6 +13,7 @@ value (what a BigQuery row can hold) is a rule of the row: ``schemas.convert.MAX
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -28,6 +29,22 @@ from typing import Callable, TypeVar
 #: reports), yet small enough that a worker holding a few such files stays within memory.
 #: Bytes past it are never read: the file is a ``HeaderTooLargeError`` dead letter.
 MAX_HEADER_BYTES = 64 * 2**20
+
+#: Bytes at the end of a file read to find the elements after encapsulated Pixel Data
+#: (Data Set Trailing Padding, a Digital Signatures Sequence): one ranged read of this
+#: size instead of walking the fragments. 4 KiB holds a signature with its X.509
+#: certificate (1–2 KiB) and the padding writers add (DCMTK pads to a block size you
+#: choose; pydicom's test files carry 126 bytes), and adds at most 1/16 to the 64 KiB a
+#: header read of a large file costs. Elements that do not fit in it are not read and
+#: are counted (``unread_after_pixel_data``).
+AFTER_PIXEL_DATA_WINDOW = 4 * 1024
+
+#: Bytes read to parse what follows a defined-length Pixel Data (values over 64 KiB are
+#: skipped by a seek and not counted, as before Pixel Data). Real trailing elements are a
+#: few KiB; bytes after Pixel Data that only look like elements (an undefined length that
+#: never ends) stop here: nothing after Pixel Data is recorded, the instance is counted
+#: (``unread_after_pixel_data``) and its row kept — never a failure for what it only carries.
+MAX_BYTES_AFTER_PIXEL_DATA = 2**20
 
 #: Bytes one deflated file (Deflated Explicit VR Little Endian) may inflate to before
 #: Pixel Data. Inflated incrementally, as parsing asks for bytes, so memory never holds
@@ -163,6 +180,17 @@ class Budget:
                 "(MAX_HEADER_BYTES, the limit on header bytes read per file)"
             )
         self.bytes_read += size
+
+    @contextlib.contextmanager
+    def at_most(self, size: int):
+        """Within the block, at most ``size`` more bytes (``HeaderTooLargeError`` past them,
+        or past the file's own limit, whichever comes first)."""
+        saved = self.max_bytes
+        self.max_bytes = min(saved, self.bytes_read + size)
+        try:
+            yield
+        finally:
+            self.max_bytes = saved
 
 
 class InflatingReader(io.RawIOBase):
@@ -315,6 +343,8 @@ def _size(count: int) -> str:
 
 
 __all__ = [
+    "AFTER_PIXEL_DATA_WINDOW",
+    "MAX_BYTES_AFTER_PIXEL_DATA",
     "MAX_HEADER_BYTES",
     "MAX_INFLATED_BYTES",
     "MAX_SECONDS_PER_FILE",
