@@ -23,8 +23,7 @@ from pydicom.data import get_testdata_file
 from schemas.convert import flatten_instance
 from tests.builders import instance, to_bytes
 from transforms.header import read_header
-from transforms.match import InputFile
-from transforms.read import Opener
+from transforms.storage import InputFile, Opener
 from transforms.sources import archives
 from transforms.sources.archives import (
     STREAMED,

@@ -168,8 +168,10 @@ class _GuardedReader(io.RawIOBase):
         self._position = fileobj.tell()  # kept here: tell() on a buffered file is a system call
         try:
             self._end = fileobj.seek(0, io.SEEK_END)
+            self.size_known = True
         except (OSError, ValueError, NotImplementedError):  # a stream without an end: no capping
             self._end = 1 << 62
+            self.size_known = False
         fileobj.seek(self._position)
 
     def read(self, size: int = -1) -> bytes:
@@ -309,6 +311,8 @@ def _read_after_pixel_data(
     each delimiter found there is a candidate, and exactly one must be followed by elements
     (ascending tags after Pixel Data's) that end exactly at the end of the file.
     """
+    if not reader.size_known:  # a stream (a DICOMweb retrieve): reaching its end means receiving Pixel Data
+        return None
     implicit, little = dataset.original_encoding
     value_start = start + (12 if not implicit and vr in EXPLICIT_VR_LENGTH_32 else 8)
     end = reader.size

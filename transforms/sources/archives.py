@@ -44,11 +44,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.header import InstanceError, InstanceHeader, describe_error, read_header
 
-try:  # the reference to one input and byte access move to transforms.storage (CONTRACTS.md 1)
-    from transforms.storage import READ_BUFFER_BYTES, InputFile
-except ImportError:
-    from transforms.match import InputFile
-    from transforms.read import READ_BUFFER_BYTES
+from transforms.storage import READ_BUFFER_BYTES, InputFile
 
 NAMESPACE = "dicom_bq_export"
 
@@ -828,7 +824,7 @@ class ExpandArchives(beam.DoFn):
     one worker (:func:`iter_streamed_members`); anything else passes through. An archive
     that cannot be listed passes through with ``error`` set (its dead letter).
 
-    ``opener`` has ``open(InputFile) -> (file object, counter)`` (transforms.read's
+    ``opener`` has ``open(InputFile) -> (file object, counter)`` (transforms.storage's
     ``Opener``); the bytes its listing reads are added to ``bytes_read``.
     """
 
@@ -843,10 +839,8 @@ class ExpandArchives(beam.DoFn):
 
     def setup(self):
         if self._opener is None:
-            try:
-                from transforms.storage import Opener
-            except ImportError:
-                from transforms.read import Opener
+            from transforms.storage import Opener
+
             self._opener = Opener()
 
     def _open_file(self, path: str) -> BinaryIO:

@@ -779,8 +779,8 @@ class InstanceStream(io.RawIOBase):
             position = offset
         elif whence == io.SEEK_CUR:
             position = self._position + offset
-        elif whence == io.SEEK_END:
-            position = len(self._body) + offset
+        elif whence == io.SEEK_END:  # the part's length is not known before it is all received
+            raise io.UnsupportedOperation("a streamed instance has no known end")
         else:
             raise ValueError(f"invalid whence {whence}")
         if position < 0:
@@ -1058,10 +1058,7 @@ import apache_beam as beam  # noqa: E402
 from apache_beam.metrics import Metrics  # noqa: E402
 from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 
-try:
-    from transforms.storage import InputFile  # after the storage refactor
-except ImportError:  # pragma: no cover - before it
-    from transforms.match import InputFile
+from transforms.storage import InputFile
 
 NAMESPACE = "dicom_bq_export"
 #: Counter names (move to transforms/counters.py with the others).
