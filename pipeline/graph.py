@@ -1,5 +1,10 @@
 """The pipeline graph: listing units → files → instances → rows, schema, dead letters.
 
+Sources branch here: archives are expanded after the files are matched (ZIP and tar
+members join the files; each ``.tar.gz`` is streamed and converted by one worker);
+DICOMweb instances are listed from their own units and, in instance mode, read with the
+files through the opener, or in metadata mode converted from each series' DICOM JSON.
+
 ``build_pipeline`` only assembles transforms; every rule lives in ``schemas`` and
 ``transforms``. It returns its outputs so that destinations and tests can use them.
 """
@@ -18,6 +23,9 @@ from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import MatchInputs
+from transforms.sources.archives import ExpandArchiveInputs
+from transforms.sources.dicomweb import ListDicomWebInputs, ReadDicomWebMetadataRows
+from transforms.storage import Opener
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +40,10 @@ class ExportPlan:
     filter_uri: str | None = None
     uid_roots: tuple[str, ...] = ()
     run_started: str | None = None  # UTC timestamp stamped on the dead letters
+    dicomweb_units: tuple = ()  # transforms.sources.dicomweb.ListingUnit per server (and filter line)
+    dicomweb_mode: str = "instance"  # or "metadata"
+    expand_archives: bool = True
+    nested_archives: bool = False
 
 
 class ExportOutputs(NamedTuple):
@@ -65,13 +77,41 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
     files = units | "MatchInputs" >> MatchInputs(reporter)
-
-    read = ReadInstances(pipeline_options, plan.run_started, reporter)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
+    opener = Opener(pipeline_options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
+    instance_parts, dead_letter_parts = [], []
+
+    if plan.expand_archives:
+        files, streamed_instances, streamed_dead_letters = files | "Archives" >> ExpandArchiveInputs(
+            opener, nested_archives=plan.nested_archives, run_started=plan.run_started, reporter=reporter,
+            filter_side_inputs=side_inputs,
+        )
+        instance_parts.append(streamed_instances)
+        dead_letter_parts.append(streamed_dead_letters)
+
+    if plan.dicomweb_units:
+        web_files = (
+            pipeline
+            | "DicomWebUnits" >> beam.Create(list(plan.dicomweb_units))
+            | "ListDicomWeb" >> ListDicomWebInputs(reporter)
+        )
+        if plan.dicomweb_mode == "metadata":
+            web_instances, web_dead_letters = web_files | "DicomWebMetadata" >> ReadDicomWebMetadataRows(
+                plan.run_started, reporter, side_inputs
+            )
+            instance_parts.append(web_instances)
+            dead_letter_parts.append(web_dead_letters)
+        else:  # instance mode: read like files, through the opener
+            files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
+
+    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener)
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )
     instances, dead_letters = read_outputs.instances, read_outputs[DEAD_LETTERS]
+    if instance_parts:
+        instances = [instances, *instance_parts] | "AllInstances" >> beam.Flatten()
+        dead_letters = [dead_letters, *dead_letter_parts] | "AllDeadLetters" >> beam.Flatten()
 
     schema = (
         instances

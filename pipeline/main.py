@@ -54,6 +54,7 @@ from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
 from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
+from transforms.sources import dicomweb
 
 #: Runners that execute in (or next to) this process, so the launcher waits and loads.
 LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PrismRunner", "SwitchingDirectRunner"}
@@ -95,7 +96,7 @@ def _small_local_input(plan: ExportPlan) -> bool:
     With a filter file the files under the input count, whether listed by UID layout or
     not: the filter can only select fewer of them.
     """
-    if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
+    if plan.dicomweb_units or any("://" in unit for unit in plan.listing_units + plan.uid_roots):
         return False
     count = 0
     for unit in plan.listing_units:
@@ -114,9 +115,26 @@ def _small_local_input(plan: ExportPlan) -> bool:
 
 
 def input_patterns(values: list[str]) -> list[str]:
-    """``--input`` values; one value may hold several gs:// patterns separated by commas
-    (a template parameter is one string)."""
-    return [pattern for value in values for pattern in re.split(r",(?=gs://)", value) if pattern]
+    """``--input`` values; one value may hold several gs:// patterns or DICOMweb roots
+    separated by commas (a template parameter is one string)."""
+    return [pattern for value in values for pattern in re.split(r",(?=gs://|dicomweb\+)", value) if pattern]
+
+
+def dicomweb_roots(patterns: list[str]) -> list[str]:
+    """The DICOMweb roots among the inputs, canonical and each once; then each server is
+    checked (:func:`transforms.sources.dicomweb.check_server`: reachable, credentials,
+    permission) before anything is read. A malformed root is a UsageError; a server that
+    cannot be used raises DicomWebError, one line saying what to fix."""
+    roots = []
+    for pattern in patterns:
+        try:
+            roots.append(dicomweb.parse_root(pattern))
+        except dicomweb.DicomWebError as error:
+            raise UsageError(f"--input: {error}") from None
+    roots = list(dict.fromkeys(roots))
+    for root in roots:
+        dicomweb.check_server(root)
+    return roots
 
 
 def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None = None) -> tuple[ExportPlan, object]:
@@ -128,7 +146,10 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
     if not export.input:
         raise UsageError("give at least one --input (a folder, file, glob or gs:// pattern)")
     patterns = input_patterns(export.input)
+    web_patterns = [p for p in patterns if dicomweb.is_dicomweb_input(p)]
+    patterns = [p for p in patterns if not dicomweb.is_dicomweb_input(p)]
     check_inputs_exist(patterns, pipeline_options)
+    web_roots = dicomweb_roots(web_patterns)
     units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
     units = tuple(shard_listing_units(units, pipeline_options))
     filter_file = None
@@ -146,6 +167,10 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
         listing_units=units,
         filter_uri=export.filter_config_gcs_uri,
         uid_roots=uid_roots,
+        dicomweb_units=tuple(u for root in web_roots for u in dicomweb.listing_units(root, filter_file)),
+        dicomweb_mode=export.dicomweb_mode,
+        expand_archives=not export.no_archives,
+        nested_archives=export.nested_archives,
     )
     return plan, filter_file
 
@@ -479,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         _error(str(error))
         return 2
-    except (FilterFileError, DestinationError, TooManyFailures) as error:
+    except (FilterFileError, DestinationError, TooManyFailures, dicomweb.DicomWebError) as error:
         _error(str(error))
         return 1
     except Exception as error:  # noqa: BLE001 — the last line of defence: one line, not a traceback

@@ -16,6 +16,7 @@ import re
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 INPUT_LAYOUTS = ("auto", "by-uid", "any")
+DICOMWEB_MODES = ("instance", "metadata")
 
 
 class UsageError(ValueError):
@@ -73,7 +74,9 @@ class ExportOptions(PipelineOptions):
             nargs="+",
             default=None,
             help="DICOM files to export: one or more local paths, folders or globs, or gs:// "
-            "patterns (gs://bucket/prefix/**). Folders are read recursively; file names do not matter.",
+            "patterns (gs://bucket/prefix/**). Folders are read recursively; file names do not matter; "
+            ".zip, .tar, .tar.gz and .tgz archives are read member by member. A DICOM store or PACS: "
+            "dicomweb+https://HOST/DICOMWEB/ROOT (credentials from the environment: see the README).",
         )
         parser.add_argument(
             *_flag("bq-table"),
@@ -120,6 +123,35 @@ class ExportOptions(PipelineOptions):
             "(ROOT/STUDY/SERIES/INSTANCE or ROOT/studies/STUDY/series/SERIES/instances/INSTANCE); "
             "'any' reads every file and selects by the UIDs in its header; 'auto' (default) "
             "probes the folders to choose.",
+        )
+        parser.add_argument(
+            *_flag("dicomweb-mode"),
+            metavar="MODE",
+            dest="dicomweb_mode",
+            default="instance",
+            choices=DICOMWEB_MODES,
+            help="DICOMweb inputs: 'instance' (default) retrieves each instance as stored and reads "
+            "its header (the same row as from its file); 'metadata' reads the DICOM JSON of each "
+            "series in one request (cheaper, lossy as the README documents).",
+        )
+        parser.add_argument(
+            *_flag("no-archives"),
+            dest="no_archives",
+            nargs="?",
+            const=True,
+            type=_boolean,
+            default=False,
+            help="Read .zip, .tar, .tar.gz and .tgz inputs as plain files instead of member by member.",
+        )
+        parser.add_argument(
+            *_flag("nested-archives"),
+            dest="nested_archives",
+            nargs="?",
+            const=True,
+            type=_boolean,
+            default=False,
+            help="Also expand archives found inside archives (up to 3 levels); otherwise each is a "
+            "NestedArchiveError dead letter.",
         )
         parser.add_argument(
             *_flag("summary-json"),

@@ -18,6 +18,14 @@ from apache_beam.metrics.metric import MetricsFilter
 from transforms.counters import COUNTERS as _ALL_COUNTERS
 from transforms.counters import FAILED_PREFIX, NAMESPACE
 
+#: Figures of the sources, in the summary only when not zero (a run of files has none).
+_SOURCE_FIGURES = {
+    "archives_expanded": "archives expanded",
+    "archives_streamed": ".tar.gz streamed",
+    "dicomweb_requests": "DICOMweb requests",
+    "dicomweb_retries": "DICOMweb retries",
+}
+
 #: The summary prints this many failure types; the JSON has them all.
 TOP_FAILURE_TYPES = 5
 
@@ -70,6 +78,7 @@ def build(counts, *, duration, destination, errors_table, disposition, filter_fi
         "undecodable_values": counts["undecodable_values"],
         "too_deep": counts["too_deep"],
         "bytes_read": counts["bytes_read"],
+        **{name: counts[name] for name in _SOURCE_FIGURES if counts.get(name)},
         "bytes_read_per_instance": round(counts["bytes_read"] / inputs) if inputs else 0,
         "duration_seconds": round(duration, 3),
         "instances_per_second": round(inputs / duration, 1) if duration else 0.0,
@@ -110,6 +119,7 @@ def render(summary: dict) -> str:
         f"({summary['bytes_read_per_instance']:,} per instance)",
         f"  instances per second     {summary['instances_per_second']:>12,.1f}",
     ]
+    lines += [f"  {label:<24} {summary[name]:>12,}" for name, label in _SOURCE_FIGURES.items() if name in summary]
     if "filter_lines" in summary:
         nothing = summary["filter_lines_selecting_nothing"]
         shown = ", ".join(str(n) for n in nothing[:20]) + (" ..." if len(nothing) > 20 else "")

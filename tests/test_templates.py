@@ -18,7 +18,7 @@ from pipeline.destinations import WRITE_DISPOSITIONS, Disposition
 from pipeline.destinations.base import RunContext
 from pipeline.destinations.bigquery import BigQueryTable
 from pipeline.graph import ExportPlan, build_pipeline
-from pipeline.options import INPUT_LAYOUTS, ExportOptions
+from pipeline.options import DICOMWEB_MODES, INPUT_LAYOUTS, ExportOptions
 from transforms.match import match_files, shard_listing_units
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +64,9 @@ def test_metadata_enums_are_the_options_values():
     assert values("write_disposition") == list(WRITE_DISPOSITIONS)
     assert values("input_layout") == list(INPUT_LAYOUTS)
     assert values("overwrite_table") == ["true", "false"]
-    for name in ("write_disposition", "input_layout", "overwrite_table"):
+    assert values("dicomweb_mode") == list(DICOMWEB_MODES)
+    assert values("no_archives") == values("nested_archives") == ["true", "false"]
+    for name in ("write_disposition", "input_layout", "overwrite_table", "dicomweb_mode", "no_archives", "nested_archives"):
         assert PARAMETERS[name]["paramType"] == "ENUM"
         assert all(re.fullmatch(PARAMETERS[name]["regexes"][0], v) for v in values(name))
     assert PARAMETERS["filter_config_gcs_uri"]["paramType"] == "GCS_READ_FILE"

@@ -23,6 +23,10 @@ CHARSET_FALLBACKS = "charset_fallbacks"
 UNDECODABLE_VALUES = "undecodable_values"
 TOO_DEEP = "too_deep"
 UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"  # elements after Pixel Data not read unambiguously
+DICOMWEB_REQUESTS = "dicomweb_requests"  # every HTTP request to a DICOMweb server, retries included
+DICOMWEB_RETRIES = "dicomweb_retries"  # requests repeated after a 429/5xx, a reset or a timeout
+ARCHIVES_EXPANDED = "archives_expanded"  # ZIP and tar archives listed member by member
+ARCHIVES_STREAMED = "archives_streamed"  # .tar.gz archives streamed by one worker
 
 #: Counted while listing.
 LISTING_COUNTERS = (FILES_LISTED, FILES_MATCHED)
@@ -42,10 +46,15 @@ READ_COUNTERS = (
     UNDECODABLE_VALUES,
     TOO_DEEP,
     UNREAD_AFTER_PIXEL_DATA,
+    DICOMWEB_REQUESTS,
+    DICOMWEB_RETRIES,
 )
 
+#: Counted by the sources (listing and reading archives); shown when not zero.
+SOURCE_COUNTERS = (ARCHIVES_EXPANDED, ARCHIVES_STREAMED)
+
 #: Every fixed counter, in the order the summary knows them.
-COUNTERS = LISTING_COUNTERS + READ_COUNTERS
+COUNTERS = LISTING_COUNTERS + READ_COUNTERS + SOURCE_COUNTERS
 
 #: Prefix of the per-failure-type counters, ``failed:NotDicomError``.
 FAILED_PREFIX = FAILED + ":"

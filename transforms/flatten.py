@@ -48,8 +48,9 @@ class ReadInstances(beam.DoFn):
     ``not_selected`` and dropped: they are neither successes nor failures.
     """
 
-    def __init__(self, pipeline_options=None, run_started: str | None = None, reporter=None):
+    def __init__(self, pipeline_options=None, run_started: str | None = None, reporter=None, opener: Opener | None = None):
         self._options = pipeline_options
+        self._opener_settings = opener  # sources: an Opener with the archive options (else the default one)
         self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
         self._run_started = run_started
         self.counters = {name: Metrics.counter(counters.NAMESPACE, name) for name in counters.READ_COUNTERS}
@@ -57,7 +58,7 @@ class ReadInstances(beam.DoFn):
 
     def setup(self):
         silence_pydicom()
-        self._opener = Opener(self._options)
+        self._opener = self._opener_settings or Opener(self._options)
 
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
         if self._reporter is not None:
@@ -87,6 +88,9 @@ class ReadInstances(beam.DoFn):
         finally:
             if counting is not None:
                 self.counters[counters.BYTES_READ].inc(counting.bytes_read)
+                for name, count in getattr(counting, "counts", {}).items():  # a source's own (DICOMweb requests)
+                    if count:
+                        self.counters[name].inc(count)
         self.counters[counters.SUCCEEDED].inc()
         self.bytes_per_instance.update(counting.bytes_read)
         for name, count in flattened.counts.items():

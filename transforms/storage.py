@@ -6,8 +6,13 @@ only what is asked for. On Cloud Storage that raw reader issues ranged GETs thro
 storage client Beam itself configures, so a header of a few KB costs one small request,
 not the whole object, and ``bytes_read`` counts what was transferred.
 
-This module sits at the bottom of the imports: listing, sources and the flatten step
-all use it, and it uses none of them.
+:meth:`Opener.open` is the single dispatch point of byte access, so that whatever
+concurrency the read step has applies to every source: a path ``ARCHIVE#member`` opens
+the member through :mod:`transforms.sources.archives` (the archive itself through this
+opener), a DICOMweb instance URL streams its retrieve through
+:mod:`transforms.sources.dicomweb`. Those modules are imported on first use only: this
+module sits at the bottom of the imports (listing, sources and the flatten step all use
+it).
 """
 
 from __future__ import annotations
@@ -60,9 +65,14 @@ class CountingRaw(io.RawIOBase):
 
 
 class RangedBlob(io.RawIOBase):
-    """A Cloud Storage object read by ranged GETs, exactly the ranges asked for."""
+    """A Cloud Storage object read by ranged GETs, exactly the ranges asked for.
 
-    def __init__(self, blob, size: int):
+    ``size`` None (an archive opened for one of its members, whose listing gave the
+    member's size, not the archive's): reads ask for what is wanted and stop at the
+    object's end; the size is fetched (one metadata request) only for ``SEEK_END``.
+    """
+
+    def __init__(self, blob, size: int | None):
         self._blob = blob
         self._size = size
         self._position = 0
@@ -74,12 +84,17 @@ class RangedBlob(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        count = min(len(buffer), self._size - self._position)
+        count = len(buffer) if self._size is None else min(len(buffer), self._size - self._position)
         if count <= 0:
             return 0
-        data = self._blob.download_as_bytes(
-            start=self._position, end=self._position + count - 1, raw_download=True, checksum=None
-        )
+        try:
+            data = self._blob.download_as_bytes(
+                start=self._position, end=self._position + count - 1, raw_download=True, checksum=None
+            )
+        except Exception as error:  # past the end of an object of unknown size: HTTP 416
+            if self._size is None and getattr(error, "code", None) == 416:
+                return 0
+            raise
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -90,6 +105,9 @@ class RangedBlob(io.RawIOBase):
         elif whence == io.SEEK_CUR:
             self._position += offset
         else:
+            if self._size is None:
+                self._blob.reload()
+                self._size = self._blob.size
             self._position = self._size + offset
         return self._position
 
@@ -97,16 +115,57 @@ class RangedBlob(io.RawIOBase):
         return self._position
 
 
-class Opener:
-    """Opens input files for header reads; one per DoFn instance (holds the GCS client,
-    created on first use and kept as long as the worker)."""
+class _Counters:
+    """The counters of the files one input opened (an archive member: the archive)."""
 
-    def __init__(self, pipeline_options=None):
+    def __init__(self):
+        self.parts: list = []
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(part.bytes_read for part in self.parts)
+
+
+class Opener:
+    """Opens inputs for header reads; one per DoFn instance (holds the GCS client,
+    created on first use and kept as long as the worker).
+
+    ``expand_archives`` False (``--no-archives``): ``ARCHIVE#member`` is a plain path.
+    ``nested_archives``: members of archives inside archives are opened too.
+    """
+
+    def __init__(self, pipeline_options=None, *, expand_archives: bool = True, nested_archives: bool = False):
         self._options = pipeline_options
         self._storage = None
+        self.expand_archives = expand_archives
+        self.nested_archives = nested_archives
 
     def open(self, input_file: InputFile):
-        """``(file object, counter)``; ``counter.bytes_read`` is what came from storage."""
+        """``(file object, counter)``; ``counter.bytes_read`` is what came from storage
+        (for a DICOMweb instance, the bytes received; its ``counts`` are the requests and
+        retries it took)."""
+        path = input_file.path
+        if path.startswith("dicomweb+"):
+            from transforms.sources import dicomweb
+
+            return dicomweb.open_counted(path)
+        if self.expand_archives and "#" in path:
+            from transforms.sources import archives
+
+            if archives.split_member_path(path) is not None:
+                counters = _Counters()
+
+                def open_file(archive_path: str):
+                    fileobj, counter = self._open_file(InputFile(archive_path, None))
+                    counters.parts.append(counter)
+                    return fileobj
+
+                fileobj = archives.open_input(path, open_file, nested_archives=self.nested_archives)
+                return fileobj, counters
+        return self._open_file(input_file)
+
+    def _open_file(self, input_file: InputFile):
+        """A whole file (local, gs:// or another filesystem Beam knows), buffered and counted."""
         path = input_file.path
         if path.startswith("gs://"):
             raw = RangedBlob(self._blob(path), input_file.size)

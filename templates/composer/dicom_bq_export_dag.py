@@ -18,6 +18,10 @@ Parameters come from Airflow Variables, so one DAG file serves every environment
 | dicom_bq_export_write_disposition | WRITE_TRUNCATE                                           |
 | dicom_bq_export_temp_location     | gs://my-bucket/tmp                                       |
 | dicom_bq_export_filter (optional) | gs://my-bucket/config/filter.txt                         |
+| dicom_bq_export_dicomweb_mode (optional) | instance (default) or metadata, for DICOMweb inputs |
+
+``dicom_bq_export_input`` may also be a DICOMweb root (``dicomweb+https://…/dicomWeb``);
+the job's service account then needs roles/healthcare.dicomViewer on a Healthcare API store.
 
 The Dataflow job runs as the Compute Engine default service account unless the template
 was built with another (``gcloud dataflow flex-template build ... --service-account-email``);
@@ -73,6 +77,7 @@ with DAG(
                     "bq_table": var("table"),
                     "write_disposition": var("write_disposition", "WRITE_TRUNCATE"),
                     "filter_config_gcs_uri": var("filter", ""),
+                    "dicomweb_mode": var("dicomweb_mode", "instance"),
                     "cluster_by": "StudyInstanceUID,SeriesInstanceUID",
                 },
                 "environment": {
@@ -102,6 +107,7 @@ with DAG(
             "input": var("input"),
             "bq_table": var("table"),
             "write_disposition": var("write_disposition", "WRITE_TRUNCATE"),
+            "dicomweb_mode": var("dicomweb_mode", "instance"),
             "temp_location": var("temp_location"),
             "project": var("project"),
             "direct_running_mode": "multi_processing",

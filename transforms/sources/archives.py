@@ -836,6 +836,9 @@ class ExpandArchives(beam.DoFn):
         self.archives = Metrics.counter(NAMESPACE, "archives_expanded")
         self.members = Metrics.counter(NAMESPACE, "archive_members")
         self.bytes_read = Metrics.counter(NAMESPACE, "bytes_read")
+        # an archive was counted as one file matched; its members replace it (a streamed
+        # .tar.gz's members are counted as they pass)
+        self.matched = Metrics.counter(NAMESPACE, "files_matched")
 
     def setup(self):
         if self._opener is None:
@@ -852,21 +855,124 @@ class ExpandArchives(beam.DoFn):
         self._sizes = {input_file.path: input_file.size}
         self._counters = []
         expanded = False
+        inputs = 0
         for output in expand_archive(input_file, self._open_file, **self._options):
             if isinstance(output, StreamArchive):
                 yield beam.pvalue.TaggedOutput(STREAMED, output.input_file)
             else:
+                inputs += 1
                 if output.path != input_file.path:
                     expanded = True
                     self.members.inc()
                 yield output
+        if inputs != 1:
+            self.matched.inc(inputs - 1)
         if expanded:
             self.archives.inc()
         self.bytes_read.inc(sum(c.bytes_read for c in self._counters))
 
 
+class ReadStreamedArchives(beam.DoFn):
+    """A ``.tar.gz`` (an ``InputFile`` of :class:`ExpandArchives`'s ``streamed`` output) →
+    an ``Instance`` per member (main output) or a dead letter (``DEAD_LETTERS``), each
+    member's header converted as it passes (:func:`iter_streamed_members`), selected by the
+    filter file (a side input) by its header's UIDs, and counted like a file.
+    """
+
+    def __init__(self, opener=None, run_started: str | None = None, reporter=None, *,
+                 max_members: int = MAX_MEMBERS, max_ratio: float = MAX_COMPRESSION_RATIO):
+        from transforms.sources.outcomes import Outcomes
+
+        self._opener = opener
+        self._limits = dict(max_members=max_members, max_ratio=max_ratio)
+        self.outcomes = Outcomes(run_started, reporter)
+        self.streamed = Metrics.counter(NAMESPACE, "archives_streamed")
+
+    def setup(self):
+        from transforms.header import silence_pydicom
+
+        silence_pydicom()
+        if self._opener is None:
+            from transforms.storage import Opener
+
+            self._opener = Opener()
+
+    def process(self, input_file: InputFile, filter_file=None):
+        from schemas.convert import flatten_instance
+        from transforms.flatten import CONVERT, READ
+
+        outcomes = self.outcomes
+        self.streamed.inc()  # the archive was uncounted from files_matched when expanded: its members count
+        counting = None
+        try:
+            fileobj, counting = self._opener.open(input_file)
+        except Exception as error:
+            outcomes.seen()
+            yield outcomes.failed(input_file.path, READ, type(error).__name__, describe_error(error))
+            return
+        try:
+            with fileobj:
+                for member, outcome in iter_streamed_members(fileobj, input_file.path, **self._limits):
+                    outcomes.seen()
+                    if isinstance(outcome, Exception):
+                        yield outcomes.failed(member.path, READ, type(outcome).__name__, describe_error(outcome))
+                        continue
+                    lines = outcomes.selected_lines(outcome.uids, filter_file)
+                    if lines is None:
+                        continue
+                    try:  # before the stream moves on: the header's deferred values are readable until then
+                        flattened = flatten_instance(
+                            outcome.dataset, pixel_data_tag=outcome.pixel_data_tag, read_deferred=outcome.read_deferred
+                        )
+                    except Exception as error:
+                        yield outcomes.failed(member.path, CONVERT, type(error).__name__, describe_error(error))
+                        continue
+                    yield outcomes.succeeded(flattened, lines)
+        finally:
+            outcomes.bytes_read(counting.bytes_read)
+
+    def finish_bundle(self):
+        self.outcomes.flush()
+
+
+class ExpandArchiveInputs(beam.PTransform):
+    """Listed inputs → ``(inputs to read, instances and dead letters of streamed archives)``.
+
+    ZIP and tar archives become their members (read later through the opener, spread over
+    the workers with the other inputs); each ``.tar.gz`` is streamed by one worker
+    (:class:`ReadStreamedArchives`, with the filter file as ``filter_side_inputs``).
+    Returns ``(files, instances, dead letters)``, the last two from the streamed archives.
+    """
+
+    def __init__(self, opener, *, nested_archives: bool = False, run_started: str | None = None,
+                 reporter=None, filter_side_inputs=()):
+        super().__init__()
+        self._opener = opener
+        self._nested = nested_archives
+        self._run_started = run_started
+        self._reporter = reporter
+        self._side_inputs = list(filter_side_inputs)
+
+    def expand(self, files):
+        from transforms.flatten import DEAD_LETTERS
+
+        expanded = files | "Expand" >> beam.ParDo(
+            ExpandArchives(self._opener, nested_archives=self._nested)
+        ).with_outputs(STREAMED, main="files")
+        streamed = (
+            expanded[STREAMED]
+            | "SpreadArchives" >> beam.Reshuffle()
+            | "StreamArchives" >> beam.ParDo(
+                ReadStreamedArchives(self._opener, self._run_started, self._reporter), *self._side_inputs
+            ).with_outputs(DEAD_LETTERS, main="instances")
+        )
+        return expanded.files, streamed.instances, streamed[DEAD_LETTERS]
+
+
 __all__ = [
     "ArchiveError",
+    "ExpandArchiveInputs",
+    "ReadStreamedArchives",
     "CompressionRatioError",
     "CorruptArchiveError",
     "DuplicateMemberError",

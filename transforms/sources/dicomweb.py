@@ -836,6 +836,34 @@ def open_instance(url: str, tally: Tally | None = None) -> tuple[InstanceStream,
     return stream, stream
 
 
+class _InstanceCounter:
+    """What opening one instance cost: ``bytes_read`` (received) and ``counts``, the
+    requests and retries by counter name, read once the stream has been used."""
+
+    def __init__(self, stream: InstanceStream, tally: Tally):
+        self._stream = stream
+        self._tally = tally
+
+    @property
+    def bytes_read(self) -> int:
+        return self._stream.bytes_read
+
+    @property
+    def counts(self) -> dict[str, int]:
+        from transforms import counters
+
+        requests_, retries, _received = self._tally.snapshot()
+        return {counters.DICOMWEB_REQUESTS: requests_, counters.DICOMWEB_RETRIES: retries}
+
+
+def open_counted(url: str) -> tuple[InstanceStream, _InstanceCounter]:
+    """:func:`open_instance` with its requests and retries counted (``counter.counts``):
+    what ``transforms.storage.Opener.open`` returns for a DICOMweb instance URL."""
+    tally = Tally()
+    stream, _ = open_instance(url, tally)
+    return stream, _InstanceCounter(stream, tally)
+
+
 class InstanceRow(NamedTuple):
     """One instance converted: what the read step needs for its row and its counters."""
 
@@ -1039,6 +1067,7 @@ __all__ = [
     "is_dicomweb_input",
     "is_instance_url",
     "listing_units",
+    "open_counted",
     "open_instance",
     "parse_instance_url",
     "parse_root",
@@ -1060,10 +1089,9 @@ from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 
 from transforms.storage import InputFile
 
-NAMESPACE = "dicom_bq_export"
-#: Counter names (move to transforms/counters.py with the others).
-REQUESTS_COUNTER = "dicomweb_requests"
-RETRIES_COUNTER = "dicomweb_retries"
+from transforms.counters import DICOMWEB_REQUESTS as REQUESTS_COUNTER  # noqa: E402
+from transforms.counters import DICOMWEB_RETRIES as RETRIES_COUNTER  # noqa: E402
+from transforms.counters import NAMESPACE  # noqa: E402
 
 
 class DicomWebResult(NamedTuple):
@@ -1283,3 +1311,96 @@ __all__ += [
     "ReadDicomWebMetadata",
     "ReadDicomWebMetadataBySeries",
 ]
+
+
+# -- Beam: wired into the export's graph -------------------------------------------------
+
+
+class _FirstOfEach(beam.DoFn):
+    """``(path, [InputFile, ...])`` → the first, counted in ``files_matched`` (an instance
+    several filter lines list is read once)."""
+
+    def __init__(self, reporter=None):
+        self._matched = Metrics.counter(NAMESPACE, "files_matched")
+        self._reporter = reporter
+
+    def process(self, element):
+        _path, input_files = element
+        self._matched.inc()
+        if self._reporter is not None:
+            self._reporter.listed(1)
+        yield next(iter(input_files))
+
+    def finish_bundle(self):
+        if self._reporter is not None:
+            self._reporter.flush()
+
+
+class ListDicomWebInputs(beam.PTransform):
+    """Listing units → distinct instance ``InputFile`` s, counted like matched files."""
+
+    def __init__(self, reporter=None, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        super().__init__()
+        self._reporter = reporter
+        self._policy, self._limits = policy, limits
+
+    def expand(self, units):
+        return (
+            units
+            | "List" >> ListDicomWeb(self._policy, self._limits)
+            | "KeyByURL" >> beam.Map(lambda f: (f.path, f))
+            | "GroupByURL" >> beam.GroupByKey()
+            | "Distinct" >> beam.ParDo(_FirstOfEach(self._reporter))
+        )
+
+
+class MetadataToInstances(beam.DoFn):
+    """Metadata mode's :class:`DicomWebResult` s → ``Instance`` (main output) or a dead
+    letter (``DEAD_LETTERS``), selected by the filter file (a side input) by the UIDs of
+    the metadata, and counted like files (``bytes_read``: the JSON received)."""
+
+    def __init__(self, run_started: str | None = None, reporter=None):
+        from transforms.sources.outcomes import Outcomes
+
+        self.outcomes = Outcomes(run_started, reporter)
+
+    def process(self, result: DicomWebResult, filter_file=None):
+        outcomes = self.outcomes
+        outcomes.bytes_read(result.bytes_received)
+        outcomes.read()
+        if result.error is not None:
+            yield outcomes.failed(result.path, result.stage, *result.error)
+            return
+        lines = outcomes.selected_lines(result.row.uids, filter_file)
+        if lines is not None:
+            yield outcomes.succeeded(result.row.flattened, lines)
+
+    def finish_bundle(self):
+        self.outcomes.flush()
+
+
+class ReadDicomWebMetadataRows(beam.PTransform):
+    """Metadata mode in the export: instance ``InputFile`` s → ``(instances, dead letters)``
+    by way of one WADO-RS metadata request per series."""
+
+    def __init__(self, run_started: str | None = None, reporter=None, filter_side_inputs=(),
+                 max_workers: int = 32, policy: RetryPolicy | None = None, limits: ServerLimits | None = None):
+        super().__init__()
+        self._run_started, self._reporter = run_started, reporter
+        self._side_inputs = list(filter_side_inputs)
+        self._read = ReadDicomWebMetadataBySeries(max_workers, policy, limits)
+
+    def expand(self, input_files):
+        from transforms.flatten import DEAD_LETTERS
+
+        converted = (
+            input_files
+            | "BySeries" >> self._read
+            | "ToInstances" >> beam.ParDo(
+                MetadataToInstances(self._run_started, self._reporter), *self._side_inputs
+            ).with_outputs(DEAD_LETTERS, main="instances")
+        )
+        return converted.instances, converted[DEAD_LETTERS]
+
+
+__all__ += ["ListDicomWebInputs", "MetadataToInstances", "ReadDicomWebMetadataRows"]
