@@ -548,3 +548,125 @@ def test_beam_lists_and_reads_every_instance_once(orthanc):
     assert counters["dicomweb_retries"] == 1
     assert counters["files_listed"] == len(expected)
     assert counters["dicomweb_requests"] > 2 * len(expected)  # listing, retrieves, metadata
+
+
+# -- the export: pipeline.main.run through the CLI path (FnApiRunner), into DuckDB -------
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples" / "dicom"
+
+
+def _export(*args: str) -> dict:
+    from pipeline.main import run
+
+    return run(["--runner=FnApiRunner", "--progress-seconds=0", *args])
+
+
+def _table(tmp_path, name="instances"):
+    from pipeline.destinations.duckdb import DuckDBTable
+
+    return DuckDBTable(str(tmp_path / "export.duckdb"), name)
+
+
+def _sample_uids() -> dict:
+    return {entry.uids.instance: entry.uids for entry in (
+        SimpleNamespace(uids=read_header(io.BytesIO(Path(p).read_bytes())).uids) for p in SAMPLES)}
+
+
+class TestExport:
+    def test_files_and_dicomweb_in_one_run_give_the_same_rows_up_to_pixel_data(self, orthanc, tmp_path):
+        table = _table(tmp_path)
+        summary = _export("--input", str(SAMPLES_DIR), "--input", orthanc.root, f"--bq-table={table}")
+        samples = _sample_uids()
+        assert summary["files_matched"] == len(samples) + len(orthanc.disk)
+        assert (summary["succeeded"], summary["failed"]) == (len(samples) + len(orthanc.disk), 0)
+        assert summary["dicomweb_requests"] >= len(orthanc.disk) and "dicomweb_retries" not in summary
+        # the 40 MB instance costs its header, not its pixel data
+        assert summary["bytes_read"] < 5 * 1024 * 1024
+        by_uid = collections.defaultdict(list)
+        for row in table.read_rows():
+            by_uid[row["SOPInstanceUID"]].append(row)
+        assert set(by_uid) == set(orthanc.disk)
+        trailing = 0
+        for uid in samples:
+            first, second = by_uid[uid]  # one from the file, one from DICOMweb (same table, same schema)
+            assert _before_pixel_data(first) == _before_pixel_data(second), uid
+            if first != second:  # the file's row names what follows Pixel Data; the retrieve's does not
+                trailing += 1
+                longer, shorter = sorted((first, second), key=lambda row: len(_dropped(row)), reverse=True)
+                assert shorter == _before_pixel_data(longer) and "PixelData" in _dropped(shorter)
+        assert trailing >= 1  # the samples hold Data Set Trailing Padding: the difference is exercised
+
+    def test_metadata_mode_gives_a_row_per_instance(self, orthanc, tmp_path):
+        table = _table(tmp_path)
+        summary = _export("--input", orthanc.root, "--dicomweb-mode", "metadata", f"--bq-table={table}")
+        assert (summary["files_matched"], summary["succeeded"], summary["failed"]) == (len(orthanc.disk),) * 2 + (0,)
+        series = {(e.uids.study, e.uids.series) for e in orthanc.disk.values()}
+        assert summary["dicomweb_requests"] >= len(series)
+        rows = table.read_rows()
+        assert sorted(r["SOPInstanceUID"] for r in rows) == sorted(orthanc.disk)
+        assert not any("TransferSyntaxUID" in r and r["TransferSyntaxUID"] for r in rows)  # no group 0002, as documented
+
+    def test_a_filter_file_of_study_series_and_instance_lines(self, orthanc, tmp_path):
+        entries = sorted((e.uids for e in orthanc.disk.values()), key=lambda u: u.instance)
+        multi = [u for u in entries if u.study == orthanc.multi_series_study]
+        single = next(u for u in entries if u.study != orthanc.multi_series_study and u.instance != orthanc.big.instance)
+        lines = [
+            f"/studies/{multi[0].study}/series/{multi[0].series}",
+            f"/studies/{single.study}/series/{single.series}/instances/{single.instance}",
+            f"/studies/{orthanc.big.study}",
+            f"/studies/{orthanc.big.study}/series/{orthanc.big.series}/instances/{orthanc.big.instance}",  # twice
+        ]
+        filter_path = tmp_path / "filter.txt"
+        filter_path.write_text("\n".join(lines) + "\n")
+        expected = {u.instance for u in entries if u.series == multi[0].series or u.instance == single.instance
+                    or u.study == orthanc.big.study}
+        table = _table(tmp_path)
+        summary = _export("--input", orthanc.root, f"--filter-config-gcs-uri={filter_path}", f"--bq-table={table}")
+        assert sorted(r["SOPInstanceUID"] for r in table.read_rows()) == sorted(expected)
+        assert summary["files_matched"] == len(expected)  # the instance listed twice is read once
+        assert summary["not_selected_by_filter"] == 0 and summary["filter_lines_selecting_nothing"] == []
+
+    def test_wrong_credentials_stop_the_run_before_any_read_and_are_never_printed(self, orthanc, tmp_path,
+                                                                                  monkeypatch, capfd):
+        from pipeline.main import main
+
+        wrong = "Wrong-" + PASSWORD
+        monkeypatch.setenv("DICOMWEB_PASSWORD", wrong)
+        table = _table(tmp_path)
+        with DicomWebProxy(orthanc.url) as proxy:
+            status = main(["--input", str(SAMPLES_DIR), "--input", _via(proxy), f"--bq-table={table}",
+                           "--runner=FnApiRunner", "--progress-seconds=0"])
+            paths = [path for path, _query in proxy.requests]
+        out, err = capfd.readouterr()
+        assert status == 1
+        assert err.count("\n") == 1 and "HTTP 401" in err and "DICOMWEB_USER" in err and out == ""
+        assert paths == ["/dicom-web/studies"]  # the preflight's one search; no listing, no retrieve
+        assert not (tmp_path / "export.duckdb").exists()  # nothing written
+        basic = base64.b64encode(f"{USER}:{wrong}".encode()).decode()
+        for secret in (wrong, PASSWORD, basic):
+            assert secret not in out + err
+
+    def test_no_credential_in_the_tables_or_the_summary(self, orthanc, tmp_path, capfd):
+        table = _table(tmp_path)
+        uid = sorted(orthanc.disk)[0]
+        with DicomWebProxy(orthanc.url) as proxy:
+            proxy.fault(rf"/instances/{uid}$", "404", times=-1)
+            summary = _export("--input", _via(proxy), f"--bq-table={table}")
+        assert (summary["succeeded"], summary["failed"]) == (len(orthanc.disk) - 1, 1)
+        out, err = capfd.readouterr()
+        import duckdb
+
+        with duckdb.connect(str(tmp_path / "export.duckdb"), read_only=True) as connection:
+            dead_letters = connection.sql("SELECT path, stage, error_type, message FROM instances_errors").fetchall()
+            text = " ".join(str(r) for r in connection.sql("SELECT * FROM instances").fetchall())
+        assert [(p.rsplit("/", 1)[1], s, t) for p, s, t, _m in dead_letters] == [(uid, "read", "DicomWebRequestError")]
+        assert dead_letters[0][0].startswith("dicomweb+http://") and "HTTP 404" in dead_letters[0][3]
+        basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        for output in (out, err, text, str(dead_letters), json_dumps(summary)):
+            assert PASSWORD not in output and basic not in output
+
+
+def json_dumps(value) -> str:
+    import json
+
+    return json.dumps(value)
