@@ -1,5 +1,9 @@
 """``dicom-bq-export inspect FILE...``: what each file will become, one JSON line per file.
 
+A FILE may also be an archive member (``ARCHIVE.zip#member/path``) or a DICOMweb instance
+URL (``dicomweb+https://HOST/ROOT/studies/S/series/SE/instances/I``, credentials from the
+environment as for an export): both are read as the export reads them.
+
 Each line is ``{"path": ..., "row": {...}, "schema": [...]}`` for an instance, or
 ``{"path": ..., "error": {"type": ..., "message": ...}}`` for a file that cannot be
 converted. Folders are expanded to the files below them. The exit status is 0 unless
@@ -33,7 +37,16 @@ def inspect_file(path: str) -> dict:
 
 
 def _open(path: str):
-    """Local files directly; remote ones as the pipeline reads them (ranged reads)."""
+    """Local files directly; remote ones, archive members and DICOMweb instances as the
+    pipeline reads them (ranged reads, one member, a streamed retrieve)."""
+    from transforms.sources import archives, dicomweb
+    from transforms.storage import InputFile, Opener
+
+    if dicomweb.is_instance_url(path) or (
+        "://" not in path and not os.path.lexists(path) and archives.split_member_path(path) is not None
+    ):
+        fileobj, _counter = Opener().open(InputFile(path, 0))
+        return fileobj
     if "://" not in path:
         from transforms.limits import open_regular_file
 

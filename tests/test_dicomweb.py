@@ -670,3 +670,21 @@ def json_dumps(value) -> str:
     import json
 
     return json.dumps(value)
+
+
+def test_inspect_reads_a_dicomweb_instance_as_the_export_does(orthanc):
+    from pipeline import inspect
+
+    uid = next(uid for uid, entry in orthanc.disk.items() if "DataSetTrailingPadding" in _dropped(entry.flattened.row))
+    out = io.StringIO()
+    assert inspect.run([orthanc.urls[uid], orthanc.urls[uid] + "9"], out=out) == 0
+    found, missing = [json_loads(line) for line in out.getvalue().splitlines()]
+    assert found["path"] == orthanc.urls[uid]
+    assert found["row"] == _before_pixel_data(orthanc.disk[uid].flattened.row)
+    assert missing["error"]["type"] == "DicomWebRequestError" and "404" in missing["error"]["message"]
+
+
+def json_loads(text: str):
+    import json
+
+    return json.loads(text)
