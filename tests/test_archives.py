@@ -3,6 +3,7 @@ read header-only, giving the row of the same file read from disk, or a dead lett
 
 from __future__ import annotations
 
+import collections
 import gzip
 import io
 import os
@@ -693,3 +694,123 @@ def test_a_beam_pipeline_accounts_for_every_member(tmp_path):
     assert counters["archives_expanded"] == 2  # the ZIP and the tar; the tar.gz is streamed
     assert counters["archive_members"] == 2 * (len(files) + len(junk))
     assert 0 < counters["bytes_read"] < 16 * 1024  # listing: central directory, tar headers
+
+
+# -- the export: pipeline.main.run (FnApiRunner) into DuckDB ----------------------------------
+
+
+def export(*args: str) -> dict:
+    from pipeline.main import run
+
+    return run(["--runner=FnApiRunner", "--progress-seconds=0", *args])
+
+
+def table_rows(database: pathlib.Path, table: str) -> list[dict]:
+    from pipeline.destinations.duckdb import DuckDBTable
+
+    return DuckDBTable(str(database), table).read_rows()
+
+
+def dead_letters(database: pathlib.Path, table: str) -> list[tuple]:
+    import duckdb
+
+    with duckdb.connect(str(database), read_only=True) as connection:
+        return sorted(connection.sql(f"SELECT path, stage, error_type FROM {table}_errors").fetchall())
+
+
+@pytest.fixture
+def archive_folder(tmp_path):
+    """A folder of a stored ZIP, a deflated ZIP, a tar, a tar.gz (each holding the instances in
+    folders and a text file) and two plain files; and the same instances unpacked."""
+    files = instance_files()
+    members = {**files, "docs/notes.txt": b"not DICOM"}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    build_zip(folder / "stored.zip", members)
+    build_zip(folder / "deflated.ZIP", members, zipfile.ZIP_DEFLATED)
+    build_tar(folder / "plain.tar", members)
+    build_tar(folder / "streamed.tar.gz", members, "w:gz")
+    plain = list(files.values())[:2]
+    for index, path in enumerate(plain):
+        shutil.copyfile(path, folder / f"plain{index}.dcm")
+    unpacked = tmp_path / "unpacked"
+    for name, path in files.items():
+        (unpacked / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, unpacked / name)
+    archives_ = ("stored.zip", "deflated.ZIP", "plain.tar", "streamed.tar.gz")
+    return folder, unpacked, files, archives_, plain
+
+
+def test_an_export_reads_every_member_of_every_kind_as_the_unpacked_files(archive_folder, tmp_path):
+    folder, unpacked, files, kinds, plain = archive_folder
+    database = tmp_path / "out.duckdb"
+    summary = export("--input", str(folder), f"--bq-table=duckdb://{database}#archived")
+    export("--input", str(unpacked), f"--bq-table=duckdb://{database}#unpacked")
+
+    instances = len(kinds) * len(files) + len(plain)
+    assert summary["files_matched"] == instances + len(kinds)  # every member counted, each text file too
+    assert (summary["succeeded"], summary["failed"]) == (instances, len(kinds))
+    assert summary["failures_by_type"] == {"NotDicomError": len(kinds)}
+    assert (summary["archives_expanded"], summary["archives_streamed"]) == (3, 1)
+    assert dead_letters(database, "archived") == sorted(
+        (f"{folder / kind}#docs/notes.txt", "read", "NotDicomError") for kind in kinds
+    )
+    expected = collections.defaultdict(list)  # two of the files share a SOPInstanceUID
+    for row in table_rows(database, "unpacked"):
+        expected[row["SOPInstanceUID"]].append(row)
+    rows = table_rows(database, "archived")
+    for row in rows:  # the same schema (the same instances), so the same complete rows
+        assert row in expected[row["SOPInstanceUID"]]
+    plain_uids = collections.Counter(read_header(io.BytesIO(p.read_bytes())).uids.instance for p in plain)
+    assert collections.Counter(row["SOPInstanceUID"] for row in rows) == {
+        uid: len(kinds) * len(same) + plain_uids[uid] for uid, same in expected.items()}
+
+
+def test_a_filter_file_selects_members_by_their_headers_in_every_kind(archive_folder, tmp_path):
+    folder, _unpacked, files, kinds, plain = archive_folder
+    chosen = read_header(io.BytesIO(next(iter(files.values())).read_bytes())).uids
+    filter_path = tmp_path / "filter.txt"
+    filter_path.write_text(f"/studies/{chosen.study}\n")
+    selected = [name for name, path in files.items()
+                if read_header(io.BytesIO(path.read_bytes())).uids.study == chosen.study]
+    plain_selected = sum(read_header(io.BytesIO(p.read_bytes())).uids.study == chosen.study for p in plain)
+    database = tmp_path / "out.duckdb"
+    summary = export("--input", str(folder), f"--bq-table=duckdb://{database}#t",
+                     f"--filter-config-gcs-uri={filter_path}", "--input-layout=any")
+    assert summary["succeeded"] == len(kinds) * len(selected) + plain_selected
+    assert summary["failed"] == len(kinds)  # the text files: not DICOM, whatever the filter
+    assert summary["not_selected_by_filter"] == summary["files_matched"] - summary["succeeded"] - summary["failed"] > 0
+    assert {row["StudyInstanceUID"] for row in table_rows(database, "t")} == {chosen.study}
+
+
+def test_no_archives_reads_archives_as_plain_files(archive_folder, tmp_path):
+    folder, _unpacked, _files, kinds, plain = archive_folder
+    database = tmp_path / "out.duckdb"
+    summary = export("--input", str(folder), f"--bq-table=duckdb://{database}#t", "--no-archives")
+    assert (summary["files_matched"], summary["succeeded"], summary["failed"]) == (
+        len(kinds) + len(plain), len(plain), len(kinds))
+    assert dead_letters(database, "t") == sorted((str(folder / kind), "read", "NotDicomError") for kind in kinds)
+    assert "archives_expanded" not in summary
+
+
+def test_a_zip_on_cloud_storage_is_exported_end_to_end(gcs_bucket, tmp_path):
+    _client, bucket = gcs_bucket
+    files = dict(list(instance_files().items())[:6])
+    archive = build_zip(tmp_path / "big.zip", {**files, "big/one.dcm": big_instance()})
+    assert archive.stat().st_size > 40 * 2**20
+    bucket.blob("in/big.zip").upload_from_filename(str(archive))
+    database = tmp_path / "out.duckdb"
+    summary = export("--input", f"gs://{bucket.name}/in/", f"--bq-table=duckdb://{database}#t")
+    assert (summary["files_matched"], summary["succeeded"], summary["failed"]) == (len(files) + 1, len(files) + 1, 0)
+    assert summary["bytes_read"] < 1 << 20  # the central directory and the members' headers, not 40 MB
+    rows = {row["SOPInstanceUID"] for row in table_rows(database, "t")}
+    disk = {read_header(io.BytesIO(p.read_bytes())).uids.instance for p in files.values()}
+    assert disk < rows and len(rows) == len(files) + 1
+
+    # a member opened on a worker that has not listed the archive: its size is fetched for the listing
+    archives._INDEX.clear()
+    name = next(iter(files))
+    fileobj, counter = Opener().open(InputFile(f"gs://{bucket.name}/in/big.zip#{name}", 0))
+    with fileobj:
+        assert row_of(fileobj) == rows_from_disk({name: files[name]})[name]
+    assert counter.bytes_read < 256 * 1024
