@@ -814,3 +814,19 @@ def test_a_zip_on_cloud_storage_is_exported_end_to_end(gcs_bucket, tmp_path):
     with fileobj:
         assert row_of(fileobj) == rows_from_disk({name: files[name]})[name]
     assert counter.bytes_read < 256 * 1024
+
+
+def test_nested_archives_in_an_export_are_dead_letters_unless_asked_for(tmp_path):
+    files = dict(list(instance_files().items())[:3])
+    inner = build_zip(tmp_path / "inner.zip", files, zipfile.ZIP_DEFLATED)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    build_tar(folder / "outer.tar", {"inner.zip": inner, **dict(list(files.items())[:1])})
+    database = tmp_path / "out.duckdb"
+    summary = export("--input", str(folder), f"--bq-table=duckdb://{database}#flat")
+    assert (summary["succeeded"], summary["failed"]) == (1, 1)
+    assert dead_letters(database, "flat") == [(f"{folder}/outer.tar#inner.zip", "list", "NestedArchiveError")]
+    summary = export("--input", str(folder), f"--bq-table=duckdb://{database}#nested", "--nested-archives")
+    assert (summary["files_matched"], summary["succeeded"], summary["failed"]) == (1 + len(files), 1 + len(files), 0)
+    paths_read = {row["SOPInstanceUID"] for row in table_rows(database, "nested")}
+    assert paths_read == {read_header(io.BytesIO(p.read_bytes())).uids.instance for p in files.values()}

@@ -648,11 +648,13 @@ class TestExport:
 
     def test_no_credential_in_the_tables_or_the_summary(self, orthanc, tmp_path, capfd):
         table = _table(tmp_path)
-        uid = sorted(orthanc.disk)[0]
+        uid, busy = sorted(orthanc.disk)[:2]
         with DicomWebProxy(orthanc.url) as proxy:
             proxy.fault(rf"/instances/{uid}$", "404", times=-1)
+            proxy.fault(rf"/instances/{busy}$", "503")
             summary = _export("--input", _via(proxy), f"--bq-table={table}")
         assert (summary["succeeded"], summary["failed"]) == (len(orthanc.disk) - 1, 1)
+        assert summary["dicomweb_retries"] == 1
         out, err = capfd.readouterr()
         import duckdb
 
@@ -662,6 +664,7 @@ class TestExport:
         assert [(p.rsplit("/", 1)[1], s, t) for p, s, t, _m in dead_letters] == [(uid, "read", "DicomWebRequestError")]
         assert dead_letters[0][0].startswith("dicomweb+http://") and "HTTP 404" in dead_letters[0][3]
         basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        assert "DICOMweb retries                    1" in out  # shown in the summary when not zero
         for output in (out, err, text, str(dead_letters), json_dumps(summary)):
             assert PASSWORD not in output and basic not in output
 
