@@ -256,6 +256,7 @@ _USER_ERRORS = {
     "SchemaConflictError": DestinationError,
     "SchemaTooWideError": DestinationError,
     "FilterFileError": FilterFileError,
+    "DicomWebError": dicomweb.DicomWebError,  # a DICOMweb store that cannot be listed completely
 }
 
 

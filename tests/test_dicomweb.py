@@ -646,6 +646,22 @@ class TestExport:
         for secret in (wrong, PASSWORD, basic):
             assert secret not in out + err
 
+    def test_a_listing_that_cannot_be_completed_fails_the_run_in_one_line(self, orthanc, tmp_path, monkeypatch,
+                                                                          capfd):
+        from pipeline.main import main
+
+        monkeypatch.setenv("DICOMWEB_QIDO_LIMIT", "5")
+        monkeypatch.setenv("DICOMWEB_QIDO_MAX_RESULTS", "5")
+        table = _table(tmp_path)
+        with DicomWebProxy(orthanc.url, limit_cap=2, max_results=5, empty_matching=False) as proxy:
+            status = main(["--input", _via(proxy), f"--bq-table={table}", "--runner=FnApiRunner",
+                           "--progress-seconds=0"])
+        _out, err = capfd.readouterr()
+        assert status == 1
+        last = err.splitlines()[-1]  # (Beam's own ERROR record of the failed step comes before it)
+        assert last.startswith("dicom-bq-export: error: the DICOMweb server at ") and "use a filter file" in last
+        assert not (tmp_path / "export.duckdb").exists() or table.read_rows() == []
+
     def test_no_credential_in_the_tables_or_the_summary(self, orthanc, tmp_path, capfd):
         table = _table(tmp_path)
         uid, busy = sorted(orthanc.disk)[:2]
