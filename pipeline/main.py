@@ -324,8 +324,10 @@ class _CurrentStderr(logging.StreamHandler):
 
 def configure_logging(level: str | None) -> None:
     """One line per record on stderr. Without ``--log-level``: WARNING and above from this
-    tool, ERROR and above from Beam (whose INFO and WARNING records are its own chatter:
-    "No semi_persistent_directory found", "Discarding unparseable args", workers' logs)."""
+    tool, nothing from Beam and Google's clients: their INFO and WARNING records are their
+    own chatter ("No semi_persistent_directory found", "Discarding unparseable args",
+    workers' logs), and their ERROR records of a failed step carry a traceback (which may
+    quote values) — the run reports that failure itself, in one line."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -334,7 +336,7 @@ def configure_logging(level: str | None) -> None:
     root.addHandler(handler)
     root.setLevel(level or logging.WARNING)
     for name in ("apache_beam", "absl", "grpc", "google", "urllib3"):
-        logging.getLogger(name).setLevel(level or logging.ERROR)
+        logging.getLogger(name).setLevel(level or logging.CRITICAL + 1)
 
 
 @contextlib.contextmanager

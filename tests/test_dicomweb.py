@@ -658,8 +658,8 @@ class TestExport:
                            "--progress-seconds=0"])
         _out, err = capfd.readouterr()
         assert status == 1
-        last = err.splitlines()[-1]  # (Beam's own ERROR record of the failed step comes before it)
-        assert last.startswith("dicom-bq-export: error: the DICOMweb server at ") and "use a filter file" in last
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert err.startswith("dicom-bq-export: error: the DICOMweb server at ") and "use a filter file" in err
         assert not (tmp_path / "export.duckdb").exists() or table.read_rows() == []
 
     def test_no_credential_in_the_tables_or_the_summary(self, orthanc, tmp_path, capfd):
