@@ -17,7 +17,12 @@ from schemas.merge import to_bigquery_schema
 from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
-from transforms.match import MatchInputs
+from transforms.match import MatchInputs, units_may_overlap
+from transforms.storage import REMOTE_CONCURRENCY
+
+#: Inputs handed to the read step at once (it reads up to REMOTE_CONCURRENCY of them in
+#: parallel): enough to keep its threads busy, small enough to stay out of memory's way.
+READ_BATCH = REMOTE_CONCURRENCY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +66,15 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
     else:
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
-    files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds)
+    deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
+    files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds, deduplicate, pipeline_options)
 
     read = ReadInstances(pipeline_options, plan.progress_seconds, plan.run_started)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
-    read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
+    batches = files | "BatchInputs" >> beam.BatchElements(
+        min_batch_size=READ_BATCH, max_batch_size=READ_BATCH * 4
+    )
+    read_outputs = batches | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )
     instances, dead_letters = read_outputs.instances, read_outputs[DEAD_LETTERS]

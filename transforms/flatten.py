@@ -6,14 +6,22 @@ selects it against the filter file (a side input), and flattens it with the pure
 record on the :data:`DEAD_LETTERS` tagged output, the way Beam's own sinks emit failed
 rows: failures are values, never exceptions that stop a worker. Messages never quote tag
 values.
+
+The rule for one input is :func:`read_input`, a function of the input, an opener and the
+filter file; the DoFn only wires it. It takes batches of inputs and reads
+``opener.concurrency(input)`` of them at once on a thread pool created in ``setup``:
+remote inputs (Cloud Storage, and every other kind ``Opener.open`` serves) wait on the
+network, not the CPU. Beam's metrics are bound to the DoFn's own thread, so the threads
+return what happened and the DoFn counts it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
 import time
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -23,7 +31,7 @@ from schemas.merge import add_fragment, merge_fragments
 from transforms import counters
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
-from transforms.storage import InputFile, Opener
+from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener
 
 #: The tag of the dead-letter output of :class:`ReadInstances`.
 DEAD_LETTERS = "dead_letters"
@@ -37,6 +45,43 @@ class Instance(NamedTuple):
     row: dict
     fragment: frozenset
     filter_lines: tuple
+
+
+class Outcome(NamedTuple):
+    """What reading one input came to: an :class:`Instance`, a ``failure``
+    ``(stage, error_type, message)``, or neither (not selected by the filter file)."""
+
+    instance: Instance | None = None
+    failure: tuple[str, str, str] | None = None
+    bytes_read: int = 0
+    counts: dict | None = None
+
+
+def read_input(input_file: InputFile, opener: Opener, filter_file: FilterFile | None = None) -> Outcome:
+    """Read, select and flatten one input; never raises for a bad input (its failure is
+    in the outcome). Safe to call from several threads with one ``opener``."""
+    if input_file.error is not None:
+        return Outcome(failure=(LIST, *input_file.error))
+    stage = READ
+    counting = None
+    try:
+        fileobj, counting = opener.open(input_file)
+        with fileobj:
+            header = read_header(fileobj)
+            lines: tuple = ()
+            if filter_file is not None:
+                lines = tuple(filter_file.selecting_lines(*header.uids))
+                if not lines:
+                    return Outcome(bytes_read=counting.bytes_read)
+            stage = CONVERT
+            flattened = flatten_instance(
+                header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred
+            )
+    except Exception as error:  # any failure of one input is that input's dead letter
+        bytes_read = counting.bytes_read if counting is not None else 0
+        return Outcome(failure=(stage, type(error).__name__, describe_error(error)), bytes_read=bytes_read)
+    instance = Instance(flattened.row, flattened.fragment, lines)
+    return Outcome(instance, None, counting.bytes_read, flattened.counts)
 
 
 def dead_letter(path: str, stage: str, error_type: str, message: str, run_started: str | None = None) -> dict:
@@ -68,9 +113,11 @@ class Progress:
 
 
 class ReadInstances(beam.DoFn):
-    """An input file → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
+    """Input files → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
 
-    With a filter file (side input), instances no line selects are counted as
+    An element is one :class:`InputFile` or a batch (a list, from ``beam.BatchElements``);
+    a batch's inputs are read ``opener.concurrency`` at a time, its outcomes emitted in
+    order. With a filter file (side input), instances no line selects are counted as
     ``not_selected`` and dropped: they are neither successes nor failures.
     """
 
@@ -85,40 +132,40 @@ class ReadInstances(beam.DoFn):
         silence_pydicom()
         self._opener = Opener(self._options)
         self._progress = Progress(self._progress_seconds)
+        self._pool = None
 
-    def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def process(self, element: InputFile | list[InputFile], filter_file: FilterFile | None = None):
+        batch = [element] if isinstance(element, InputFile) else element
+        for input_file, outcome in zip(batch, self._read_all(batch, filter_file)):
+            yield from self._emit(input_file, outcome)
+
+    def _read_all(self, batch: list[InputFile], filter_file: FilterFile | None) -> Iterable[Outcome]:
+        concurrency = min(len(batch), max(self._opener.concurrency(f) for f in batch)) if batch else 1
+        if concurrency <= 1:
+            return (read_input(f, self._opener, filter_file) for f in batch)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(REMOTE_CONCURRENCY, thread_name_prefix="read")
+        return self._pool.map(read_input, batch, [self._opener] * len(batch), [filter_file] * len(batch))
+
+    def _emit(self, input_file: InputFile, outcome: Outcome):
         self._progress.tick()
-        if input_file.error is not None:
-            yield self._failed(input_file, LIST, *input_file.error)
+        self.counters[counters.BYTES_READ].inc(outcome.bytes_read)
+        if outcome.failure is not None:
+            yield self._failed(input_file, *outcome.failure)
             return
-        stage = READ
-        counting = None
-        try:
-            fileobj, counting = self._opener.open(input_file)
-            with fileobj:
-                header = read_header(fileobj)
-                lines: tuple = ()
-                if filter_file is not None:
-                    lines = tuple(filter_file.selecting_lines(*header.uids))
-                    if not lines:
-                        self.counters[counters.NOT_SELECTED].inc()
-                        return
-                stage = CONVERT
-                flattened = flatten_instance(
-                    header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred
-                )
-        except Exception as error:  # any failure of one input is that input's dead letter
-            yield self._failed(input_file, stage, type(error).__name__, describe_error(error))
+        if outcome.instance is None:
+            self.counters[counters.NOT_SELECTED].inc()
             return
-        finally:
-            if counting is not None:
-                self.counters[counters.BYTES_READ].inc(counting.bytes_read)
         self.counters[counters.SUCCEEDED].inc()
-        self.bytes_per_instance.update(counting.bytes_read)
-        for name, count in flattened.counts.items():
+        self.bytes_per_instance.update(outcome.bytes_read)
+        for name, count in outcome.counts.items():
             if name in self.counters:
                 self.counters[name].inc(count)
-        yield Instance(flattened.row, flattened.fragment, lines)
+        yield outcome.instance
 
     def _failed(self, input_file: InputFile, stage: str, error_type: str, message: str):
         self.counters[counters.FAILED].inc()
