@@ -6,8 +6,10 @@ It stands in for the distance between a worker and a remote server (Cloud Storag
 DICOMweb server): each request waits ``delay`` before it is forwarded, as a round trip
 would. Requests are served by a thread each (ThreadingHTTPServer) and forwarded over one
 keep-alive connection per thread, so concurrency is what the client makes of it.
-``GET /__proxy/stats`` answers the request count and bytes sent back, by method;
-``GET /__proxy/reset`` answers the same and sets them to zero.
+``GET /__proxy/stats`` answers the request count and bytes sent back, by method, and
+the most requests that were in flight at once; ``GET /__proxy/reset`` answers the same
+and sets them to zero. In the process that started it, ``server.stats.paths`` counts
+the requests per method and path (for tests: was every object read exactly once?).
 
 Used by bench/remote.py; a benchmark tool only (it targets 127.0.0.1 alone).
 """
@@ -29,21 +31,33 @@ class _Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
+        self.paths: dict[tuple[str, str], int] = {}
         self.bytes_out = 0
+        self.in_flight = self.max_in_flight = 0
 
-    def add(self, method: str, size: int) -> None:
+    def begin(self) -> None:
         with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def add(self, method: str, size: int, path: str = "") -> None:
+        with self.lock:
+            self.in_flight -= 1
             self.requests[method] = self.requests.get(method, 0) + 1
+            self.paths[method, path] = self.paths.get((method, path), 0) + 1
             self.bytes_out += size
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"requests": dict(self.requests), "total": sum(self.requests.values()), "bytes_out": self.bytes_out}
+            return {"requests": dict(self.requests), "total": sum(self.requests.values()), "bytes_out": self.bytes_out,
+                    "max_in_flight": self.max_in_flight}
 
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.paths.clear()
             self.bytes_out = 0
+            self.max_in_flight = self.in_flight
 
 
 def make_handler(upstream: str, delay: float, stats: _Stats):
@@ -81,6 +95,7 @@ def make_handler(upstream: str, delay: float, stats: _Stats):
             body = self.rfile.read(length) if length else None
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
             headers["Host"] = parsed.netloc
+            stats.begin()
             time.sleep(delay)
             for attempt in (1, 2):
                 try:
@@ -92,8 +107,9 @@ def make_handler(upstream: str, delay: float, stats: _Stats):
                 except (http.client.HTTPException, OSError):
                     local.conn = None
                     if attempt == 2:
+                        stats.add(self.command, 0, self.path)
                         raise
-            stats.add(self.command, len(data))
+            stats.add(self.command, len(data), self.path)
             self.send_response(response.status, response.reason)
             for key, value in response.getheaders():
                 if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":

@@ -30,7 +30,7 @@ READ_BUFFER_BYTES = 64 * 1024
 #: Remote inputs (Cloud Storage, other remote filesystems) a worker process reads at once.
 REMOTE_CONCURRENCY = 16
 #: Local inputs a worker process reads at once: parsing is CPU-bound and holds the GIL,
-#: so threads only add switching (bench/profile.py measures 1, 2 and 4).
+#: so threads only add switching (bench/stages.py measures 1, 2 and 4).
 LOCAL_CONCURRENCY = 1
 
 
@@ -48,7 +48,9 @@ def storage_client(pipeline_options=None):
     threads (google-cloud-storage's client is safe to share for reads and listings),
     with a connection pool of :data:`REMOTE_CONCURRENCY` connections so that
     concurrent requests neither wait for a connection nor open and drop new ones."""
-    key = os.getpid()  # a forked worker builds its own: connections must not cross processes
+    # a forked worker builds its own (connections must not cross processes); so does a
+    # process whose emulator endpoint changed (tests)
+    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     with _clients_lock:
         client = _clients.get(key)
         if client is None:

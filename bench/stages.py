@@ -1,6 +1,6 @@
 """Benchmark: where an export's time goes, stage by stage, on the same instances.
 
-    python bench/profile.py [--count 2000] [--keep DIR] [--read-threads 1,2,4]
+    python bench/stages.py [--count 2000] [--keep DIR] [--read-threads 1,2,4]
 
 It writes ``count`` instances (bench/pipeline.py's ``make_instances``), then times, in
 this process and one stage after another, the functions the pipeline runs, and last
