@@ -88,21 +88,25 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 DESTINATIONS = {
-    "duckdb": lambda workdir: f"duckdb://{workdir / 'bench.duckdb'}#instances",
-    "parquet": lambda workdir: f"parquet://{workdir / 'bench_parquet'}",
+    "duckdb": lambda workdir, run: f"duckdb://{workdir / f'bench-{run}.duckdb'}#instances",
+    "parquet": lambda workdir, run: f"parquet://{workdir / f'bench_parquet-{run}'}",
 }
 
 
-def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb") -> dict:
-    summary_path = workdir / f"summary-{destination}.json"
+def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb",
+               source: pathlib.Path = ROOT) -> dict:
+    """The export of ``folder`` as a process, with the code in ``source`` (this checkout,
+    or another one to compare with, e.g. the main branch)."""
+    run = time.monotonic_ns()
+    summary_path = workdir / f"summary-{destination}-{run}.json"
     command = [sys.executable, "-m", "pipeline.main", "--input", str(folder),
-               f"--bq-table={DESTINATIONS[destination](workdir)}", "--progress-seconds=0",
+               f"--bq-table={DESTINATIONS[destination](workdir, run)}", "--progress-seconds=0",
                f"--summary-json={summary_path}"]
     if workers:
         command += ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     peak = 0
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = threading.Event()
 
     def sample():
@@ -139,6 +143,8 @@ def main() -> None:
     parser.add_argument("--destinations", default="duckdb",
                         help="comma-separated: duckdb, parquet (default duckdb); one export each")
     parser.add_argument("--no-compare", action="store_true", help="only the export (e.g. for peak memory)")
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout of the project (e.g. /work/main): its export runs in each round too")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}; pydicom {pydicom.__version__}")
     for size in (int(s) for s in args.sizes.split(",")):
@@ -158,6 +164,11 @@ def main() -> None:
                     user = run_user_script(folder, workdir)
                     line.append(f"bare walk {size / bare:5.0f}/s ({bare:5.1f} s); "
                                 f"user's script {size / user:5.0f}/s ({user:5.1f} s);")
+                if args.baseline:
+                    result = run_export(folder, workdir, args.workers, "duckdb", pathlib.Path(args.baseline))
+                    wall = result["wall_seconds"]
+                    line.append(f"baseline export {size / wall:5.0f}/s ({wall:5.1f} s, "
+                                f"peak {result['peak_rss_bytes'] / 2**20:4.0f} MiB);")
                 for destination in args.destinations.split(","):
                     result = run_export(folder, workdir, args.workers, destination)
                     summary = result["summary"]
