@@ -18,11 +18,6 @@ from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import MatchInputs, units_may_overlap
-from transforms.storage import REMOTE_CONCURRENCY
-
-#: Inputs handed to the read step at once (it reads up to REMOTE_CONCURRENCY of them in
-#: parallel): enough to keep its threads busy, small enough to stay out of memory's way.
-READ_BATCH = REMOTE_CONCURRENCY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +66,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
 
     read = ReadInstances(pipeline_options, plan.progress_seconds, plan.run_started)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
-    batches = files | "BatchInputs" >> beam.BatchElements(
-        min_batch_size=READ_BATCH, max_batch_size=READ_BATCH * 4
-    )
-    read_outputs = batches | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
+    read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )
     instances, dead_letters = read_outputs.instances, read_outputs[DEAD_LETTERS]

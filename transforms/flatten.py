@@ -8,23 +8,24 @@ rows: failures are values, never exceptions that stop a worker. Messages never q
 values.
 
 The rule for one input is :func:`read_input`, a function of the input, an opener and the
-filter file; the DoFn only wires it. It takes batches of inputs and reads
-``opener.concurrency(input)`` of them at once on a thread pool created in ``setup``:
-remote inputs (Cloud Storage, and every other kind ``Opener.open`` serves) wait on the
-network, not the CPU. Beam's metrics are bound to the DoFn's own thread, so the threads
+filter file; the DoFn only wires it. It reads ``opener.concurrency(input)`` inputs at
+once on a thread pool created with the DoFn: remote inputs (Cloud Storage, and every
+other kind ``Opener.open`` serves) wait on the network, not the CPU. Beam's metrics are bound to the DoFn's own thread, so the threads
 return what happened and the DoFn counts it.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import sys
 import time
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from schemas.convert import BASE_FRAGMENT, flatten_instance
 from schemas.merge import add_fragment, merge_fragments
@@ -113,12 +114,14 @@ class Progress:
 
 
 class ReadInstances(beam.DoFn):
-    """Input files → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
+    """An input file → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
 
-    An element is one :class:`InputFile` or a batch (a list, from ``beam.BatchElements``);
-    a batch's inputs are read ``opener.concurrency`` at a time, its outcomes emitted in
-    order. With a filter file (side input), instances no line selects are counted as
-    ``not_selected`` and dropped: they are neither successes nor failures.
+    Inputs are read ``opener.concurrency(input)`` at a time on a thread pool: each
+    ``process`` call submits its input and emits the outcomes already done, in input
+    order, keeping at most ``2 × concurrency`` in flight; ``finish_bundle`` emits the
+    rest. One at a time (local disk) reads in the calling thread. With a filter file
+    (side input), instances no line selects are counted as ``not_selected`` and
+    dropped: they are neither successes nor failures.
     """
 
     def __init__(self, pipeline_options=None, progress_seconds: float = 0, run_started: str | None = None):
@@ -138,18 +141,29 @@ class ReadInstances(beam.DoFn):
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def process(self, element: InputFile | list[InputFile], filter_file: FilterFile | None = None):
-        batch = [element] if isinstance(element, InputFile) else element
-        for input_file, outcome in zip(batch, self._read_all(batch, filter_file)):
-            yield from self._emit(input_file, outcome)
+    def start_bundle(self):
+        self._pending: collections.deque = collections.deque()
 
-    def _read_all(self, batch: list[InputFile], filter_file: FilterFile | None) -> Iterable[Outcome]:
-        concurrency = min(len(batch), max(self._opener.concurrency(f) for f in batch)) if batch else 1
-        if concurrency <= 1:
-            return (read_input(f, self._opener, filter_file) for f in batch)
+    def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
+        concurrency = self._opener.concurrency(input_file)
+        if concurrency <= 1 and not self._pending:
+            yield from self._emit(input_file, read_input(input_file, self._opener, filter_file))
+            return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(REMOTE_CONCURRENCY, thread_name_prefix="read")
-        return self._pool.map(read_input, batch, [self._opener] * len(batch), [filter_file] * len(batch))
+        self._pending.append((input_file, self._pool.submit(read_input, input_file, self._opener, filter_file)))
+        while self._pending and (self._pending[0][1].done() or len(self._pending) > 2 * concurrency):
+            done_file, future = self._pending.popleft()
+            yield from self._emit(done_file, future.result())
+
+    def finish_bundle(self):
+        while self._pending:
+            done_file, future = self._pending.popleft()
+            for output in self._emit(done_file, future.result()):
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+                else:
+                    yield GlobalWindows.windowed_value(output)
 
     def _emit(self, input_file: InputFile, outcome: Outcome):
         self._progress.tick()
