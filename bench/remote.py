@@ -1,6 +1,6 @@
 """Benchmark: the export from ``gs://`` through added latency, against the same files on disk.
 
-    python bench/remote.py [--count 400] [--delays 20,50] [--keep DIR]
+    python bench/remote.py [--count 400] [--delays 20,50] [--repeat 3] [--keep DIR]
 
 One run measures, on the same ``count`` instances (copies of samples/dicom with new UIDs):
 
@@ -144,10 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--delays", default="20,50", help="milliseconds added per request, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds, each running every variant once (the machine is shared: compare within a round)")
     parser.add_argument("--keep", default=None)
     args = parser.parse_args()
     workdir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="dicom-bench-remote-"))
     emulator, emulator_url = start_emulator()
+    proxies = []
     try:
         files = make_instances(workdir / "input", args.count)
         bucket = "bench-remote"
@@ -157,25 +160,30 @@ def main() -> None:
         (site / "sitecustomize.py").write_text(_ANONYMOUS_ADC)
         env = dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
         env.pop("STORAGE_EMULATOR_HOST", None)
-        local = export(str(workdir / "input"), workdir, env)
-        local_rate = args.count / local["wall"]
-        print(f"{args.count:,} instances, {os.cpu_count()} cores")
-        print(f"  local disk                : {local_rate:7.1f} instances/s ({local['wall']:.1f} s end to end)")
-        for delay in (float(d) for d in args.delays.split(",")):
-            server, proxy = latency_proxy.start(emulator_url, delay)
-            try:
+        delays = [float(d) for d in args.delays.split(",")]
+        proxies = [latency_proxy.start(emulator_url, delay) for delay in delays]
+        print(f"{args.count:,} instances, {os.cpu_count()} cores; {args.repeat} interleaved rounds", flush=True)
+        for round_ in range(1, args.repeat + 1):
+            local = export(str(workdir / "input"), workdir, env)
+            local_rate = args.count / local["wall"]
+            print(f" round {round_}: local disk {local_rate:6.1f} instances/s ({local['wall']:.1f} s end to end)")
+            for delay, (server, proxy) in zip(delays, proxies):
+                _stats(proxy, reset=True)
                 remote = export(f"gs://{bucket}/dicom/", workdir, dict(env, STORAGE_EMULATOR_HOST=proxy))
                 stats = _stats(proxy, reset=True)
                 rate = args.count / remote["wall"]
-                plain = plain_reader(proxy, bucket, names)
-                print(f"  gs:// + {delay:4.0f} ms/request  : {rate:7.1f} instances/s ({remote['wall']:.1f} s), "
+                print(f"   gs:// + {delay:3.0f} ms/request: {rate:6.1f} instances/s ({remote['wall']:.1f} s) = "
                       f"{rate / local_rate:4.2f}x local (aim >= 0.75x at 50 ms); "
-                      f"{stats['total'] / args.count:.2f} requests/instance (aim <= 1.2) {stats['requests']}; "
-                      f"{stats['bytes_out'] / args.count:,.0f} bytes/instance")
-                print(f"      plain 32-thread reader: {args.count / plain:7.1f} objects/s (first 64 KiB, no conversion)")
-            finally:
-                server.shutdown()
+                      f"{stats['total'] / args.count:.2f} requests/instance (aim <= 1.2) {stats['requests']}, "
+                      f"up to {stats['max_in_flight']} in flight; {stats['bytes_out'] / args.count:,.0f} bytes/instance",
+                      flush=True)
+        for delay, (server, proxy) in zip(delays, proxies):
+            plain = plain_reader(proxy, bucket, names)
+            print(f" plain 32-thread reader, {delay:3.0f} ms: {args.count / plain:6.1f} objects/s "
+                  "(first 64 KiB, no conversion)")
     finally:
+        for server, _ in proxies:
+            server.shutdown()
         emulator.terminate()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
