@@ -99,13 +99,14 @@ google.auth.default = lambda *args, **kwargs: (AnonymousCredentials(), "bench")
 """
 
 
-def export(input_: str, workdir: pathlib.Path, env: dict) -> dict:
+def export(input_: str, workdir: pathlib.Path, env: dict, source: pathlib.Path = ROOT) -> dict:
     db = workdir / f"bench-{time.monotonic_ns()}.duckdb"
     summary_path = workdir / f"summary-{time.monotonic_ns()}.json"
     command = [sys.executable, "-m", "pipeline.main", "--input", input_, f"--bq-table=duckdb://{db}#instances",
                "--progress-seconds=0", f"--summary-json={summary_path}"]
     started = time.perf_counter()
-    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    env = dict(env, PYTHONPATH=env["PYTHONPATH"].replace(str(ROOT), str(source)))
+    process = subprocess.run(command, cwd=source, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if process.returncode:
         raise SystemExit(f"export failed:\n{process.stderr[-3000:]}")
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds, each running every variant once (the machine is shared: compare within a round)")
     parser.add_argument("--keep", default=None)
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout of the project (e.g. /work/main): its gs:// exports run in each round too")
     args = parser.parse_args()
     workdir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="dicom-bench-remote-"))
     emulator, emulator_url = start_emulator()
@@ -177,6 +180,14 @@ def main() -> None:
                       f"{stats['total'] / args.count:.2f} requests/instance (aim <= 1.2) {stats['requests']}, "
                       f"up to {stats['max_in_flight']} in flight; {stats['bytes_out'] / args.count:,.0f} bytes/instance",
                       flush=True)
+                if args.baseline:
+                    base = export(f"gs://{bucket}/dicom/", workdir, dict(env, STORAGE_EMULATOR_HOST=proxy),
+                                  pathlib.Path(args.baseline))
+                    stats = _stats(proxy, reset=True)
+                    rate = args.count / base["wall"]
+                    print(f"     baseline: {rate:6.1f} instances/s ({base['wall']:.1f} s) = {rate / local_rate:4.2f}x local; "
+                          f"{stats['total'] / args.count:.2f} requests/instance, up to {stats['max_in_flight']} in flight",
+                          flush=True)
         for delay, (server, proxy) in zip(delays, proxies):
             plain = plain_reader(proxy, bucket, names)
             print(f" plain 32-thread reader, {delay:3.0f} ms: {args.count / plain:6.1f} objects/s "
