@@ -78,13 +78,12 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> None:
 
 
 def _small_local_input(plan: ExportPlan) -> bool:
-    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files, or is
-    one Cloud Storage listing unit (listed and read by one worker, its reads in parallel
-    threads: a second process would only cost its start-up)."""
-    if plan.uid_roots:
-        return False
+    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files (below
+    its folders, for a filter run listing by UID), or is one Cloud Storage listing unit
+    (listed and read by one worker, its reads in parallel threads: a second process
+    would only cost its start-up)."""
     if any("://" in unit for unit in plan.listing_units):
-        return len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
+        return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
     count = 0
     for unit in plan.listing_units:
         if unit.endswith("/*") and os.path.isdir(unit[:-2]):
