@@ -15,7 +15,8 @@ import duckdb
 import pytest
 
 from pipeline.destinations.duckdb import DuckDBTable
-from pipeline.main import run
+from pipeline.graph import ExportPlan
+from pipeline.main import _small_local_input, run
 from tests.builders import instance, to_bytes
 from transforms.flatten import LIST, READ, Outcome, read_input
 from transforms.match import FileSystems, iter_files, units_may_overlap
@@ -25,6 +26,7 @@ sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import latency_proxy  # noqa: E402
 
 DELAY_MS = 30
+SAMPLES = pathlib.Path(__file__).resolve().parents[1] / "samples" / "dicom"
 
 
 @pytest.fixture
@@ -146,3 +148,13 @@ def test_gs_listing_matches_what_beam_matches(gcs_bucket, pattern):
 ])
 def test_units_may_overlap(units, overlap):
     assert units_may_overlap(units) is overlap
+
+
+@pytest.mark.parametrize("plan, one_process", [
+    (ExportPlan(listing_units=("gs://b/d/**",)), True),  # one unit: one worker lists and reads it
+    (ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**")), False),  # several: spread over workers
+    (ExportPlan(listing_units=("gs://b/d/**",), uid_roots=("gs://b/d",)), False),
+    (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True),  # a small filter run
+])
+def test_runs_that_stay_in_one_process(plan, one_process):
+    assert _small_local_input(plan) is one_process
