@@ -10,8 +10,9 @@ values.
 The rule for one input is :func:`read_input`, a function of the input, an opener and the
 filter file; the DoFn only wires it. It reads ``opener.concurrency(input)`` inputs at
 once on a thread pool created with the DoFn: remote inputs (Cloud Storage, and every
-other kind ``Opener.open`` serves) wait on the network, not the CPU. Beam's metrics are bound to the DoFn's own thread, so the threads
-return what happened and the DoFn counts it.
+other kind ``Opener.open`` serves) wait on the network, not the CPU. Beam's metrics are
+bound to the DoFn's own thread, so the threads return what happened and the DoFn counts
+it.
 """
 
 from __future__ import annotations
