@@ -31,6 +31,9 @@ setuptools.setup(
             "hypothesis>=6.100,<7",
             "gcp-storage-emulator==2026.7.19",
         ],
+        "bench": [
+            "pandas>=2.2,<4",  # bench/user_script.py: the script a user would write instead
+        ],
     },
     entry_points={"console_scripts": ["dicom-bq-export=pipeline.cli:console"]},
 )

@@ -1,18 +1,24 @@
 """Benchmark: the whole export pipeline against the bare pydicom walk, on the same files.
 
-    python bench/pipeline.py [--sizes 1000,10000] [--workers N] [--keep DIR] [--destinations duckdb,parquet]
+    python bench/pipeline.py [--sizes 2000,10000] [--repeat 2] [--workers N] [--keep DIR]
+                             [--destinations duckdb,parquet]
 
 For each size it writes that many instances (copies of samples/dicom with new study,
-series and SOP instance UIDs) to a temporary folder, then measures in one run:
+series and SOP instance UIDs) to a temporary folder, then measures, interleaved and
+``--repeat`` times (the machine is shared: compare within a round, report the best):
 
 * the bare single-process pydicom walk over all of them (bench/convert.py's
   ``bare_walk``: ``dcmread(stop_before_pixels=True)`` touching every value);
-* ``dicom-bq-export`` as a user runs it (default local runner: one worker process per
-  core) into each of ``--destinations`` (a DuckDB file, a Parquet folder), wall time
-  from process start to exit, with the peak resident memory of the whole process tree
-  (launcher + workers), sampled every 50 ms.
+* bench/user_script.py, the ~20-line script a user would write instead (top-level
+  keywords → pandas → Parquet → DuckDB), end to end as a process;
+* ``dicom-bq-export`` as a user runs it (default local runner) into each of
+  ``--destinations`` (a DuckDB file, a Parquet folder), wall time from process start
+  to exit, with the peak resident memory of the whole process tree (launcher +
+  workers), sampled every 50 ms.
 
-Aim (issue 3): with 2 cores, pipeline throughput ≥ 1.5× the bare walk's.
+Aims (issue 12), on 2 cores: the export faster than the user's script; ≥ 1.5× the bare
+walk's throughput at 2,000 instances and ≥ 2.5× at 10,000; peak memory flat in the
+number of instances. Needs the ``bench`` extra (pandas) for the user's script.
 """
 
 from __future__ import annotations
@@ -82,21 +88,25 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 DESTINATIONS = {
-    "duckdb": lambda workdir: f"duckdb://{workdir / 'bench.duckdb'}#instances",
-    "parquet": lambda workdir: f"parquet://{workdir / 'bench_parquet'}",
+    "duckdb": lambda workdir, run: f"duckdb://{workdir / f'bench-{run}.duckdb'}#instances",
+    "parquet": lambda workdir, run: f"parquet://{workdir / f'bench_parquet-{run}'}",
 }
 
 
-def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb") -> dict:
-    summary_path = workdir / f"summary-{destination}.json"
+def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb",
+               source: pathlib.Path = ROOT) -> dict:
+    """The export of ``folder`` as a process, with the code in ``source`` (this checkout,
+    or another one to compare with, e.g. the main branch)."""
+    run = time.monotonic_ns()
+    summary_path = workdir / f"summary-{destination}-{run}.json"
     command = [sys.executable, "-m", "pipeline.main", "--input", str(folder),
-               f"--bq-table={DESTINATIONS[destination](workdir)}", "--progress-seconds=0",
+               f"--bq-table={DESTINATIONS[destination](workdir, run)}", "--progress-seconds=0",
                f"--summary-json={summary_path}"]
     if workers:
         command += ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     peak = 0
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = threading.Event()
 
     def sample():
@@ -117,13 +127,24 @@ def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None,
     return {"wall_seconds": wall, "peak_rss_bytes": peak, "summary": summary}
 
 
+def run_user_script(folder: pathlib.Path, workdir: pathlib.Path) -> float:
+    database = workdir / f"user-{time.monotonic_ns()}.duckdb"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "bench" / "user_script.py"), str(folder), str(database)], check=True)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1000", help="comma-separated instance counts (default 1000)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    parser.add_argument("--sizes", default="2000,10000", help="comma-separated instance counts")
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds per size (best one reported)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the export's own choice)")
     parser.add_argument("--keep", default=None, help="keep the generated files in this folder")
     parser.add_argument("--destinations", default="duckdb",
                         help="comma-separated: duckdb, parquet (default duckdb); one export each")
+    parser.add_argument("--no-compare", action="store_true", help="only the export (e.g. for peak memory)")
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout of the project (e.g. /work/main): its export runs in each round too")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}; pydicom {pydicom.__version__}")
     for size in (int(s) for s in args.sizes.split(",")):
@@ -132,24 +153,33 @@ def main() -> None:
             folder = workdir / "input"
             paths = make_instances(folder, size)
             megabytes = sum(os.path.getsize(p) for p in paths) / 1e6
-            started = time.perf_counter()
-            for path in paths:
-                bare_walk(path)
-            bare = time.perf_counter() - started
-            print(f"\n{size:,} instances ({megabytes:.0f} MB on disk)")
-            print(f"  bare pydicom walk, 1 process : {size / bare:8.0f} instances/s")
-            for destination in args.destinations.split(","):
-                result = run_export(folder, workdir, args.workers, destination)
-                summary = result["summary"]
-                assert summary["succeeded"] == size, summary
-                print(f"  into {destination}:")
-                print(f"    dicom-bq-export, end to end  : {size / result['wall_seconds']:8.0f} instances/s "
-                      f"({result['wall_seconds']:.1f} s wall, incl. start-up and the write)")
-                print(f"    dicom-bq-export, pipeline    : {summary['instances_per_second']:8.0f} instances/s "
-                      f"(run() duration {summary['duration_seconds']:.1f} s)")
-                print(f"    ratio end-to-end / bare      : {bare / result['wall_seconds']:8.2f}x (aim >= 1.5x)")
-                print(f"    bytes read per instance      : {summary['bytes_read_per_instance']:8,}")
-                print(f"    peak memory, process tree    : {result['peak_rss_bytes'] / 2**20:8.0f} MiB")
+            print(f"\n{size:,} instances ({megabytes:.0f} MB on disk)", flush=True)
+            for round_ in range(1, args.repeat + 1):
+                line = [f"  round {round_}:"]
+                if not args.no_compare:
+                    started = time.perf_counter()
+                    for path in paths:
+                        bare_walk(path)
+                    bare = time.perf_counter() - started
+                    user = run_user_script(folder, workdir)
+                    line.append(f"bare walk {size / bare:5.0f}/s ({bare:5.1f} s); "
+                                f"user's script {size / user:5.0f}/s ({user:5.1f} s);")
+                if args.baseline:
+                    result = run_export(folder, workdir, args.workers, "duckdb", pathlib.Path(args.baseline))
+                    wall = result["wall_seconds"]
+                    line.append(f"baseline export {size / wall:5.0f}/s ({wall:5.1f} s, "
+                                f"peak {result['peak_rss_bytes'] / 2**20:4.0f} MiB);")
+                for destination in args.destinations.split(","):
+                    result = run_export(folder, workdir, args.workers, destination)
+                    summary = result["summary"]
+                    assert summary["succeeded"] == size, summary
+                    wall = result["wall_seconds"]
+                    line.append(f"export into {destination} {size / wall:5.0f}/s ({wall:5.1f} s, "
+                                f"peak {result['peak_rss_bytes'] / 2**20:4.0f} MiB)")
+                    if not args.no_compare:
+                        line.append(f"= {bare / wall:4.2f}x the bare walk (aim {1.5 if size <= 2000 else 2.5}x), "
+                                    f"{user / wall:4.2f}x the user's script (aim > 1x)")
+                print(" ".join(line), flush=True)
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -22,7 +22,7 @@ from schemas.merge import to_bigquery_schema
 from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
-from transforms.match import MatchInputs
+from transforms.match import MatchInputs, units_may_overlap
 from transforms.sources.archives import ExpandArchiveInputs
 from transforms.sources.dicomweb import ListDicomWebInputs, ReadDicomWebMetadataRows
 from transforms.storage import Opener
@@ -76,7 +76,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
     else:
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
-    files = units | "MatchInputs" >> MatchInputs(reporter)
+    deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
+    files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
     opener = Opener(pipeline_options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
     instance_parts, dead_letter_parts = [], []

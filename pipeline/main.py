@@ -53,7 +53,7 @@ from pipeline.staging import read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
-from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units
+from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units, units_may_overlap
 from transforms.sources import dicomweb
 
 #: Runners that execute in (or next to) this process, so the launcher waits and loads.
@@ -91,13 +91,17 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> None:
 
 
 def _small_local_input(plan: ExportPlan) -> bool:
-    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files.
+    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files, or is
+    one Cloud Storage listing unit (listed and read by one worker, its reads in parallel
+    threads: a second process would only cost its start-up).
 
     With a filter file the files under the input count, whether listed by UID layout or
     not: the filter can only select fewer of them.
     """
-    if plan.dicomweb_units or any("://" in unit for unit in plan.listing_units + plan.uid_roots):
+    if plan.dicomweb_units:
         return False
+    if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
+        return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
     count = 0
     for unit in plan.listing_units:
         if unit.endswith("/*") and os.path.isdir(unit[:-2]):

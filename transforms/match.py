@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 from transforms.counters import NAMESPACE
 from transforms.filter_file import FilterFile, uid_layout_patterns
 from transforms.limits import input_type_error
-from transforms.storage import InputFile
+from transforms.storage import InputFile, storage_client
 
 _GLOB_CHARS = set("*?[")
 
@@ -119,15 +119,9 @@ def _pattern(root: str, folder: str) -> str:
 def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
     """The immediate sub-folders of a local folder or Cloud Storage prefix."""
     if folder.startswith("gs://"):
-        from apache_beam.io.gcp import gcsio
-
-        if pipeline_options is None:
-            from apache_beam.options.pipeline_options import PipelineOptions
-
-            pipeline_options = PipelineOptions([])
         bucket, _, prefix = folder[len("gs://"):].partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        client = gcsio.create_storage_client(pipeline_options)
+        client = storage_client(pipeline_options)
         blobs = client.list_blobs(bucket, prefix=prefix, delimiter="/")
         for _page in blobs.pages:
             pass
@@ -228,10 +222,40 @@ def _match_local(pattern: str) -> Iterator[InputFile]:
                 yield found
 
 
+def _match_gcs(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
+    """Objects matching a ``gs://`` pattern (Beam's glob rules), as the listing's pages
+    arrive: one request per 1,000 objects below the pattern's literal prefix through the
+    process's shared client (:func:`transforms.storage.storage_client`), or one metadata
+    request for a pattern without a glob. No object is fetched."""
+    bucket, _, name = pattern[len("gs://"):].partition("/")
+    client = storage_client(pipeline_options)
+    if not _has_glob(name):
+        blob = client.bucket(bucket).get_blob(name) if name else None
+        if blob is not None and not name.endswith("/"):
+            yield InputFile(pattern, blob.size or 0)
+        return
+    prefix = re.match(r"^[^[*?]*", name).group(0)
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match
+    for blob in client.list_blobs(bucket, prefix=prefix):
+        path = f"gs://{bucket}/{blob.name}"
+        if not blob.name.endswith("/") and matches(path):  # "folder/" placeholders are no files
+            yield InputFile(path, blob.size or 0)
+
+
+def iter_files(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
+    """Files matching one pattern (folders excluded), as listing finds them; an absent
+    path matches nothing."""
+    if not _is_remote(pattern):
+        return _match_local(pattern)
+    if pattern.startswith("gs://"):
+        return _match_gcs(pattern, pipeline_options)
+    return iter(match_files(pattern))
+
+
 def match_files(pattern: str) -> list[InputFile]:
     """Files matching one pattern (folders excluded); an absent path matches nothing."""
-    if not _is_remote(pattern):
-        return list(_match_local(pattern))
+    if not _is_remote(pattern) or pattern.startswith("gs://"):
+        return list(iter_files(pattern))
     result = FileSystems.match([pattern])[0]
     files = []
     for metadata in result.metadata_list:
@@ -262,19 +286,53 @@ def uid_listing_units(roots: Iterable[str], filter_file: FilterFile) -> Iterator
             yield from uid_layout_patterns(root, line)
 
 
-class ListFiles(beam.DoFn):
-    """A listing unit (file pattern) → the files it matches, with their sizes."""
+def _literal_prefix(pattern: str) -> str:
+    return re.match(r"^[^[*?]*", pattern).group(0)
 
-    def __init__(self, reporter=None):
+
+def units_may_overlap(units: Iterable[str]) -> bool:
+    """False only if no file can match two of the listing units, which is then known
+    from the patterns alone: Cloud Storage units (no links there) that are one object,
+    a folder's own files (``P/*``) or a prefix none of the others starts in. Local units
+    may always overlap (a folder link leads into another unit), and their
+    deduplication is also what spreads a single folder's files over the workers."""
+    units = list(units)
+    if len(units) > 256 or any(not unit.startswith("gs://") for unit in units):
+        return True
+    for index, a in enumerate(units):
+        for b in units[index + 1:]:
+            if _may_share_a_file(a, b) and _may_share_a_file(b, a):
+                return True
+    return False
+
+
+def _may_share_a_file(a: str, b: str) -> bool:
+    """Whether a file matching ``a`` may also match ``b`` (conservative: True if unsure)."""
+    if not _has_glob(a):
+        return bool(re.match(FileSystem.translate_pattern(b), a))
+    prefix_a, prefix_b = _literal_prefix(a), _literal_prefix(b)
+    if a == prefix_a + "*" and prefix_a.endswith("/"):  # the files directly in one folder
+        rest = prefix_b[len(prefix_a):] if prefix_b.startswith(prefix_a) else None
+        if rest is not None and "/" in rest:
+            return False
+    return prefix_a.startswith(prefix_b) or prefix_b.startswith(prefix_a)
+
+
+class ListFiles(beam.DoFn):
+    """A listing unit (file pattern) → the files it matches, with their sizes, emitted
+    as listing finds them (Cloud Storage: page by page)."""
+
+    def __init__(self, reporter=None, pipeline_options=None):
+        self._options = pipeline_options
         self.matched = Metrics.counter(NAMESPACE, "files_listed")
         self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
 
     def process(self, pattern: str):
-        files = match_files(pattern)
-        self.matched.inc(len(files))
-        if self._reporter is not None:
-            self._reporter.listed(len(files))
-        yield from files
+        for input_file in iter_files(pattern, self._options):
+            self.matched.inc()
+            if self._reporter is not None:
+                self._reporter.listed(1)
+            yield input_file
 
     def finish_bundle(self):
         if self._reporter is not None:
@@ -284,25 +342,33 @@ class ListFiles(beam.DoFn):
 class MatchInputs(beam.PTransform):
     """Listing units → distinct input files, spread over workers.
 
-    The units are reshuffled so that each is listed by some worker, and the files are
-    deduplicated (overlapping patterns) by a GroupByKey, which also redistributes them
-    for the read step.
+    The units are reshuffled so that each is listed by some worker. If the units may
+    overlap (:func:`units_may_overlap`: overlapping patterns, local links), the files
+    are deduplicated by a GroupByKey, which also redistributes them for the read step.
+    Otherwise nothing waits for the listing to end: each file goes on to be read as soon
+    as its listing page arrives.
     """
 
-    def __init__(self, reporter=None):
+    def __init__(self, reporter=None, deduplicate: bool = True, pipeline_options=None):
         super().__init__()
         self.reporter = reporter
+        self.deduplicate = deduplicate
+        self.pipeline_options = pipeline_options
 
     def expand(self, units):
-        return (
+        files = (
             units
             | "SpreadUnits" >> beam.Reshuffle()
-            | "List" >> beam.ParDo(ListFiles(self.reporter))
-            | "KeyByFile" >> beam.Map(lambda f: (file_identity(f), f))
-            | "Deduplicate" >> beam.CombinePerKey(_first_path)
-            | "AsInputFile" >> beam.Values()
-            | "CountDistinct" >> beam.ParDo(_CountMatched())
+            | "List" >> beam.ParDo(ListFiles(self.reporter, self.pipeline_options))
         )
+        if self.deduplicate:
+            files = (
+                files
+                | "KeyByFile" >> beam.Map(lambda f: (file_identity(f), f))
+                | "Deduplicate" >> beam.CombinePerKey(_first_path)
+                | "AsInputFile" >> beam.Values()
+            )
+        return files | "CountDistinct" >> beam.ParDo(_CountMatched())
 
 
 def file_identity(input_file: InputFile) -> str:

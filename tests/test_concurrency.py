@@ -1,0 +1,160 @@
+"""Concurrent reads and listing (issue 12): every input read exactly once, many at a time,
+on one shared client; dead letters and accounting unchanged under concurrency.
+
+Cloud Storage is the real gcp-storage-emulator, reached through bench/latency_proxy.py
+(which counts requests per path and how many were in flight at once).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import threading
+
+import duckdb
+import pytest
+
+from pipeline.destinations.duckdb import DuckDBTable
+from pipeline.graph import ExportPlan
+from pipeline.main import _small_local_input, run
+from tests.builders import instance, to_bytes
+from transforms.flatten import LIST, READ, Outcome, read_input
+from transforms.match import FileSystems, iter_files, units_may_overlap
+from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener, storage_client
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+import latency_proxy  # noqa: E402
+
+DELAY_MS = 30
+SAMPLES = pathlib.Path(__file__).resolve().parents[1] / "samples" / "dicom"
+
+
+@pytest.fixture
+def proxy(gcs_emulator, monkeypatch):
+    """The emulator behind a proxy adding DELAY_MS per request; clients use the proxy."""
+    server, url = latency_proxy.start(gcs_emulator, DELAY_MS)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    yield server.stats
+    server.shutdown()
+
+
+def _upload(bucket, prefix: str, count: int, broken: set[int] = frozenset()) -> list[str]:
+    names = []
+    for index in range(count):
+        name = f"{prefix}/{index:03d}"
+        data = b"not DICOM at all" if index in broken else to_bytes(instance())
+        bucket.blob(name).upload_from_string(data)
+        names.append(name)
+    return names
+
+
+def _object_gets(stats, bucket: str) -> dict[str, int]:
+    """GETs of object bytes (media downloads), per object name."""
+    media = f"/download/storage/v1/b/{bucket}/o/"
+    gets: dict[str, int] = {}
+    for (method, path), count in stats.paths.items():
+        if method == "GET" and path.startswith(media):
+            name = path[len(media):].split("?", 1)[0].replace("%2F", "/")
+            gets[name] = gets.get(name, 0) + count
+    return gets
+
+
+def test_gs_export_reads_every_object_once_with_many_requests_in_flight(gcs_bucket, proxy, tmp_path):
+    _client, bucket = gcs_bucket
+    names = _upload(bucket, "dicom", 48)
+    db = tmp_path / "out.duckdb"
+    summary = run(["--input", f"gs://{bucket.name}/dicom/", f"--bq-table=duckdb://{db}#t", "--progress-seconds=0"])
+    assert summary["succeeded"] == 48 and summary["failed"] == 0
+    assert _object_gets(proxy, bucket.name) == {name: 1 for name in names}  # one ranged GET each, no re-read
+    assert proxy.max_in_flight > 4  # reads overlap: a serial loop never has more than one
+    metadata = [p for (m, p), _ in proxy.paths.items() if m == "GET" and p.startswith(f"/storage/v1/b/{bucket.name}/o/")]
+    assert metadata == []  # no per-object metadata request: the size comes from the listing
+    assert sum(proxy.paths.values()) <= 48 * 1.2
+
+
+def test_one_failing_object_among_many_concurrent_reads_is_exactly_one_dead_letter(gcs_bucket, proxy, tmp_path):
+    _client, bucket = gcs_bucket
+    names = _upload(bucket, "mixed", 40, broken={7, 23})
+    db = tmp_path / "out.duckdb"
+    summary = run(["--input", f"gs://{bucket.name}/mixed/", f"--bq-table=duckdb://{db}#t", "--progress-seconds=0"])
+    assert (summary["succeeded"], summary["failed"]) == (38, 2)
+    assert summary["succeeded"] + summary["failed"] == summary["files_matched"] == 40
+    with duckdb.connect(str(db)) as con:
+        dead = sorted(con.execute("SELECT path, stage FROM t_errors").fetchall())
+        assert con.execute("SELECT count(*) FROM t").fetchone()[0] == 38
+    assert dead == [(f"gs://{bucket.name}/{names[7]}", READ), (f"gs://{bucket.name}/{names[23]}", READ)]
+
+
+def test_overlapping_gs_patterns_still_read_each_object_once(gcs_bucket, proxy, tmp_path):
+    _client, bucket = gcs_bucket
+    names = _upload(bucket, "over", 12)
+    db = DuckDBTable(str(tmp_path / "out.duckdb"), "t")
+    summary = run(["--input", f"gs://{bucket.name}/over/", "--input", f"gs://{bucket.name}/over/00*",
+                   f"--bq-table=duckdb://{db.path}#t", "--progress-seconds=0"])
+    assert summary["succeeded"] == 12 and summary["files_matched"] == 12
+    assert _object_gets(proxy, bucket.name) == {name: 1 for name in names}
+
+
+def test_read_input_runs_concurrently_on_one_opener(gcs_bucket, proxy):
+    _client, bucket = gcs_bucket
+    names = _upload(bucket, "threads", 20, broken={5})
+    files = [InputFile(f"gs://{bucket.name}/{name}", bucket.get_blob(name).size) for name in names]
+    files.append(InputFile(f"gs://{bucket.name}/gone", 10))  # listed, then deleted
+    files.append(InputFile("/a/fifo", 0, ("NotARegularFile", "a FIFO")))
+    opener = Opener()
+    assert opener.concurrency(files[0]) == REMOTE_CONCURRENCY
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(REMOTE_CONCURRENCY) as pool:
+        outcomes: list[Outcome] = list(pool.map(lambda f: read_input(f, opener), files))
+    assert [o.instance is not None for o in outcomes] == [i != 5 for i in range(20)] + [False, False]
+    assert outcomes[5].failure[0] == READ and outcomes[20].failure[0] == READ
+    assert outcomes[21].failure == (LIST, "NotARegularFile", "a FIFO")
+    assert all(o.bytes_read > 0 for o in outcomes[:20])
+
+
+def test_one_storage_client_per_process_shared_by_threads(gcs_emulator, anonymous_gcp):
+    clients = []
+    threads = [threading.Thread(target=lambda: clients.append(storage_client())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(client) for client in clients}) == 1
+    adapter = clients[0]._http.get_adapter("http://127.0.0.1/")
+    assert adapter._pool_maxsize >= REMOTE_CONCURRENCY
+
+
+@pytest.mark.parametrize("pattern", ["over/**", "over/*", "over/0*", "over/01?", "over/[01]0*", "over/000", "over"])
+def test_gs_listing_matches_what_beam_matches(gcs_bucket, pattern):
+    _client, bucket = gcs_bucket
+    for name in ("over/000", "over/011", "over/sub/100", "over/sub/deeper/200", "overt/300"):
+        bucket.blob(name).upload_from_string(b"x" * 3)
+    full = f"gs://{bucket.name}/{pattern}"
+    ours = sorted((f.path, f.size) for f in iter_files(full))
+    beams = sorted((m.path, m.size_in_bytes) for m in FileSystems.match([full])[0].metadata_list)
+    assert ours == beams
+
+
+@pytest.mark.parametrize("units, overlap", [
+    (["gs://b/d/*", "gs://b/d/a/**", "gs://b/d/b/**"], False),  # a folder split by shard_listing_units
+    (["gs://b/x", "gs://b/x/**"], False),  # an object or a prefix
+    (["gs://b/d/**"], False),
+    (["gs://b/d/**", "gs://b/d/a/**"], True),
+    (["gs://b/a*", "gs://b/ab/**"], True),
+    (["gs://b/d/x", "gs://b/d/*"], True),
+    (["gs://b/d/y/z", "gs://b/d/*"], False),
+    (["folder/**"], True),  # local: links may lead anywhere, and the dedupe spreads the files
+])
+def test_units_may_overlap(units, overlap):
+    assert units_may_overlap(units) is overlap
+
+
+@pytest.mark.parametrize("plan, one_process", [
+    (ExportPlan(listing_units=("gs://b/d/**",)), True),  # one unit: one worker lists and reads it
+    (ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**")), False),  # several: spread over workers
+    (ExportPlan(listing_units=("gs://b/d/**",), uid_roots=("gs://b/d",)), False),
+    (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True),  # a small filter run
+])
+def test_runs_that_stay_in_one_process(plan, one_process):
+    assert _small_local_input(plan) is one_process
