@@ -19,7 +19,6 @@ from apache_beam.io import fileio
 from apache_beam.pvalue import AsSingleton, PCollection
 
 from schemas.merge import to_bigquery_schema
-from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import MatchInputs, units_may_overlap
@@ -47,7 +46,8 @@ class ExportPlan:
 
 
 class ExportOutputs(NamedTuple):
-    rows: PCollection  # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields
+    rows: PCollection  # dict per instance, in the BigQuery JSON row form; a REPEATED field with no
+    #                    value may be absent: every destination writes it as [] (never NULL)
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
@@ -120,11 +120,10 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
         | "MergeFragments" >> beam.CombineGlobally(MergeFragments())
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
-    rows = (
-        instances
-        | "Rows" >> beam.Map(lambda instance: instance.row)
-        | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(schema))
-    )
+    # Rows go on as they come, not completed against the merged schema here: a step
+    # waiting for that side input would hold every row in memory on a local runner. Each
+    # destination writes an absent REPEATED field as [] (see ExportOutputs.rows).
+    rows = instances | "Rows" >> beam.Map(lambda instance: instance.row)
 
     lines_used = None
     if filter_file is not None:

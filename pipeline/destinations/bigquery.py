@@ -47,6 +47,7 @@ from pipeline.destinations import (
 )
 from pipeline.destinations.base import Destination, RunContext
 from schemas import columns as dicom_columns
+from schemas.rows import with_empty_lists
 from schemas.vr_types import RECORD
 
 SCHEME = "bq://"
@@ -198,7 +199,8 @@ class BigQueryTable(Destination):
 
         write_schema = outputs.schema | "LoadSchema" >> beam.Map(load_schema, existing, str(self), replaces)
         additional = {"clustering": {"fields": self.cluster_by}} if self.cluster_by else None
-        rows = outputs.rows | "StageRows" >> beam.io.WriteToBigQuery(
+        complete = outputs.rows | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(write_schema))
+        rows = complete | "StageRows" >> beam.io.WriteToBigQuery(
             table=f"{self.project}:{self.dataset}.{rows_staging}",
             schema=lambda destination, schema: {"fields": schema},
             schema_side_inputs=(AsSingleton(write_schema),),
