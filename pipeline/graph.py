@@ -13,6 +13,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.pvalue import AsSingleton, PCollection
 
+from pipeline import ledger
 from schemas.merge import to_bigquery_schema
 from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
@@ -33,6 +34,7 @@ class ExportPlan:
     uid_roots: tuple[str, ...] = ()
     progress_seconds: float = 0
     run_started: str | None = None  # UTC timestamp stamped on the dead letters
+    incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
 
 
 class ExportOutputs(NamedTuple):
@@ -40,10 +42,16 @@ class ExportOutputs(NamedTuple):
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
+    files: PCollection | None = None  # dict per file read: the files table's records (pipeline/ledger.py)
+    gone: PCollection | None = None  # recorded paths no longer listed (--incremental only)
 
 
-def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None) -> ExportOutputs:
-    """Add the export's reading steps to ``pipeline``; return its outputs (no writes)."""
+def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None, recorded=None) -> ExportOutputs:
+    """Add the export's reading steps to ``pipeline``; return its outputs (no writes).
+
+    ``recorded``: the files table's records (``--incremental`` on an existing table);
+    files recorded as exported with the same version are then not read.
+    """
     filter_file = None
     if plan.filter_uri:
         filter_file = (
@@ -62,6 +70,10 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
     files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds)
+    gone = None
+    if recorded is not None:
+        compared = files | "CompareWithLedger" >> ledger.CompareWithLedger(recorded)
+        files, gone = compared.changed, compared[ledger.GONE]
 
     read = ReadInstances(pipeline_options, plan.progress_seconds, plan.run_started)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
@@ -69,6 +81,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
         DEAD_LETTERS, main="instances"
     )
     instances, dead_letters = read_outputs.instances, read_outputs[DEAD_LETTERS]
+    kept = instances
+    duplicates = pipeline | "NoDuplicates" >> beam.Create([])
+    if plan.incremental:
+        one_each = instances | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
+        kept, duplicates = one_each.kept, one_each[ledger.DUPLICATES]
+    file_records = files | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started)
 
     schema = (
         instances
@@ -77,7 +95,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
     rows = (
-        instances
+        kept
         | "Rows" >> beam.Map(lambda instance: instance.row)
         | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(schema))
     )
@@ -89,4 +107,4 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
             | "FilterLines" >> beam.Map(lambda instance: instance.filter_lines)
             | "LinesThatSelected" >> beam.CombineGlobally(UnionOfLines())
         )
-    return ExportOutputs(rows, schema, dead_letters, lines_used)
+    return ExportOutputs(rows, schema, dead_letters, lines_used, file_records, gone)

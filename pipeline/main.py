@@ -35,6 +35,7 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
+from pipeline.ledger import check_incremental_options
 from pipeline.options import ExportOptions
 from pipeline.staging import read_staged, stage_summary, staging_folder
 from transforms.filter_file import FilterFileError, read_filter_file
@@ -147,13 +148,16 @@ def run(argv: list[str] | None = None) -> dict:
     local = runner in LOCAL_RUNNERS
     _usage(destination.check_runner, local)
     _usage(destination.check_options, export)
+    _usage(check_incremental_options, export, disposition)
     destination.preflight(disposition)
 
     started = time.monotonic()
     context = RunContext(disposition, dt.datetime.now(dt.timezone.utc), export.max_failures, local)
-    plan = dataclasses.replace(plan, run_started=context.run_started)
+    context.incremental, context.prune_missing = bool(export.incremental), bool(export.prune_missing)
+    plan = dataclasses.replace(plan, run_started=context.run_started, incremental=context.incremental)
     pipeline = beam.Pipeline(options=options)
-    outputs = build_pipeline(pipeline, plan, options)
+    recorded = destination.recorded_files(pipeline, context) if context.incremental else None
+    outputs = build_pipeline(pipeline, plan, options, recorded)
     if not local:
         destination.attach(outputs, context)
         pipeline.run()

@@ -113,3 +113,25 @@ class ExportOptions(PipelineOptions):
             default=10.0,
             help="How often workers print how many files they have read (0: never). Default 10.",
         )
+        parser.add_argument(
+            *_flag("incremental"),
+            dest="incremental",
+            nargs="?",
+            const=True,
+            type=_boolean,
+            default=False,
+            help="Keep the table current: one row per SOPInstanceUID, and read only the files that the "
+            "TABLE_files table does not record as exported with the same version (new, changed or "
+            "failed files). A re-sent or rewritten instance replaces its row. An existing table needs "
+            "--write-disposition WRITE_APPEND; WRITE_TRUNCATE rebuilds it from every file.",
+        )
+        parser.add_argument(
+            *_flag("prune-missing"),
+            dest="prune_missing",
+            nargs="?",
+            const=True,
+            type=_boolean,
+            default=False,
+            help="With --incremental: the listed files are the whole archive; delete the rows of instances "
+            "whose every file has disappeared, and forget those files in TABLE_files.",
+        )

@@ -22,6 +22,14 @@ MOVED_TO_OTHER_ELEMENTS = "moved_to_other_elements"
 CHARSET_FALLBACKS = "charset_fallbacks"
 UNDECODABLE_VALUES = "undecodable_values"
 TOO_DEEP = "too_deep"
+# The files table and --incremental (pipeline/ledger.py); the row counts are set when
+# the destination writes.
+UNCHANGED_FILES = "unchanged_files"  # listed, recorded as exported with the same version: not read
+DUPLICATE_INSTANCES = "duplicate_instances"  # files of this run whose SOPInstanceUID another file's row took
+ROWS_ADDED = "rows_added"
+ROWS_REPLACED = "rows_replaced"
+ROWS_PRUNED = "rows_pruned"
+ALREADY_IN_TABLE = "instances_already_in_table"  # WRITE_APPEND without --incremental
 
 #: Counted while listing.
 LISTING_COUNTERS = (FILES_LISTED, FILES_MATCHED)
@@ -42,8 +50,11 @@ READ_COUNTERS = (
     TOO_DEEP,
 )
 
+#: Counted by the files table's steps (the row counts exist only once a destination set them).
+LEDGER_COUNTERS = (UNCHANGED_FILES, DUPLICATE_INSTANCES)
+
 #: Every fixed counter, in the order the summary knows them.
-COUNTERS = LISTING_COUNTERS + READ_COUNTERS
+COUNTERS = LISTING_COUNTERS + READ_COUNTERS + LEDGER_COUNTERS
 
 #: Prefix of the per-failure-type counters, ``failed:NotDicomError``.
 FAILED_PREFIX = FAILED + ":"

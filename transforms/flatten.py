@@ -37,6 +37,7 @@ class Instance(NamedTuple):
     row: dict
     fragment: frozenset
     filter_lines: tuple
+    path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
 
 
 def dead_letter(path: str, stage: str, error_type: str, message: str, run_started: str | None = None) -> dict:
@@ -118,7 +119,7 @@ class ReadInstances(beam.DoFn):
         for name, count in flattened.counts.items():
             if name in self.counters:
                 self.counters[name].inc(count)
-        yield Instance(flattened.row, flattened.fragment, lines)
+        yield Instance(flattened.row, flattened.fragment, lines, input_file.path)
 
     def _failed(self, input_file: InputFile, stage: str, error_type: str, message: str):
         self.counters[counters.FAILED].inc()

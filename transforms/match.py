@@ -193,11 +193,16 @@ def _local_input(path: str, st: os.stat_result | None) -> InputFile | None:
     """A listed local path as an input: a regular file, or one to dead-letter unopened
     (None for a path gone since it was listed)."""
     if st is not None and stat.S_ISREG(st.st_mode):
-        return InputFile(path, st.st_size)
+        return InputFile(path, st.st_size, version=local_version(st))
     error = input_type_error(path, st)
     if error is None:
         return None
     return InputFile(path, 0, (type(error).__name__, str(error)))
+
+
+def local_version(st: os.stat_result) -> str:
+    """A local file's version: ``MTIME_NS:SIZE`` (rewriting a file changes one or both)."""
+    return f"{st.st_mtime_ns}:{st.st_size}"
 
 
 def _match_local(pattern: str) -> Iterator[InputFile]:
@@ -234,6 +239,8 @@ def match_files(pattern: str) -> list[InputFile]:
     """Files matching one pattern (folders excluded); an absent path matches nothing."""
     if not _is_remote(pattern):
         return list(_match_local(pattern))
+    if pattern.startswith("gs://"):
+        return list(_match_gcs(pattern))
     result = FileSystems.match([pattern])[0]
     files = []
     for metadata in result.metadata_list:
@@ -242,6 +249,23 @@ def match_files(pattern: str) -> list[InputFile]:
             continue  # a "folder" placeholder object
         files.append(InputFile(path, metadata.size_in_bytes))
     return files
+
+
+def _match_gcs(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
+    """Objects matching a ``gs://`` pattern (Beam's glob rules), listed with
+    google-cloud-storage's ``list_blobs``: each object's size and generation come with the
+    listing page, so versions cost no request per object."""
+    from apache_beam.io.gcp import gcsio
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    bucket, _, name_pattern = pattern[len("gs://"):].partition("/")
+    prefix = re.match(r"^[^[*?]*", name_pattern).group(0)
+    matches = re.compile(FileSystem.translate_pattern(name_pattern)).match
+    client = gcsio.create_storage_client(pipeline_options or PipelineOptions([]))
+    for blob in client.list_blobs(bucket, prefix=prefix, fields="items(name,size,generation),nextPageToken"):
+        if blob.name.endswith("/") or not matches(blob.name):
+            continue  # a "folder" placeholder object, or outside the pattern
+        yield InputFile(f"gs://{bucket}/{blob.name}", int(blob.size or 0), version=str(blob.generation))
 
 
 def looks_laid_out_by_uid(roots: Iterable[str], filter_file: FilterFile, probe_lines: int = 10) -> bool:
