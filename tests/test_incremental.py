@@ -1,0 +1,291 @@
+"""The files table and --incremental (SPEC §7), through the real run(): Beam's in-process
+runner, real DICOM files built with pydicom, a real DuckDB file, the Cloud Storage
+emulator and the BigQuery emulator."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from pipeline.destinations import DestinationError
+from pipeline.destinations.duckdb import DuckDBTable
+from pipeline.main import UsageError, run
+from tests.builders import instance, to_bytes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FILES_COLUMNS = ["path", "version", "size", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                 "outcome", "run_started"]
+
+
+def export(*args: str) -> dict:
+    return run(["--runner=FnApiRunner", "--progress-seconds=0", *args])
+
+
+def write_instance(path: pathlib.Path, sop: str, number: int, study: str = "1.2.3", series: str = "1.2.3.4") -> None:
+    """A real DICOM file for instance ``sop``; ``number`` (InstanceNumber) marks its content."""
+    ds = instance(study=study, series=series, sop=sop)
+    ds.InstanceNumber = number
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(to_bytes(ds))
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A folder of five instances, ``f0``…``f4`` with SOPInstanceUIDs ``1.2.3.4.5.0``…"""
+    folder = tmp_path / "archive"
+    for index in range(5):
+        write_instance(folder / f"f{index}", f"1.2.3.4.5.{index}", 1)
+    return folder
+
+
+@pytest.fixture
+def db(tmp_path):
+    return DuckDBTable(str(tmp_path / "export.duckdb"), "instances")
+
+
+def incremental(archive, db, *args):
+    return export("--input", str(archive), f"--bq-table={db}", "--incremental", *args)
+
+
+def current_rows(db) -> dict:
+    """``{SOPInstanceUID: InstanceNumber}``; fails if an instance has two rows."""
+    rows = db.read_rows()
+    sops = [row["SOPInstanceUID"] for row in rows]
+    assert len(sops) == len(set(sops)), "more than one row for an instance"
+    return {row["SOPInstanceUID"]: int(row["InstanceNumber"]) for row in rows}
+
+
+def files_table(db) -> dict:
+    """``{path: record}`` of the files table."""
+    records = db.read_rows("instances_files")
+    assert len({r["path"] for r in records}) == len(records), "more than one record for a path"
+    return {record["path"]: record for record in records}
+
+
+def assert_consistent(db) -> None:
+    """Every row is recorded by an exported file, and every exported file's instance has a row."""
+    rows = current_rows(db)
+    exported = {r["SOPInstanceUID"] for r in files_table(db).values() if r["outcome"] in ("row", "duplicate")}
+    assert set(rows) == exported
+
+
+# -- the files table, on every run ------------------------------------------------------
+
+
+def test_every_run_records_its_files_with_version_uids_and_outcome(archive, db, tmp_path):
+    (archive / "notes.txt").write_text("not DICOM")
+    summary = export("--input", str(archive), f"--bq-table={db}")
+    assert summary["succeeded"] == 5 and summary["failed"] == 1
+    records = files_table(db)
+    assert [field["name"] for field in db.schema()] and set(records) == {str(p) for p in archive.iterdir()}
+    st = os.stat(archive / "f2")
+    f2 = records[str(archive / "f2")]
+    assert f2["version"] == f"{st.st_mtime_ns}:{st.st_size}" and f2["size"] == st.st_size
+    assert (f2["StudyInstanceUID"], f2["SeriesInstanceUID"], f2["SOPInstanceUID"]) == ("1.2.3", "1.2.3.4", "1.2.3.4.5.2")
+    assert f2["outcome"] == "row" and f2["run_started"] is not None
+    notes = records[str(archive / "notes.txt")]
+    assert notes["outcome"] == "failed" and notes["SOPInstanceUID"] is None
+
+
+def test_files_not_selected_by_the_filter_file_are_recorded_as_such(archive, db, tmp_path):
+    filter_file = tmp_path / "filter.txt"
+    filter_file.write_text("/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5.1\n")
+    export("--input", str(archive), f"--bq-table={db}", f"--filter-config-gcs-uri={filter_file}",
+           "--input-layout=any")
+    outcomes = {pathlib.Path(p).name: r["outcome"] for p, r in files_table(db).items()}
+    assert outcomes == {"f0": "not_selected", "f1": "row", "f2": "not_selected", "f3": "not_selected",
+                        "f4": "not_selected"}
+
+
+def test_truncate_replaces_the_files_table_and_append_updates_it_by_path(archive, db, tmp_path):
+    other = tmp_path / "other"
+    write_instance(other / "g", "1.2.3.4.6", 1)
+    export("--input", str(archive), f"--bq-table={db}")
+    export("--input", str(other), f"--bq-table={db}", "--write-disposition=WRITE_APPEND")
+    assert len(files_table(db)) == 6
+    export("--input", str(other), f"--bq-table={db}", "--write-disposition=WRITE_TRUNCATE")
+    assert set(files_table(db)) == {str(other / "g")}
+
+
+def test_a_plain_append_says_how_many_instances_were_already_in_the_table(archive, db, capsys):
+    export("--input", str(archive), f"--bq-table={db}")
+    write_instance(archive / "f9", "1.2.3.4.5.9", 1)
+    summary = export("--input", str(archive), f"--bq-table={db}", "--write-disposition=WRITE_APPEND")
+    assert summary["instances_already_in_table"] == 5
+    assert len(db.read_rows()) == 11
+    assert "already in the table" in capsys.readouterr().out
+
+
+# -- --incremental on DuckDB ----------------------------------------------------------------
+
+
+def test_a_second_incremental_run_with_no_change_reads_nothing_and_changes_nothing(archive, db):
+    first = incremental(archive, db)
+    assert first["succeeded"] == 5 and first["rows_added"] == 5
+    rows, files = db.read_rows(), files_table(db)
+    second = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert second["bytes_read"] == 0 and second["unchanged_files"] == 5 and second["succeeded"] == 0
+    assert (second["rows_added"], second["rows_replaced"]) == (0, 0)
+    assert db.read_rows() == rows and files_table(db) == files
+
+
+def test_new_and_rewritten_files_add_and_replace_rows(archive, db):
+    incremental(archive, db)
+    write_instance(archive / "f1", "1.2.3.4.5.1", 2)  # the same instance, new content
+    write_instance(archive / "new", "1.2.3.4.5.7", 1)
+    summary = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert summary["succeeded"] == 2 and summary["unchanged_files"] == 4
+    assert (summary["rows_added"], summary["rows_replaced"]) == (1, 1)
+    rows = current_rows(db)
+    assert len(rows) == 6 and rows["1.2.3.4.5.1"] == 2 and rows["1.2.3.4.5.7"] == 1
+    assert_consistent(db)
+
+
+def test_a_resent_instance_under_another_path_replaces_its_row(archive, db):
+    incremental(archive, db)
+    write_instance(archive / "resent" / "x", "1.2.3.4.5.3", 5)
+    summary = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert (summary["rows_added"], summary["rows_replaced"]) == (0, 1)
+    assert current_rows(db)["1.2.3.4.5.3"] == 5 and len(current_rows(db)) == 5
+
+
+def test_deleted_files_keep_their_rows_unless_prune_missing(archive, db):
+    incremental(archive, db)
+    (archive / "f0").unlink()
+    summary = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert "1.2.3.4.5.0" in current_rows(db) and summary.get("rows_pruned") is None
+    assert str(archive / "f0") in files_table(db)
+    summary = incremental(archive, db, "--write-disposition=WRITE_APPEND", "--prune-missing")
+    assert summary["rows_pruned"] == 1 and summary["bytes_read"] == 0
+    assert set(current_rows(db)) == {f"1.2.3.4.5.{i}" for i in (1, 2, 3, 4)}
+    assert str(archive / "f0") not in files_table(db)
+    assert_consistent(db)
+
+
+def test_prune_keeps_an_instance_while_one_of_its_files_remains(archive, db):
+    write_instance(archive / "copy", "1.2.3.4.5.4", 1)
+    incremental(archive, db)
+    (archive / "f4").unlink()
+    summary = incremental(archive, db, "--write-disposition=WRITE_APPEND", "--prune-missing")
+    assert summary["rows_pruned"] == 0 and "1.2.3.4.5.4" in current_rows(db)
+    assert_consistent(db)
+
+
+def test_duplicates_in_one_run_give_one_row_from_the_greatest_path(archive, db):
+    write_instance(archive / "zz", "1.2.3.4.5.2", 8)
+    write_instance(archive / "aa", "1.2.3.4.5.2", 9)
+    summary = incremental(archive, db)
+    assert summary["duplicate_instances"] == 2 and summary["rows_added"] == 5
+    assert current_rows(db)["1.2.3.4.5.2"] == 8  # from "zz", the greatest path
+    outcomes = {pathlib.Path(p).name: r["outcome"] for p, r in files_table(db).items()}
+    assert (outcomes["zz"], outcomes["aa"], outcomes["f2"]) == ("row", "duplicate", "duplicate")
+    assert incremental(archive, db, "--write-disposition=WRITE_APPEND")["bytes_read"] == 0
+    assert_consistent(db)
+
+
+def test_failed_files_are_tried_again(archive, db):
+    bad = archive / "bad"
+    bad.write_bytes(b"not DICOM at all")
+    incremental(archive, db)
+    again = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert again["failed"] == 1 and again["bytes_read"] > 0 and again["unchanged_files"] == 5
+    write_instance(bad, "1.2.3.4.5.8", 1)  # fixed
+    fixed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert fixed["failed"] == 0 and fixed["rows_added"] == 1
+    assert files_table(db)[str(bad)]["outcome"] == "row"
+    assert len(db.read_rows("instances_errors")) == 2
+
+
+def test_write_truncate_with_incremental_rebuilds_from_every_file(archive, db):
+    export("--input", str(archive), f"--bq-table={db}")
+    export("--input", str(archive), f"--bq-table={db}", "--write-disposition=WRITE_APPEND")
+    assert len(db.read_rows()) == 10
+    summary = incremental(archive, db, "--write-disposition=WRITE_TRUNCATE")
+    assert summary["succeeded"] == 5 and len(current_rows(db)) == 5
+    assert_consistent(db)
+
+
+# -- how --incremental combines with the other flags ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prune-missing"], "--prune-missing needs --incremental"),
+        (["--incremental", "--write-disposition=WRITE_EMPTY"], "not WRITE_EMPTY"),
+        (["--incremental", "--prune-missing", f"--filter-config-gcs-uri={REPO / 'samples' / 'filter.txt'}"], "filter"),
+    ],
+)
+def test_flags_that_do_not_combine_are_usage_errors(archive, db, flags, message):
+    with pytest.raises(UsageError, match=message):
+        export("--input", str(archive), f"--bq-table={db}", *flags)
+    assert not os.path.exists(db.path)
+
+
+def test_an_existing_table_needs_write_append(archive, db):
+    incremental(archive, db)
+    with pytest.raises(DestinationError, match="WRITE_APPEND"):
+        incremental(archive, db)
+
+
+def test_a_table_without_a_files_table_must_be_rebuilt_once(archive, db):
+    import duckdb
+
+    export("--input", str(archive), f"--bq-table={db}")
+    with duckdb.connect(db.path) as con:
+        con.execute("DROP TABLE instances_files")
+    with pytest.raises(DestinationError, match="WRITE_TRUNCATE"):
+        incremental(archive, db, "--write-disposition=WRITE_APPEND")
+
+
+def test_parquet_does_not_support_incremental_yet(archive, tmp_path):
+    with pytest.raises(UsageError, match="--incremental is not supported for parquet:// yet"):
+        export("--input", str(archive), f"--bq-table=parquet://{tmp_path / 'out'}", "--incremental")
+
+
+# -- a run killed in the middle ------------------------------------------------------------
+
+
+def _state(db) -> tuple:
+    return tuple(sorted(current_rows(db).items())), tuple(sorted((p, r["version"]) for p, r in files_table(db).items()))
+
+
+@pytest.mark.parametrize("moment", ["reading", "staged", "committing"])
+def test_a_killed_run_leaves_the_old_or_the_new_state(archive, db, tmp_path, moment):
+    for index in range(5, 60):
+        write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 1)
+    incremental(archive, db)
+    old = _state(db)
+    for index in range(0, 60, 2):
+        write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 3)
+    (archive / "f1").unlink()
+    command = [sys.executable, "-m", "pipeline.main", "--runner=FnApiRunner", "--progress-seconds=0",
+               "--input", str(archive), f"--bq-table={db}", "--incremental", "--prune-missing",
+               "--write-disposition=WRITE_APPEND"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = pathlib.Path(db.path).parent
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        seen = {
+            "reading": list(folder.glob(".export.duckdb.staging-*")),
+            "staged": list(folder.glob(".export.duckdb.staging-*/files-*.json")),
+            "committing": list(folder.glob("export.duckdb.wal")),  # the transaction is being committed
+        }
+        if seen[moment]:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = _state(db)
+    incremental(archive, db, "--write-disposition=WRITE_APPEND", "--prune-missing")
+    new = _state(db)
+    assert state in (old, new) and old != new
+    assert_consistent(db)
+    assert len(new[0]) == 59 and dict(new[0])["1.2.3.4.5.2"] == 3
