@@ -289,3 +289,90 @@ def test_a_killed_run_leaves_the_old_or_the_new_state(archive, db, tmp_path, mom
     assert state in (old, new) and old != new
     assert_consistent(db)
     assert len(new[0]) == 59 and dict(new[0])["1.2.3.4.5.2"] == 3
+
+
+# -- --incremental on BigQuery (the local emulator) ------------------------------------------
+
+PROJECT = "test-project"
+
+
+@pytest.fixture
+def bq(gcp_local, gcs_bucket):
+    """``(client, export, table_id)``: a fresh dataset, and run() with a gs:// temp location."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    client = bigquery.Client(project=PROJECT, credentials=AnonymousCredentials())
+    dataset = f"ds_{uuid.uuid4().hex[:10]}"
+    client.create_dataset(f"{PROJECT}.{dataset}")
+    _, bucket = gcs_bucket
+
+    def bq_export(*args: str) -> dict:
+        return export(f"--project={PROJECT}", f"--temp_location=gs://{bucket.name}/tmp", *args)
+
+    return client, bq_export, f"{PROJECT}.{dataset}.instances"
+
+
+def bq_rows(client, table_id) -> dict:
+    rows = [dict(row) for row in client.list_rows(table_id)]
+    sops = [row["SOPInstanceUID"] for row in rows]
+    assert len(sops) == len(set(sops)), "more than one row for an instance"
+    return {row["SOPInstanceUID"]: int(row["InstanceNumber"]) for row in rows}
+
+
+def bq_files(client, table_id) -> dict:
+    records = [dict(row) for row in client.list_rows(table_id + "_files")]
+    assert len({r["path"] for r in records}) == len(records)
+    return {record["path"]: record for record in records}
+
+
+def test_bigquery_incremental_runs_keep_one_current_row_per_instance(bq, archive):
+    client, bq_export, table_id = bq
+    first = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental")
+    assert first["rows_added"] == 5 and len(bq_rows(client, table_id)) == 5
+    rows, files = bq_rows(client, table_id), bq_files(client, table_id)
+    again = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
+                      "--write-disposition=WRITE_APPEND")
+    assert again["bytes_read"] == 0 and again["unchanged_files"] == 5
+    assert (again["rows_added"], again["rows_replaced"]) == (0, 0)
+    assert bq_rows(client, table_id) == rows and bq_files(client, table_id) == files
+
+    write_instance(archive / "f1", "1.2.3.4.5.1", 2)  # rewritten
+    write_instance(archive / "new", "1.2.3.4.5.7", 1)  # new
+    write_instance(archive / "zz", "1.2.3.4.5.3", 4)  # a duplicate of f3, with the greater path
+    (archive / "f0").unlink()
+    changed = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
+                        "--write-disposition=WRITE_APPEND")
+    assert (changed["rows_added"], changed["rows_replaced"]) == (1, 2) and changed["unchanged_files"] == 3
+    rows = bq_rows(client, table_id)
+    assert rows == {"1.2.3.4.5.0": 1, "1.2.3.4.5.1": 2, "1.2.3.4.5.2": 1, "1.2.3.4.5.3": 4, "1.2.3.4.5.4": 1,
+                    "1.2.3.4.5.7": 1}
+    assert bq_files(client, table_id)[str(archive / "f0")]["outcome"] == "row"  # kept without --prune-missing
+
+    pruned = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
+                       "--write-disposition=WRITE_APPEND", "--prune-missing")
+    assert pruned["rows_pruned"] == 1 and pruned["bytes_read"] == 0
+    assert "1.2.3.4.5.0" not in bq_rows(client, table_id)
+    files = bq_files(client, table_id)
+    assert str(archive / "f0") not in files
+    exported = {r["SOPInstanceUID"] for r in files.values() if r["outcome"] in ("row", "duplicate")}
+    assert exported == set(bq_rows(client, table_id))
+    datasets_tables = {t.table_id for t in client.list_tables(table_id.rsplit(".", 1)[0])}
+    assert datasets_tables == {"instances", "instances_errors", "instances_files"}  # no staging left
+
+
+def test_bigquery_plain_append_counts_instances_already_in_the_table(bq, archive):
+    client, bq_export, table_id = bq
+    bq_export("--input", str(archive), f"--bq-table=bq://{table_id}")
+    summary = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_APPEND")
+    assert summary["instances_already_in_table"] == 5
+    assert len(list(client.list_rows(table_id))) == 10 and len(bq_files(client, table_id)) == 5
+
+
+def test_bigquery_incremental_needs_a_files_table(bq, archive):
+    client, bq_export, table_id = bq
+    bq_export("--input", str(archive), f"--bq-table=bq://{table_id}")
+    client.delete_table(table_id + "_files")
+    with pytest.raises(DestinationError, match="WRITE_TRUNCATE"):
+        bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
+                  "--write-disposition=WRITE_APPEND")
