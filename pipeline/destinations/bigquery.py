@@ -548,7 +548,7 @@ def _run_script(client, script: str, job_id: str, location):
     from google.api_core import exceptions
 
     try:
-        job = client.query(script, job_id=job_id, location=location)
+        job = client.query(script, job_id=job_id, location=location, job_retry=None)
     except exceptions.Conflict:
         job = client.get_job(job_id, location=location)
     try:
