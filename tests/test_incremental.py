@@ -376,3 +376,73 @@ def test_bigquery_incremental_needs_a_files_table(bq, archive):
     with pytest.raises(DestinationError, match="WRITE_TRUNCATE"):
         bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
                   "--write-disposition=WRITE_APPEND")
+
+
+def test_a_gs_input_is_versioned_by_object_generation_from_the_listing(gcs_bucket, db):
+    _, bucket = gcs_bucket
+    for index in range(3):
+        ds = instance(study="1.2.3", series="1.2.3.4", sop=f"1.2.3.4.5.{index}")
+        ds.InstanceNumber = 1
+        bucket.blob(f"dicom/f{index}").upload_from_string(to_bytes(ds))
+    source = f"gs://{bucket.name}/dicom/"
+    first = export("--input", source, f"--bq-table={db}", "--incremental")
+    assert first["rows_added"] == 3
+    generations = {f"gs://{bucket.name}/{blob.name}": str(blob.generation) for blob in bucket.list_blobs()}
+    assert {path: record["version"] for path, record in files_table(db).items()} == generations
+    assert export("--input", source, f"--bq-table={db}", "--incremental",
+                  "--write-disposition=WRITE_APPEND")["bytes_read"] == 0
+    ds = instance(study="1.2.3", series="1.2.3.4", sop="1.2.3.4.5.1")
+    ds.InstanceNumber = 2
+    bucket.blob("dicom/f1").upload_from_string(to_bytes(ds))  # same name and size, new generation
+    again = export("--input", source, f"--bq-table={db}", "--incremental", "--write-disposition=WRITE_APPEND")
+    assert again["unchanged_files"] == 2 and again["rows_replaced"] == 1
+    assert current_rows(db) == {"1.2.3.4.5.0": 1, "1.2.3.4.5.1": 2, "1.2.3.4.5.2": 1}
+
+
+_RUN_ON_EMULATORS = """
+import sys
+import google.auth
+from google.auth.credentials import AnonymousCredentials
+google.auth.default = lambda *a, **k: (AnonymousCredentials(), "test-project")
+from apache_beam.io.gcp.internal.clients import bigquery as apitools
+apitools.BigqueryV2.BASE_URL = sys.argv[1] + "/bigquery/v2/"
+from pipeline.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _bq_state(client, table_id) -> tuple:
+    rows = tuple(sorted(bq_rows(client, table_id).items()))
+    return rows, tuple(sorted((p, r["version"]) for p, r in bq_files(client, table_id).items()))
+
+
+@pytest.mark.parametrize("moment", ["loading", "updating"])
+def test_a_killed_bigquery_run_leaves_the_old_or_the_new_state(bq, gcp_local, gcs_bucket, archive, moment):
+    client, bq_export, table_id = bq
+    _, bucket = gcs_bucket
+    dataset = table_id.rsplit(".", 1)[0]
+    bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental")
+    old = _bq_state(client, table_id)
+    write_instance(archive / "f1", "1.2.3.4.5.1", 2)
+    write_instance(archive / "new", "1.2.3.4.5.7", 1)
+    (archive / "f0").unlink()
+    args = ["--runner=FnApiRunner", "--progress-seconds=0", f"--project={PROJECT}",
+            f"--temp_location=gs://{bucket.name}/tmp", "--input", str(archive), f"--bq-table=bq://{table_id}",
+            "--incremental", "--prune-missing", "--write-disposition=WRITE_APPEND"]
+    env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])
+    process = subprocess.Popen([sys.executable, "-c", _RUN_ON_EMULATORS, gcp_local["bq"], *args], cwd=REPO,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if moment == "loading" and any("__staging_" in t.table_id for t in client.list_tables(dataset)):
+            break
+        if moment == "updating" and any(job.job_id.endswith("_update") for job in client.list_jobs(max_results=20)):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = _bq_state(client, table_id)
+    bq_export(*args[4:])
+    new = _bq_state(client, table_id)
+    assert state in (old, new) and old != new
+    assert dict(new[0]) == {"1.2.3.4.5.1": 2, "1.2.3.4.5.2": 1, "1.2.3.4.5.3": 1, "1.2.3.4.5.4": 1, "1.2.3.4.5.7": 1}
