@@ -460,6 +460,14 @@ class Finalize(beam.DoFn):
         if extended != current:
             existing.schema = [bigquery.SchemaField.from_api_repr(field) for field in extended]
             client.update_table(existing, ["schema"])
+        records = client.get_table(files_staging).num_rows or 0
+        gone_paths = client.get_table(gone).num_rows or 0 if gone else 0
+        if not records and not gone_paths:  # nothing read, nothing gone: no DML (each DELETE bills the table)
+            self._count(counters.ROWS_REPLACED, 0)
+            self._count(counters.ROWS_ADDED, 0)
+            if gone is not None:
+                self._count(counters.ROWS_PRUNED, 0)
+            return
         script = incremental_script(
             table=self._id(rows.destination),
             rows_staging=staged_rows,
@@ -467,6 +475,7 @@ class Finalize(beam.DoFn):
             files_table=files_table,
             files_staging=files_staging,
             gone_staging=gone,
+            replaces=bool(client.get_table(staged_rows).num_rows),
         )
         replaced, added, pruned = next(iter(_run_script(client, script, f"dicom_bq_export_{plan.run_id}_update", location)))
         self._count(counters.ROWS_REPLACED, replaced)
@@ -513,24 +522,28 @@ def _transaction(statements: list[str], declarations: list[str] = (), result: st
     return ";\n".join(script) + ";"
 
 
-def incremental_script(*, table, rows_staging, columns, files_table, files_staging, gone_staging=None) -> str:
+def incremental_script(
+    *, table, rows_staging, columns, files_table, files_staging, gone_staging=None, replaces=True
+) -> str:
     """The multi-statement transaction of an incremental run on an existing table; its
     result is one row ``(rows replaced, rows added, rows pruned)``.
 
-    Cost on a large table: the DELETE of replaced rows and (with ``gone_staging``) the
-    prune each scan the table (BigQuery bills a DML statement for the bytes of the table
-    it scans and rewrites), the INSERT scans only the staged rows, the files-table
-    statements only the files table.
+    Cost on a large table: BigQuery bills a DELETE on a non-partitioned table for the
+    whole table's bytes, so the DELETE of replaced rows (only when rows were read:
+    ``replaces``) and the prune (only with ``gone_staging``) each cost one table's size;
+    the INSERT costs only the staged rows, the files-table statements the files table.
     """
     exported = ", ".join(f"'{outcome}'" for outcome in EXPORTED)
-    statements = [
-        f"DELETE FROM `{table}` WHERE SOPInstanceUID IN "
-        f"(SELECT SOPInstanceUID FROM `{files_staging}` WHERE outcome = '{ROW}')",
-        "SET replaced = @@row_count",
-        f"INSERT INTO `{table}` ({_column_list(columns)}) SELECT {_column_list(columns)} FROM `{rows_staging}`",
-        "SET added = @@row_count - replaced",
-        *_upsert_files(files_table, files_staging),
-    ]
+    statements = []
+    if replaces:
+        statements += [
+            f"DELETE FROM `{table}` WHERE SOPInstanceUID IN "
+            f"(SELECT SOPInstanceUID FROM `{files_staging}` WHERE outcome = '{ROW}')",
+            "SET replaced = @@row_count",
+            f"INSERT INTO `{table}` ({_column_list(columns)}) SELECT {_column_list(columns)} FROM `{rows_staging}`",
+            "SET added = @@row_count - replaced",
+        ]
+    statements += _upsert_files(files_table, files_staging)
     if gone_staging:
         statements += [
             f"DELETE FROM `{files_table}` WHERE path IN (SELECT path FROM `{gone_staging}`)",
