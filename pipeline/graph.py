@@ -35,6 +35,7 @@ class ExportPlan:
     progress_seconds: float = 0
     run_started: str | None = None  # UTC timestamp stamped on the dead letters
     incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
+    prune_missing: bool = False  # find the recorded files no longer listed
 
 
 class ExportOutputs(NamedTuple):
@@ -43,7 +44,7 @@ class ExportOutputs(NamedTuple):
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
     files: PCollection | None = None  # dict per file read: the files table's records (pipeline/ledger.py)
-    gone: PCollection | None = None  # recorded paths no longer listed (--incremental only)
+    gone: PCollection | None = None  # {"path": ...} per recorded path no longer listed (--prune-missing)
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None, recorded=None) -> ExportOutputs:
@@ -72,8 +73,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
     files = units | "MatchInputs" >> MatchInputs(plan.progress_seconds)
     gone = None
     if recorded is not None:
-        compared = files | "CompareWithLedger" >> ledger.CompareWithLedger(recorded)
-        files, gone = compared.changed, compared[ledger.GONE]
+        files, gone = files | "CompareWithLedger" >> ledger.CompareWithLedger(recorded, plan.prune_missing)
 
     read = ReadInstances(pipeline_options, plan.progress_seconds, plan.run_started)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []

@@ -10,7 +10,7 @@ the ledger that keeps it current for the price of reading only what changed:
 
 * the listing gives each file's version (the object generation on Cloud Storage, from
   the listing page itself; ``MTIME_NS:SIZE`` locally), and :class:`CompareWithLedger`
-  joins it by path with the files table, read once. A file recorded as exported
+  looks each path up in the files table, read once as a side input. A file recorded as exported
   (:data:`EXPORTED`) with the same version is *unchanged* and not read; a new or
   changed file, or one that failed or was not selected before, is read again; a
   recorded path no longer listed is *gone* (used by ``--prune-missing``);
@@ -32,6 +32,7 @@ from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsDict
 
 from pipeline.destinations import Disposition
 from transforms import counters
@@ -59,8 +60,7 @@ FILES_SCHEMA = [
     {"name": "run_started", "type": "TIMESTAMP", "mode": "NULLABLE"},
 ]
 
-#: Tagged outputs.
-GONE = "gone"
+#: Tagged output of :class:`KeepOnePerInstance`.
 DUPLICATES = "duplicates"
 
 
@@ -127,45 +127,53 @@ def file_record(input_file: InputFile, outcome: str, uids: dict | None, run_star
 # -- Beam wiring -------------------------------------------------------------------------
 
 
-class _Compare(beam.DoFn):
-    """``(path, {listed, recorded})`` → the listed file if it must be read; a recorded
-    path no longer listed on the ``gone`` output."""
+class _SkipUnchanged(beam.DoFn):
+    """A listed file → itself if it must be read; counted and dropped if unchanged."""
 
     def __init__(self):
         self.unchanged = Metrics.counter(counters.NAMESPACE, counters.UNCHANGED_FILES)
 
-    def process(self, element):
-        path, groups = element
-        listed, recorded = list(groups["listed"]), list(groups["recorded"])
-        record = recorded[0] if recorded else None
-        if not listed:
-            yield beam.pvalue.TaggedOutput(GONE, {"path": path})
-            return
-        for input_file in listed:
-            if is_unchanged(input_file, record):
-                self.unchanged.inc()
-            else:
-                yield input_file
+    def process(self, input_file: InputFile, recorded: dict):
+        if is_unchanged(input_file, recorded.get(input_file.path)):
+            self.unchanged.inc()
+        else:
+            yield input_file
+
+
+def _not_listed(element):
+    path, groups = element
+    if not list(groups["listed"]):
+        yield {"path": path}
 
 
 class CompareWithLedger(beam.PTransform):
-    """Listed files → those to read (main output ``changed``) and the recorded paths
-    no longer listed (``gone``, as ``{"path": ...}``), by a join on path with the files table's records
-    (dicts with ``path``, ``version``, ``outcome``). Reads no instance and nothing of
-    the main table."""
+    """Listed files → ``(changed, gone)``: the files to read, and (with ``find_gone``)
+    the recorded paths no longer listed as ``{"path": ...}`` (else None).
 
-    def __init__(self, recorded):
+    The files table's records (dicts with ``path``, ``version``, ``outcome``) are a side
+    input read once: the comparison reads no instance and nothing of the main table. The
+    gone paths come from a join by path of the listing with the records.
+    """
+
+    def __init__(self, recorded, find_gone: bool = False):
         super().__init__()
         self.recorded = recorded
+        self.find_gone = find_gone
 
     def expand(self, files):
-        listed = files | "KeyListedByPath" >> beam.Map(lambda f: (f.path, f))
-        recorded = self.recorded | "KeyRecordedByPath" >> beam.Map(lambda r: (r["path"], r))
-        return (
-            {"listed": listed, "recorded": recorded}
-            | "JoinByPath" >> beam.CoGroupByKey()
-            | "Compare" >> beam.ParDo(_Compare()).with_outputs(GONE, main="changed")
-        )
+        by_path = self.recorded | "RecordsByPath" >> beam.Map(lambda r: (r["path"], r))
+        changed = files | "SkipUnchanged" >> beam.ParDo(_SkipUnchanged(), AsDict(by_path))
+        gone = None
+        if self.find_gone:
+            gone = (
+                {
+                    "listed": files | "ListedPaths" >> beam.Map(lambda f: (f.path, None)),
+                    "recorded": by_path,
+                }
+                | "JoinByPath" >> beam.CoGroupByKey()
+                | "NotListed" >> beam.FlatMap(_not_listed)
+            )
+        return changed, gone
 
 
 class _KeepOne(beam.DoFn):

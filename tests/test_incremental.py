@@ -212,6 +212,40 @@ def test_write_truncate_with_incremental_rebuilds_from_every_file(archive, db):
     assert_consistent(db)
 
 
+def test_a_table_dropped_without_its_files_table_is_rebuilt_from_every_file(archive, db):
+    import duckdb
+
+    incremental(archive, db)
+    with duckdb.connect(db.path) as con:
+        con.execute("DROP TABLE instances")
+    summary = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert summary["succeeded"] == 5 and len(current_rows(db)) == 5
+    assert_consistent(db)
+
+
+# -- the rules, as pure functions -----------------------------------------------------------
+
+
+def test_a_file_is_unchanged_only_if_recorded_as_exported_with_the_same_version():
+    from pipeline.ledger import is_unchanged
+    from transforms.storage import InputFile
+
+    listed = InputFile("/a", 10, None, "5:10")
+    assert is_unchanged(listed, {"version": "5:10", "outcome": "row"})
+    assert is_unchanged(listed, {"version": "5:10", "outcome": "duplicate"})
+    assert not is_unchanged(listed, {"version": "6:10", "outcome": "row"})
+    assert not is_unchanged(listed, {"version": "5:10", "outcome": "failed"})
+    assert not is_unchanged(listed, {"version": "5:10", "outcome": "not_selected"})
+    assert not is_unchanged(listed, None)
+    assert not is_unchanged(InputFile("/a", 10), {"version": None, "outcome": "row"})  # no version: always read
+
+
+def test_of_several_files_of_one_instance_the_greatest_path_gives_the_row():
+    from pipeline.ledger import choose_instance
+
+    assert choose_instance(["gs://b/a/2", "gs://b/a/10", "gs://b/a/1"]) == "gs://b/a/2"
+
+
 # -- how --incremental combines with the other flags ----------------------------------------
 
 

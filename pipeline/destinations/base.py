@@ -87,9 +87,9 @@ class Destination(abc.ABC):
         """Add this destination's writing of ``outputs`` (:class:`pipeline.graph.ExportOutputs`)
         to their pipeline."""
 
-    def recorded_files(self, pipeline, context: RunContext):
-        """With ``--incremental``: the files table's records (dicts with ``path``,
-        ``version``, ``outcome``) as a PCollection of ``pipeline``, read once; None when
+    def recorded_files(self, context: RunContext):
+        """With ``--incremental``: a root PTransform that reads the files table's records
+        (dicts with ``path``, ``version``, ``outcome``) once, in the pipeline; None when
         every listed file is to be read (no table yet, or a rebuild). Destinations that
         do not support ``--incremental`` reject it in :meth:`check_options`."""
         return None

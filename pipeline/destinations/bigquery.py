@@ -211,15 +211,11 @@ class BigQueryTable(Destination):
                 "--incremental --write-disposition WRITE_TRUNCATE"
             )
 
-    def recorded_files(self, pipeline, context: RunContext):
+    def recorded_files(self, context: RunContext):
         """The files table's records, read once by one worker (``tabledata.list``: no query)."""
         if context.disposition.replaces or self.existing_schema is None or not self.has_files_table:
             return None
-        return (
-            pipeline
-            | "FilesTableRef" >> beam.Create([self.files_table_id])
-            | "ReadFilesTable" >> beam.FlatMap(_read_files_table, self.project)
-        )
+        return beam.Create([self.files_table_id]) | "Records" >> beam.FlatMap(_read_files_table, self.project)
 
     # -- the write -------------------------------------------------------------------
 

@@ -238,8 +238,9 @@ class DuckDBTable(Destination):
                 "--incremental --write-disposition WRITE_TRUNCATE"
             )
 
-    def recorded_files(self, pipeline, context: RunContext):
-        """The files table's records, read here once and handed to the pipeline."""
+    def recorded_files(self, context: RunContext):
+        """The files table's records, read once by a worker of the pipeline (the
+        database is not open in the launcher meanwhile)."""
         import apache_beam as beam
 
         if context.disposition.replaces:
@@ -248,17 +249,12 @@ class DuckDBTable(Destination):
         if con is None:
             return None
         try:
-            if not self._exists(con, files_table_name(self.table)):
-                return None
-            records = con.execute(
-                f"SELECT path, version, outcome FROM {quote(files_table_name(self.table))}"
-            ).fetchall()
+            if not self._exists(con, self.table) or not self._exists(con, files_table_name(self.table)):
+                return None  # a new table: every listed file is read
         finally:
             con.close()
-        return pipeline | "ReadFilesTable" >> beam.Create(
-            [{"path": path, "version": version, "outcome": outcome} for path, version, outcome in records],
-            reshuffle=False,
-        )
+        reference = (self.path, files_table_name(self.table))
+        return beam.Create([reference]) | "Records" >> beam.FlatMap(_read_files_table)
 
     def schema(self) -> list[dict] | None:
         """The table's schema as BigQuery JSON, or None if it does not exist."""
@@ -319,10 +315,12 @@ class DuckDBTable(Destination):
             exists, count = self._state(con)
             check_table_state(str(self), disposition, exists, count)
             appended = exists and not disposition.replaces
+            extended = False
             if appended:
                 existing = self._schema(con, self.table)
                 schema = append_schema(schema, existing, str(self))
-                if schema != existing:
+                extended = schema != existing
+                if extended:
                     self._replace(con, self.table, schema, copy_rows=True)
             else:
                 self._replace(con, self.table, schema, copy_rows=False)
@@ -342,17 +340,27 @@ class DuckDBTable(Destination):
                 written[counters.ALREADY_IN_TABLE] = con.execute(
                     f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} WHERE SOPInstanceUID IN ({new_sops})"
                 ).fetchone()[0]
+            # On an append without new fields only the new rows can lack the table's other
+            # REPEATED fields: they are completed in a temporary table, not the whole table.
+            only_new = appended and not extended
+            target = "__dicom_bq_export_new_rows" if only_new else self.table
+            if only_new:
+                self._replace(con, target, schema, copy_rows=False, temporary=True)
             try:
-                inserted = self._insert(con, self.table, schema, row_files)
+                inserted = self._insert(con, target, schema, row_files)
             except duckdb.Error as error:
                 raise DestinationError(
                     f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
                     f"{self}. The message is withheld: it may quote a value."
                 ) from None
+            if appended and inserted:  # rows of either side may lack REPEATED fields the other added
+                _fill_empty_lists(con, target, schema)
+            if only_new and inserted:
+                con.execute(f"INSERT INTO {quote(self.table)} BY NAME SELECT * FROM {quote(target)}")
+            elif extended and not inserted:
+                _fill_empty_lists(con, self.table, schema)
             if incremental:
                 written[counters.ROWS_ADDED] = inserted - replaced
-            if appended:  # rows of either side may lack REPEATED fields the other added
-                _fill_empty_lists(con, self.table, schema)
 
             errors = errors_table_name(self.table)
             if errors_disposition(disposition) is not Disposition.WRITE_APPEND or not self._exists(con, errors):
@@ -360,8 +368,10 @@ class DuckDBTable(Destination):
             self._insert(con, errors, ERRORS_SCHEMA, error_files)
 
             files = quote(files_table_name(self.table))
-            if errors_disposition(disposition) is not Disposition.WRITE_APPEND or not self._exists(
-                con, files_table_name(self.table)
+            if (
+                not appended
+                or errors_disposition(disposition) is not Disposition.WRITE_APPEND
+                or not self._exists(con, files_table_name(self.table))
             ):
                 self._replace(con, files_table_name(self.table), FILES_SCHEMA, copy_rows=False)
             else:
@@ -421,6 +431,16 @@ class DuckDBTable(Destination):
             return [dict(zip(names, values)) for values in relation.fetchall()]
         finally:
             con.close()
+
+
+def _read_files_table(reference: tuple[str, str]):
+    """The records (path, version, outcome) of a files table in a DuckDB file."""
+    path, table = reference
+    with duckdb.connect(path, read_only=True) as con:
+        cursor = con.execute(f"SELECT path, version, outcome FROM {quote(table)}")
+        while batch := cursor.fetchmany(10_000):
+            for record_path, version, outcome in batch:
+                yield {"path": record_path, "version": version, "outcome": outcome}
 
 
 def _has_repeated(fields: list[dict]) -> bool:
