@@ -473,7 +473,7 @@ class Finalize(beam.DoFn):
             gone_staging=gone,
             replaces=bool(client.get_table(staged_rows).num_rows),
         )
-        replaced, added, pruned = next(iter(_run_script(client, script, f"dicom_bq_export_{plan.run_id}_update", location)))
+        [(replaced, added, pruned)] = _run_script(client, script, f"dicom_bq_export_{plan.run_id}_update", location)
         self._count(counters.ROWS_REPLACED, replaced)
         self._count(counters.ROWS_ADDED, added)
         if gone is not None:

@@ -338,7 +338,8 @@ class DuckDBTable(Destination):
                 written[counters.ROWS_REPLACED] = replaced
             elif appended:
                 written[counters.ALREADY_IN_TABLE] = con.execute(
-                    f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} WHERE SOPInstanceUID IN ({new_sops})"
+                    f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} "
+                    f"WHERE SOPInstanceUID IN ({new_sops})"
                 ).fetchone()[0]
             # On an append without new fields only the new rows can lack the table's other
             # REPEATED fields: they are completed in a temporary table, not the whole table.
