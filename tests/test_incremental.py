@@ -365,9 +365,11 @@ def test_bigquery_incremental_runs_keep_one_current_row_per_instance(bq, archive
     first = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental")
     assert first["rows_added"] == 5 and len(bq_rows(client, table_id)) == 5
     rows, files = bq_rows(client, table_id), bq_files(client, table_id)
+    scripts = {job.job_id for job in client.list_jobs() if job.job_id.endswith("_update")}
     again = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
                       "--write-disposition=WRITE_APPEND")
     assert again["bytes_read"] == 0 and again["unchanged_files"] == 5
+    assert {job.job_id for job in client.list_jobs() if job.job_id.endswith("_update")} == scripts  # no DML
     assert (again["rows_added"], again["rows_replaced"]) == (0, 0)
     assert bq_rows(client, table_id) == rows and bq_files(client, table_id) == files
 
@@ -378,6 +380,7 @@ def test_bigquery_incremental_runs_keep_one_current_row_per_instance(bq, archive
     changed = bq_export("--input", str(archive), f"--bq-table=bq://{table_id}", "--incremental",
                         "--write-disposition=WRITE_APPEND")
     assert (changed["rows_added"], changed["rows_replaced"]) == (1, 2) and changed["unchanged_files"] == 3
+    assert len({job.job_id for job in client.list_jobs() if job.job_id.endswith("_update")} - scripts) == 1
     rows = bq_rows(client, table_id)
     assert rows == {"1.2.3.4.5.0": 1, "1.2.3.4.5.1": 2, "1.2.3.4.5.2": 1, "1.2.3.4.5.3": 4, "1.2.3.4.5.4": 1,
                     "1.2.3.4.5.7": 1}
