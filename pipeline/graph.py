@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.pvalue import AsSingleton, PCollection
 
+from pipeline import ledger
 from schemas.merge import to_bigquery_schema
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
@@ -43,6 +44,8 @@ class ExportPlan:
     dicomweb_mode: str = "instance"  # or "metadata"
     expand_archives: bool = True
     nested_archives: bool = False
+    incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
+    prune_missing: bool = False  # find the recorded files no longer listed
 
 
 class ExportOutputs(NamedTuple):
@@ -51,13 +54,19 @@ class ExportOutputs(NamedTuple):
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
+    files: PCollection | None = None  # dict per file read: the files table's records (pipeline/ledger.py)
+    gone: PCollection | None = None  # {"path": ...} per recorded path no longer listed (--prune-missing)
 
 
-def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None, reporter=None) -> ExportOutputs:
+def build_pipeline(
+    pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=None, reporter=None, recorded=None
+) -> ExportOutputs:
     """Add the export's reading steps to ``pipeline``; return its outputs (no writes).
 
     ``reporter`` (a :class:`pipeline.progress.ProgressReporter`) receives the counts of
-    files listed and read, for a local run's progress display.
+    files listed and read, for a local run's progress display. ``recorded``: the files
+    table's records (``--incremental`` on an existing table); files recorded as exported
+    with the same version are then not read.
     """
     filter_file = None
     if plan.filter_uri:
@@ -78,6 +87,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
 
     deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
     files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
+    gone = None
+    if recorded is not None:
+        files, gone = files | "CompareWithLedger" >> ledger.CompareWithLedger(recorded, plan.prune_missing)
     side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
     opener = Opener(pipeline_options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
     instance_parts, dead_letter_parts = [], []
@@ -113,6 +125,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
     if instance_parts:
         instances = [instances, *instance_parts] | "AllInstances" >> beam.Flatten()
         dead_letters = [dead_letters, *dead_letter_parts] | "AllDeadLetters" >> beam.Flatten()
+    kept = instances
+    duplicates = pipeline | "NoDuplicates" >> beam.Create([])
+    if plan.incremental:
+        one_each = instances | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
+        kept, duplicates = one_each.kept, one_each[ledger.DUPLICATES]
+    file_records = files | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started)
 
     schema = (
         instances
@@ -123,7 +141,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
     # Rows go on as they come, not completed against the merged schema here: a step
     # waiting for that side input would hold every row in memory on a local runner. Each
     # destination writes an absent REPEATED field as [] (see ExportOutputs.rows).
-    rows = instances | "Rows" >> beam.Map(lambda instance: instance.row)
+    rows = kept | "Rows" >> beam.Map(lambda instance: instance.row)
 
     lines_used = None
     if filter_file is not None:
@@ -132,4 +150,4 @@ def build_pipeline(pipeline: beam.Pipeline, plan: ExportPlan, pipeline_options=N
             | "FilterLines" >> beam.Map(lambda instance: instance.filter_lines)
             | "LinesThatSelected" >> beam.CombineGlobally(UnionOfLines())
         )
-    return ExportOutputs(rows, schema, dead_letters, lines_used)
+    return ExportOutputs(rows, schema, dead_letters, lines_used, file_records, gone)

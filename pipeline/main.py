@@ -39,6 +39,7 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
+from pipeline.ledger import check_incremental_options
 from pipeline.options import (
     COMMAND_FLAGS,
     ExportOptions,
@@ -74,20 +75,23 @@ def _runner_name(options: PipelineOptions) -> str:
 MULTI_PROCESS_MIN_FILES = 2000
 
 
-def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> None:
+def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
     """Without ``--runner``: Beam's portable runner in this process, or, for an input of
     at least MULTI_PROCESS_MIN_FILES files (or any remote input), one worker process
     per core. (DirectRunner would first try to download the Prism runner from GitHub.)
+    True if it chose worker processes.
     """
     standard = options.view_as(StandardOptions)
     if standard.runner is not None:
-        return
+        return False
     standard.runner = "FnApiRunner"
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
     if cores > 1 and direct.direct_running_mode == "in_memory" and not _small_local_input(plan):
         direct.direct_running_mode = "multi_processing"
         direct.direct_num_workers = cores
+        return True
+    return False
 
 
 def _small_local_input(plan: ExportPlan) -> bool:
@@ -187,19 +191,27 @@ def run(argv: list[str] | None = None) -> dict:
     disposition = _usage(resolve_disposition, export.write_disposition, export.overwrite_table)
     destination = _usage(parse_destination, export.bq_table or DEFAULT_URI, options)
     plan, filter_file = plan_export(export, options)
-    _local_defaults(options, plan)
+    defaulted = _local_defaults(options, plan)
     runner = _runner_name(options)
     local = runner in LOCAL_RUNNERS
     _usage(destination.check_runner, local)
     _usage(destination.check_options, export)
+    _usage(check_incremental_options, export, disposition)
     destination.preflight(disposition)
 
     started = time.monotonic()
     context = RunContext(disposition, dt.datetime.now(dt.timezone.utc), export.max_failures, local)
-    plan = dataclasses.replace(plan, run_started=context.run_started)
+    context.incremental, context.prune_missing = bool(export.incremental), bool(export.prune_missing)
+    plan = dataclasses.replace(
+        plan, run_started=context.run_started, incremental=context.incremental, prune_missing=context.prune_missing
+    )
+    read_ledger = destination.recorded_files(context) if context.incremental else None
+    if read_ledger is not None and defaulted:  # an update reads few files: worker processes cost more than they save
+        options.view_as(DirectOptions).direct_running_mode = "in_memory"
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
-    outputs = build_pipeline(pipeline, plan, options, progress.reporter)
+    recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
+    outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)
     if not local:
         destination.attach(outputs, context)
         pipeline.run()

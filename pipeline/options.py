@@ -186,6 +186,28 @@ class ExportOptions(PipelineOptions):
             help="Progress: a live bar when stderr is a terminal; otherwise one line every S seconds "
             "(0: no progress display). Default 10.",
         )
+        parser.add_argument(
+            *_flag("incremental"),
+            dest="incremental",
+            nargs="?",
+            const=True,
+            type=_boolean,
+            default=False,
+            help="Keep the table current: one row per SOPInstanceUID, and read only the files that the "
+            "TABLE_files table does not record as exported with the same version (new, changed or "
+            "failed files). A re-sent or rewritten instance replaces its row. An existing table needs "
+            "--write-disposition WRITE_APPEND; WRITE_TRUNCATE rebuilds it from every file.",
+        )
+        parser.add_argument(
+            *_flag("prune-missing"),
+            dest="prune_missing",
+            nargs="?",
+            const=True,
+            type=_boolean,
+            default=False,
+            help="With --incremental: the listed files are the whole archive; delete the rows of instances "
+            "whose every file has disappeared, and forget those files in TABLE_files.",
+        )
 
 
 class _StrictParser(_BeamArgumentParser):

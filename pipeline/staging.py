@@ -68,6 +68,8 @@ ROWS = "rows"
 DEAD_LETTERS = "dead_letters"
 SCHEMA = "schema"
 FILTER_LINES = "filter_lines_used"
+FILES = "files"  # the files table's records (pipeline/ledger.py)
+GONE = "gone"  # recorded paths no longer listed (--incremental)
 
 
 class _WriteJsonLines(beam.DoFn):
@@ -107,6 +109,10 @@ def stage_table(outputs: ExportOutputs, directory: str) -> None:
     _stage(outputs.rows, directory, ROWS)
     _stage(outputs.dead_letters, directory, DEAD_LETTERS)
     _stage(outputs.schema, directory, SCHEMA)
+    if outputs.files is not None:
+        _stage(outputs.files, directory, FILES)
+    if outputs.gone is not None:
+        _stage(outputs.gone, directory, GONE)
 
 
 def stage_summary(outputs: ExportOutputs, directory: str) -> None:
@@ -121,6 +127,8 @@ class StagedRun(NamedTuple):
     dead_letter_files: list[str]
     schema: list[dict]
     filter_lines_used: list[int] | None
+    file_record_files: list[str] = []
+    gone_files: list[str] = []
 
 
 def read_staged(directory: str) -> StagedRun:
@@ -135,4 +143,6 @@ def read_staged(directory: str) -> StagedRun:
             text = handle.read().strip()
         return json.loads(text) if text else None
 
-    return StagedRun(files(ROWS), files(DEAD_LETTERS), single(SCHEMA) or [], single(FILTER_LINES))
+    return StagedRun(
+        files(ROWS), files(DEAD_LETTERS), single(SCHEMA) or [], single(FILTER_LINES), files(FILES), files(GONE)
+    )

@@ -54,7 +54,7 @@ def failures_by_type(counts: dict[str, int]) -> dict[str, int]:
 
 
 def build(counts, *, duration, destination, errors_table, disposition, filter_file, lines_used, listing) -> dict:
-    inputs = counts["files_matched"] - counts["not_selected"]
+    inputs = counts["files_matched"] - counts["not_selected"] - counts.get("unchanged_files", 0)
     if counts["succeeded"] + counts["failed"] != inputs:
         raise CountMismatch(
             f"{counts['succeeded']:,} succeeded + {counts['failed']:,} failed != {inputs:,} inputs"
@@ -83,6 +83,12 @@ def build(counts, *, duration, destination, errors_table, disposition, filter_fi
         "duration_seconds": round(duration, 3),
         "instances_per_second": round(inputs / duration, 1) if duration else 0.0,
     }
+    # -- the files table and --incremental (pipeline/ledger.py) --
+    for name in ("unchanged_files", "duplicate_instances", "rows_added", "rows_replaced", "rows_pruned",
+                 "instances_already_in_table"):
+        if counts.get(name) or (name.startswith("rows_") and name in counts):
+            summary[name] = counts[name]
+    # --
     if filter_file is not None:
         used = set(lines_used or ())
         summary["filter_lines"] = len(filter_file)
@@ -120,6 +126,16 @@ def render(summary: dict) -> str:
         f"  instances per second     {summary['instances_per_second']:>12,.1f}",
     ]
     lines += [f"  {label:<24} {summary[name]:>12,}" for name, label in _SOURCE_FIGURES.items() if name in summary]
+    # -- the files table and --incremental (pipeline/ledger.py) --
+    for name, label in (("unchanged_files", "unchanged files skipped"), ("rows_added", "rows added"),
+                        ("rows_replaced", "rows replaced"), ("rows_pruned", "rows pruned"),
+                        ("duplicate_instances", "duplicate SOPInstanceUIDs"),
+                        ("instances_already_in_table", "already in the table")):
+        if name in summary:
+            lines.append(f"  {label:<25}{summary[name]:>12,}" + (
+                "   (appended again: WRITE_APPEND keeps both rows; --incremental keeps one)"
+                if name == "instances_already_in_table" else ""))
+    # --
     if "filter_lines" in summary:
         nothing = summary["filter_lines_selecting_nothing"]
         shown = ", ".join(str(n) for n in nothing[:20]) + (" ..." if len(nothing) > 20 else "")

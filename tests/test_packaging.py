@@ -55,6 +55,7 @@ assert type(launch).__name__ == "DataflowStartFlexTemplateOperator", type(launch
 assert type(local).__name__ == "BeamRunPythonPipelineOperator", type(local)
 parameters = launch.body["launchParameter"]["parameters"]
 assert {"input", "bq_table", "write_disposition", "filter_config_gcs_uri"} <= set(parameters)
+assert "'true'" in parameters["incremental"] and "'WRITE_APPEND'" in parameters["write_disposition"]  # incremental by default
 assert local.runner == "DirectRunner" and local.py_file == "pipeline.main" and local.py_options == ["-m"]
 print("ok", sorted(bag.dag_ids))
 """

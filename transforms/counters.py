@@ -27,6 +27,14 @@ DICOMWEB_REQUESTS = "dicomweb_requests"  # every HTTP request to a DICOMweb serv
 DICOMWEB_RETRIES = "dicomweb_retries"  # requests repeated after a 429/5xx, a reset or a timeout
 ARCHIVES_EXPANDED = "archives_expanded"  # ZIP and tar archives listed member by member
 ARCHIVES_STREAMED = "archives_streamed"  # .tar.gz archives streamed by one worker
+# The files table and --incremental (pipeline/ledger.py); the row counts are set when
+# the destination writes.
+UNCHANGED_FILES = "unchanged_files"  # listed, recorded as exported with the same version: not read
+DUPLICATE_INSTANCES = "duplicate_instances"  # files of this run whose SOPInstanceUID another file's row took
+ROWS_ADDED = "rows_added"
+ROWS_REPLACED = "rows_replaced"
+ROWS_PRUNED = "rows_pruned"
+ALREADY_IN_TABLE = "instances_already_in_table"  # WRITE_APPEND without --incremental
 
 #: Counted while listing.
 LISTING_COUNTERS = (FILES_LISTED, FILES_MATCHED)
@@ -53,8 +61,11 @@ READ_COUNTERS = (
 #: Counted by the sources (listing and reading archives); shown when not zero.
 SOURCE_COUNTERS = (ARCHIVES_EXPANDED, ARCHIVES_STREAMED)
 
+#: Counted by the files table's steps (the row counts exist only once a destination set them).
+LEDGER_COUNTERS = (UNCHANGED_FILES, DUPLICATE_INSTANCES)
+
 #: Every fixed counter, in the order the summary knows them.
-COUNTERS = LISTING_COUNTERS + READ_COUNTERS + SOURCE_COUNTERS
+COUNTERS = LISTING_COUNTERS + READ_COUNTERS + SOURCE_COUNTERS + LEDGER_COUNTERS
 
 #: Prefix of the per-failure-type counters, ``failed:NotDicomError``.
 FAILED_PREFIX = FAILED + ":"

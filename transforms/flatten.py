@@ -44,6 +44,7 @@ class Instance(NamedTuple):
     row: dict
     fragment: frozenset
     filter_lines: tuple
+    path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
 
 
 class Outcome(NamedTuple):
@@ -81,7 +82,7 @@ def read_input(input_file: InputFile, opener: Opener, filter_file: FilterFile | 
         bytes_read = counting.bytes_read if counting is not None else 0
         return Outcome(failure=(stage, type(error).__name__, describe_error(error)), bytes_read=bytes_read,
                        source_counts=_source_counts(counting))
-    instance = Instance(flattened.row, flattened.fragment, lines)
+    instance = Instance(flattened.row, flattened.fragment, lines, input_file.path)
     return Outcome(instance, None, counting.bytes_read, flattened.counts, _source_counts(counting))
 
 

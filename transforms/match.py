@@ -185,11 +185,16 @@ def _local_input(path: str, st: os.stat_result | None) -> InputFile | None:
     """A listed local path as an input: a regular file, or one to dead-letter unopened
     (None for a path gone since it was listed)."""
     if st is not None and stat.S_ISREG(st.st_mode):
-        return InputFile(path, st.st_size)
+        return InputFile(path, st.st_size, version=local_version(st))
     error = input_type_error(path, st)
     if error is None:
         return None
     return InputFile(path, 0, (type(error).__name__, str(error)))
+
+
+def local_version(st: os.stat_result) -> str:
+    """A local file's version: ``MTIME_NS:SIZE`` (rewriting a file changes one or both)."""
+    return f"{st.st_mtime_ns}:{st.st_size}"
 
 
 def _match_local(pattern: str) -> Iterator[InputFile]:
@@ -232,14 +237,15 @@ def _match_gcs(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
     if not _has_glob(name):
         blob = client.bucket(bucket).get_blob(name) if name else None
         if blob is not None and not name.endswith("/"):
-            yield InputFile(pattern, blob.size or 0)
+            yield InputFile(pattern, blob.size or 0, version=str(blob.generation))
         return
     prefix = re.match(r"^[^[*?]*", name).group(0)
     matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    for blob in client.list_blobs(bucket, prefix=prefix):
+    # size and generation (the files table's version) come with each listing page
+    for blob in client.list_blobs(bucket, prefix=prefix, fields="items(name,size,generation),nextPageToken"):
         path = f"gs://{bucket}/{blob.name}"
         if not blob.name.endswith("/") and matches(path):  # "folder/" placeholders are no files
-            yield InputFile(path, blob.size or 0)
+            yield InputFile(path, blob.size or 0, version=str(blob.generation))
 
 
 def iter_files(pattern: str, pipeline_options=None) -> Iterator[InputFile]:

@@ -74,11 +74,15 @@ def storage_client(pipeline_options=None):
 
 class InputFile(NamedTuple):
     """One input to read. ``error`` = ``(error_type, message)`` is set by listing for an
-    input that must become a dead letter (stage ``list``) without being opened."""
+    input that must become a dead letter (stage ``list``) without being opened.
+    ``version`` identifies this content of the path, from the listing itself (the object
+    generation on Cloud Storage, ``MTIME_NS:SIZE`` locally; None where unknown): the
+    files table and ``--incremental`` compare it (see :mod:`pipeline.ledger`)."""
 
     path: str
     size: int
     error: tuple[str, str] | None = None
+    version: str | None = None
 
 
 class CountingRaw(io.RawIOBase):

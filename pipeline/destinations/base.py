@@ -44,6 +44,8 @@ class RunContext:
     local: bool = True
     staging: str | None = None
     counts: dict = dataclasses.field(default_factory=dict)
+    incremental: bool = False  # one row per SOPInstanceUID, updated in place (pipeline/ledger.py)
+    prune_missing: bool = False
 
     @property
     def run_started(self) -> str:
@@ -84,6 +86,13 @@ class Destination(abc.ABC):
     def attach(self, outputs, context: RunContext) -> None:
         """Add this destination's writing of ``outputs`` (:class:`pipeline.graph.ExportOutputs`)
         to their pipeline."""
+
+    def recorded_files(self, context: RunContext):
+        """With ``--incremental``: a root PTransform that reads the files table's records
+        (dicts with ``path``, ``version``, ``outcome``) once, in the pipeline; None when
+        every listed file is to be read (no table yet, or a rebuild). Destinations that
+        do not support ``--incremental`` reject it in :meth:`check_options`."""
+        return None
 
     def finish(self, context: RunContext) -> None:
         """After a local pipeline finished successfully: complete the write (one

@@ -19,8 +19,18 @@ nothing for an empty input. So this module owns:
   copies an empty staging table, so the table is still created or truncated. A failed or
   cancelled run never reaches the copy: the table is untouched.
 
-The dead letters follow the same path into ``TABLE_errors``. Google's clients are used as
-they come: nothing here knows about emulators.
+The dead letters follow the same path into ``TABLE_errors``, and the files table's
+records into ``TABLE_files``: copied into place when the table is created or replaced,
+updated by path (DELETE + INSERT in one multi-statement transaction) on WRITE_APPEND.
+
+With ``--incremental`` on an existing table, finalize runs one multi-statement
+transaction (:func:`incremental_script`): delete the rows of the SOPInstanceUIDs read,
+insert the staged rows, update the files table by path and, with ``--prune-missing``,
+delete the gone files' records and the rows no exported file records — so the table and
+its files table change together or not at all. The files table is read once, with
+``tabledata.list`` (no query), as the pipeline's ledger (:meth:`BigQueryTable.recorded_files`).
+
+Google's clients are used as they come: nothing here knows about emulators.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import uuid
 from typing import NamedTuple
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.pvalue import AsList, AsSingleton
 
@@ -46,6 +57,8 @@ from pipeline.destinations import (
     errors_table_name,
 )
 from pipeline.destinations.base import Destination, RunContext
+from pipeline.ledger import EXPORTED, FILES_SCHEMA, ROW, files_table_name
+from transforms import counters
 from schemas import columns as dicom_columns
 from schemas.rows import with_empty_lists
 from schemas.vr_types import RECORD
@@ -110,6 +123,8 @@ class BigQueryTable(Destination):
         self._options = pipeline_options
         self.existing_schema: list[dict] | None = None  # as seen at preflight
         self.cluster_by: list[str] = []
+        self.incremental = False
+        self.has_files_table = False  # as seen at preflight
 
     @classmethod
     def parse(cls, uri: str, pipeline_options=None) -> "BigQueryTable":
@@ -153,6 +168,11 @@ class BigQueryTable(Destination):
     def check_options(self, export_options) -> None:
         """``--cluster-by`` (DestinationError if it names unsuitable columns)."""
         self.cluster_by = parse_cluster_by(getattr(export_options, "cluster_by", None))
+        self.incremental = bool(getattr(export_options, "incremental", False))
+
+    @property
+    def files_table_id(self) -> str:
+        return f"{self.project}.{self.dataset}.{files_table_name(self.table)}"
 
     # -- preflight -------------------------------------------------------------------
 
@@ -184,6 +204,19 @@ class BigQueryTable(Destination):
         check_table_state(str(self), disposition, table is not None, _row_count(table))
         if table is not None and not disposition.replaces:
             self.existing_schema = [field.to_api_repr() for field in table.schema]
+        self.has_files_table = _get_table(client, self.files_table_id) is not None
+        if self.incremental and table is not None and not disposition.replaces and not self.has_files_table:
+            raise DestinationError(
+                f"table {self} has no files table {files_table_name(self.table)} (it was written by an older "
+                "version), so --incremental cannot tell which files it holds; rebuild it once with "
+                "--incremental --write-disposition WRITE_TRUNCATE"
+            )
+
+    def recorded_files(self, context: RunContext):
+        """The files table's records, read once by one worker (``tabledata.list``: no query)."""
+        if context.disposition.replaces or self.existing_schema is None or not self.has_files_table:
+            return None
+        return beam.Create([self.files_table_id]) | "Records" >> beam.FlatMap(_read_files_table, self.project)
 
     # -- the write -------------------------------------------------------------------
 
@@ -218,10 +251,19 @@ class BigQueryTable(Destination):
             write_disposition=beam.io.BigQueryDisposition.WRITE_TRUNCATE,
             custom_gcs_temp_location=f"{temp}/errors",
         )
+        files_table = files_table_name(self.table)
+        files_staging = f"{files_table}__staging_{run_id}"
+        staged = [rows, errors]
+        if outputs.files is not None:
+            staged.append(self._stage(outputs.files, "StageFileRecords", files_staging, FILES_SCHEMA, f"{temp}/files"))
+        gone_staging = None
+        if context.prune_missing and outputs.gone is not None:
+            gone_staging = f"{files_table}__gone_{run_id}"
+            staged.append(self._stage(outputs.gone, "StageGoneFiles", gone_staging, _GONE_SCHEMA, f"{temp}/gone"))
         failures = outputs.dead_letters | "CountFailures" >> beam.combiners.Count.Globally()
         jobs = [
             AsList(result[name])
-            for result in (rows, errors)
+            for result in staged
             for name in ("destination_load_jobid_pairs", "destination_copy_jobid_pairs")
         ]
         plan = FinalizePlan(
@@ -235,8 +277,33 @@ class BigQueryTable(Destination):
             temp_location=temp,
             max_failures=context.max_failures,
             destination=str(self),
+            files=Move(files_staging, files_table, disposition.value, ()),
+            gone_staging=gone_staging,
+            incremental=context.incremental,
         )
         write_schema | "Finalize" >> beam.ParDo(Finalize(plan), AsSingleton(failures), *jobs)
+
+    def _stage(self, pcoll, label: str, table: str, schema: list[dict], temp: str):
+        return pcoll | label >> beam.io.WriteToBigQuery(
+            table=f"{self.project}:{self.dataset}.{table}",
+            schema={"fields": schema},
+            method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
+            create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+            write_disposition=beam.io.BigQueryDisposition.WRITE_TRUNCATE,
+            custom_gcs_temp_location=temp,
+        )
+
+
+_GONE_SCHEMA = [{"name": "path", "type": "STRING", "mode": "NULLABLE"}]
+
+
+def _read_files_table(table_id: str, project: str):
+    """The files table's records (path, version, outcome), listed page by page."""
+    from google.cloud import bigquery
+
+    fields = [bigquery.SchemaField(name, "STRING") for name in ("path", "version", "outcome")]
+    for row in _client(project).list_rows(table_id, selected_fields=fields, page_size=100_000):
+        yield {"path": row["path"], "version": row["version"], "outcome": row["outcome"]}
 
 
 def _row_count(table) -> int | None:
@@ -273,6 +340,9 @@ class FinalizePlan(NamedTuple):
     temp_location: str
     max_failures: int | None
     destination: str
+    files: Move | None = None  # the files table's records
+    gone_staging: str | None = None  # --prune-missing: the recorded paths no longer listed
+    incremental: bool = False
 
 
 class Finalize(beam.DoFn):
@@ -296,26 +366,209 @@ class Finalize(beam.DoFn):
         except DestinationError:
             self._drop_staging(client)
             raise
-        schemas = {plan.moves[0][0]: load_schema, plan.moves[1][0]: ERRORS_SCHEMA}
-        for index, (staging, destination, disposition, cluster_by) in enumerate(plan.moves):
-            move_into_place(
-                client,
-                project=plan.project,
-                dataset=plan.dataset,
-                staging=staging,
-                destination=destination,
-                schema=schemas[staging],
-                disposition=Disposition(disposition),
-                cluster_by=list(cluster_by),
-                job_id=f"dicom_bq_export_{plan.run_id}_{index}",
-            )
+        rows, errors = plan.moves
+        disposition = Disposition(rows.disposition)
+        location = client.get_dataset(f"{plan.project}.{plan.dataset}").location
+        existing = _get_table(client, self._id(rows.destination))
+        if plan.incremental and existing is not None and not disposition.replaces:
+            check_table_state(plan.destination, disposition, True, _row_count(existing))
+            self._update_in_place(client, load_schema, existing, location)
+        else:
+            self._move_rows_and_files(client, load_schema, existing, disposition, location)
+        move_into_place(
+            client,
+            project=plan.project,
+            dataset=plan.dataset,
+            staging=errors.staging,
+            destination=errors.destination,
+            schema=ERRORS_SCHEMA,
+            disposition=Disposition(errors.disposition),
+            cluster_by=[],
+            job_id=f"dicom_bq_export_{plan.run_id}_1",
+        )
         self._drop_staging(client)
         _delete_prefix(plan.temp_location)
         yield plan.destination
 
+    def _id(self, table: str) -> str:
+        return f"{self.plan.project}.{self.plan.dataset}.{table}"
+
+    def _count(self, name: str, value: int) -> None:
+        Metrics.counter(counters.NAMESPACE, name).inc(int(value or 0))
+
+    def _move_rows_and_files(self, client, load_schema, existing, disposition, location) -> None:
+        """Without an in-place update: copy the rows into place, then the file records
+        (replacing the files table, or updating it by path on WRITE_APPEND)."""
+        plan = self.plan
+        rows = plan.moves[0]
+        appended = existing is not None and not disposition.replaces and disposition is not Disposition.DEFAULT
+        if appended and not plan.incremental and any(f.name == "SOPInstanceUID" for f in existing.schema):
+            staged = _ensure_table(client, self._id(rows.staging), load_schema)
+            query = (
+                f"SELECT COUNT(DISTINCT SOPInstanceUID) FROM `{self._id(rows.destination)}` "
+                f"WHERE SOPInstanceUID IN (SELECT SOPInstanceUID FROM `{staged}`)"
+            )
+            self._count(counters.ALREADY_IN_TABLE, next(iter(client.query(query, location=location).result()))[0])
+        move_into_place(
+            client,
+            project=plan.project,
+            dataset=plan.dataset,
+            staging=rows.staging,
+            destination=rows.destination,
+            schema=load_schema,
+            disposition=disposition,
+            cluster_by=list(rows.cluster_by),
+            job_id=f"dicom_bq_export_{plan.run_id}_0",
+        )
+        if plan.incremental:
+            self._count(counters.ROWS_ADDED, client.get_table(self._id(rows.staging)).num_rows)
+            self._count(counters.ROWS_REPLACED, 0)
+        if plan.files is None:
+            return
+        files_staging = _ensure_table(client, self._id(plan.files.staging), FILES_SCHEMA)
+        files_table = self._id(plan.files.destination)
+        if appended and _get_table(client, files_table) is not None:
+            script = _transaction([*_upsert_files(files_table, files_staging)])
+            _run_script(client, script, f"dicom_bq_export_{plan.run_id}_files", location)
+            return
+        move_into_place(
+            client,
+            project=plan.project,
+            dataset=plan.dataset,
+            staging=plan.files.staging,
+            destination=plan.files.destination,
+            schema=FILES_SCHEMA,
+            disposition=Disposition.WRITE_TRUNCATE,
+            cluster_by=[],
+            job_id=f"dicom_bq_export_{plan.run_id}_2",
+        )
+
+    def _update_in_place(self, client, load_schema, existing, location) -> None:
+        """``--incremental`` on an existing table: one multi-statement transaction."""
+        from google.cloud import bigquery
+
+        plan = self.plan
+        rows = plan.moves[0]
+        staged_rows = _ensure_table(client, self._id(rows.staging), load_schema)
+        files_staging = _ensure_table(client, self._id(plan.files.staging), FILES_SCHEMA)
+        gone = _ensure_table(client, self._id(plan.gone_staging), _GONE_SCHEMA) if plan.gone_staging else None
+        files_table = self._id(plan.files.destination)
+        current = [field.to_api_repr() for field in existing.schema]
+        extended = append_schema(load_schema, current, plan.destination)
+        if extended != current:
+            existing.schema = [bigquery.SchemaField.from_api_repr(field) for field in extended]
+            client.update_table(existing, ["schema"])
+        records = client.get_table(files_staging).num_rows or 0
+        gone_paths = client.get_table(gone).num_rows or 0 if gone else 0
+        if not records and not gone_paths:  # nothing read, nothing gone: no DML (each DELETE bills the table)
+            self._count(counters.ROWS_REPLACED, 0)
+            self._count(counters.ROWS_ADDED, 0)
+            if gone is not None:
+                self._count(counters.ROWS_PRUNED, 0)
+            return
+        script = incremental_script(
+            table=self._id(rows.destination),
+            rows_staging=staged_rows,
+            columns=[field["name"] for field in load_schema],
+            files_table=files_table,
+            files_staging=files_staging,
+            gone_staging=gone,
+            replaces=bool(client.get_table(staged_rows).num_rows),
+        )
+        [(replaced, added, pruned)] = _run_script(client, script, f"dicom_bq_export_{plan.run_id}_update", location)
+        self._count(counters.ROWS_REPLACED, replaced)
+        self._count(counters.ROWS_ADDED, added)
+        if gone is not None:
+            self._count(counters.ROWS_PRUNED, pruned)
+
     def _drop_staging(self, client):
-        for staging, *_ in self.plan.moves:
-            client.delete_table(f"{self.plan.project}.{self.plan.dataset}.{staging}", not_found_ok=True)
+        plan = self.plan
+        staging = [move.staging for move in plan.moves]
+        staging += [plan.files.staging] if plan.files else []
+        staging += [plan.gone_staging] if plan.gone_staging else []
+        for table in staging:
+            client.delete_table(self._id(table), not_found_ok=True)
+
+
+def _ensure_table(client, table_id: str, schema: list[dict]) -> str:
+    """``table_id``, created empty with ``schema`` if no rows were loaded into it."""
+    from google.cloud import bigquery
+
+    if _get_table(client, table_id) is None:
+        fields = [bigquery.SchemaField.from_api_repr(field) for field in schema]
+        client.create_table(bigquery.Table(table_id, schema=fields), exists_ok=True)
+    return table_id
+
+
+def _column_list(names) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
+def _upsert_files(files_table: str, files_staging: str) -> list[str]:
+    """The statements that update the files table by path from the staged records."""
+    columns = _column_list(field["name"] for field in FILES_SCHEMA)
+    return [
+        f"DELETE FROM `{files_table}` WHERE path IN (SELECT path FROM `{files_staging}`)",
+        f"INSERT INTO `{files_table}` ({columns}) SELECT {columns} FROM `{files_staging}`",
+    ]
+
+
+def _transaction(statements: list[str], declarations: list[str] = (), result: str | None = None) -> str:
+    script = [*declarations, "BEGIN TRANSACTION", *statements, "COMMIT TRANSACTION"]
+    if result:
+        script.append(result)
+    return ";\n".join(script) + ";"
+
+
+def incremental_script(
+    *, table, rows_staging, columns, files_table, files_staging, gone_staging=None, replaces=True
+) -> str:
+    """The multi-statement transaction of an incremental run on an existing table; its
+    result is one row ``(rows replaced, rows added, rows pruned)``.
+
+    Cost on a large table: BigQuery bills a DELETE on a non-partitioned table for the
+    whole table's bytes, so the DELETE of replaced rows (only when rows were read:
+    ``replaces``) and the prune (only with ``gone_staging``) each cost one table's size;
+    the INSERT costs only the staged rows, the files-table statements the files table.
+    """
+    exported = ", ".join(f"'{outcome}'" for outcome in EXPORTED)
+    statements = []
+    if replaces:
+        statements += [
+            f"DELETE FROM `{table}` WHERE SOPInstanceUID IN "
+            f"(SELECT SOPInstanceUID FROM `{files_staging}` WHERE outcome = '{ROW}')",
+            "SET replaced = @@row_count",
+            f"INSERT INTO `{table}` ({_column_list(columns)}) SELECT {_column_list(columns)} FROM `{rows_staging}`",
+            "SET added = @@row_count - replaced",
+        ]
+    statements += _upsert_files(files_table, files_staging)
+    if gone_staging:
+        statements += [
+            f"DELETE FROM `{files_table}` WHERE path IN (SELECT path FROM `{gone_staging}`)",
+            f"DELETE FROM `{table}` WHERE SOPInstanceUID IS NULL OR SOPInstanceUID NOT IN (SELECT SOPInstanceUID "
+            f"FROM `{files_table}` WHERE outcome IN ({exported}) AND SOPInstanceUID IS NOT NULL)",
+            "SET pruned = @@row_count",
+        ]
+    declarations = [f"DECLARE {name} INT64 DEFAULT 0" for name in ("replaced", "added", "pruned")]
+    return _transaction(statements, declarations, "SELECT replaced, added, pruned")
+
+
+def _run_script(client, script: str, job_id: str, location):
+    """Run a script as one query job with a deterministic ID (a retried finalize waits
+    for the job it already started); its result rows."""
+    from google.api_core import exceptions
+
+    try:
+        job = client.query(script, job_id=job_id, location=location, job_retry=None)
+    except exceptions.Conflict:
+        job = client.get_job(job_id, location=location)
+    try:
+        return list(job.result())
+    except exceptions.GoogleAPICallError as error:
+        raise DestinationError(
+            f"updating the table failed in BigQuery job {job_id} ({type(error).__name__}); the transaction was "
+            "rolled back, nothing was written. Its errors are in BigQuery (bq show -j)."
+        ) from None
 
 
 def _wait_for_job(client, reference) -> None:

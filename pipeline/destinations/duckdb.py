@@ -33,7 +33,9 @@ from pipeline.destinations import (
     errors_table_name,
 )
 from pipeline.destinations.base import DEFAULT_URI, Destination, RunContext
+from pipeline.ledger import EXPORTED, FILES_SCHEMA, ROW, files_table_name
 from pipeline.staging import read_staged, stage_table
+from transforms import counters
 from schemas.vr_types import RECORD
 
 SCHEME = "duckdb://"
@@ -93,6 +95,7 @@ class DuckDBTable(Destination):
 
     def __init__(self, path: str, table: str):
         self.path, self.table = path, table
+        self.incremental = False
 
     def __eq__(self, other) -> bool:
         return isinstance(other, DuckDBTable) and (self.path, self.table) == (other.path, other.table)
@@ -123,6 +126,13 @@ class DuckDBTable(Destination):
 
     def errors_uri(self) -> str:
         return f"{SCHEME}{self.path}#{errors_table_name(self.table)}"
+
+    def files_uri(self) -> str:
+        return f"{SCHEME}{self.path}#{files_table_name(self.table)}"
+
+    def check_options(self, export_options) -> None:
+        super().check_options(export_options)
+        self.incremental = bool(getattr(export_options, "incremental", False))
 
     def check_runner(self, local: bool) -> None:
         if not local:
@@ -217,9 +227,34 @@ class DuckDBTable(Destination):
         con = self._connect()
         try:
             exists, count = self._state(con)
+            has_files = self._exists(con, files_table_name(self.table))
         finally:
             con.close()
         check_table_state(str(self), disposition, exists, count)
+        if self.incremental and exists and not disposition.replaces and not has_files:
+            raise DestinationError(
+                f"table {self} has no files table {files_table_name(self.table)} (it was written by an older "
+                "version), so --incremental cannot tell which files it holds; rebuild it once with "
+                "--incremental --write-disposition WRITE_TRUNCATE"
+            )
+
+    def recorded_files(self, context: RunContext):
+        """The files table's records, read once by a worker of the pipeline (the
+        database is not open in the launcher meanwhile)."""
+        import apache_beam as beam
+
+        if context.disposition.replaces:
+            return None
+        con = self._connect(read_only=True)
+        if con is None:
+            return None
+        try:
+            if not self._exists(con, self.table) or not self._exists(con, files_table_name(self.table)):
+                return None  # a new table: every listed file is read
+        finally:
+            con.close()
+        reference = (self.path, files_table_name(self.table))
+        return beam.Create([reference]) | "Records" >> beam.FlatMap(_read_files_table)
 
     def schema(self) -> list[dict] | None:
         """The table's schema as BigQuery JSON, or None if it does not exist."""
@@ -241,7 +276,17 @@ class DuckDBTable(Destination):
         """Load what the run staged, unless too many instances failed."""
         check_max_failures(context.counts.get("failed", 0), context.max_failures, str(self))
         staged = read_staged(context.staging)
-        self.write(staged.schema, staged.row_files, context.disposition, error_files=staged.dead_letter_files)
+        written = self.write(
+            staged.schema,
+            staged.row_files,
+            context.disposition,
+            error_files=staged.dead_letter_files,
+            file_record_files=staged.file_record_files,
+            gone_files=staged.gone_files,
+            incremental=context.incremental,
+            prune_missing=context.prune_missing,
+        )
+        context.counts.update(written)
 
     def write(
         self,
@@ -249,11 +294,20 @@ class DuckDBTable(Destination):
         row_files: list[str],
         disposition: Disposition,
         error_files: list[str] = (),
-    ) -> None:
-        """Load the rows (NDJSON files) and dead letters, all or nothing.
+        file_record_files: list[str] = (),
+        gone_files: list[str] = (),
+        incremental: bool = False,
+        prune_missing: bool = False,
+    ) -> dict:
+        """Load the rows (NDJSON files), dead letters and file records, all or nothing;
+        return the row counts (rows added, replaced, pruned; SOPInstanceUIDs already in
+        the table for a plain WRITE_APPEND).
 
         The table's state is checked again inside the transaction, so a table that
-        changed since preflight is never overwritten against the disposition.
+        changed since preflight is never overwritten against the disposition. With
+        ``incremental``, the rows of the SOPInstanceUIDs read are replaced, the files
+        table is updated by path and, with ``prune_missing``, the gone files' records and
+        the rows no exported file records any more are deleted — in the same transaction.
         """
         con = self._connect()
         try:
@@ -261,40 +315,94 @@ class DuckDBTable(Destination):
             exists, count = self._state(con)
             check_table_state(str(self), disposition, exists, count)
             appended = exists and not disposition.replaces
+            extended = False
             if appended:
                 existing = self._schema(con, self.table)
                 schema = append_schema(schema, existing, str(self))
-                if schema != existing:
+                extended = schema != existing
+                if extended:
                     self._replace(con, self.table, schema, copy_rows=True)
             else:
                 self._replace(con, self.table, schema, copy_rows=False)
+
+            new_files = "__dicom_bq_export_new_files"
+            self._replace(con, new_files, FILES_SCHEMA, copy_rows=False, temporary=True)
+            self._insert(con, new_files, FILES_SCHEMA, file_record_files)
+            new_sops = f"SELECT SOPInstanceUID FROM {new_files} WHERE outcome = '{ROW}'"
+            written = {}
+            replaced = 0
+            if appended and incremental:
+                replaced = con.execute(
+                    f"DELETE FROM {quote(self.table)} WHERE SOPInstanceUID IN ({new_sops})"
+                ).fetchone()[0]
+                written[counters.ROWS_REPLACED] = replaced
+            elif appended:
+                written[counters.ALREADY_IN_TABLE] = con.execute(
+                    f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} "
+                    f"WHERE SOPInstanceUID IN ({new_sops})"
+                ).fetchone()[0]
+            # On an append without new fields only the new rows can lack the table's other
+            # REPEATED fields: they are completed in a temporary table, not the whole table.
+            only_new = appended and not extended
+            target = "__dicom_bq_export_new_rows" if only_new else self.table
+            if only_new:
+                self._replace(con, target, schema, copy_rows=False, temporary=True)
             try:
-                self._insert(con, self.table, schema, row_files)
+                inserted = self._insert(con, target, schema, row_files)
             except duckdb.Error as error:
                 raise DestinationError(
                     f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
                     f"{self}. The message is withheld: it may quote a value."
                 ) from None
-            if appended:  # rows of either side may lack REPEATED fields the other added
+            if appended and inserted:  # rows of either side may lack REPEATED fields the other added
+                _fill_empty_lists(con, target, schema)
+            if only_new and inserted:
+                con.execute(f"INSERT INTO {quote(self.table)} BY NAME SELECT * FROM {quote(target)}")
+            elif extended and not inserted:
                 _fill_empty_lists(con, self.table, schema)
+            if incremental:
+                written[counters.ROWS_ADDED] = inserted - replaced
 
             errors = errors_table_name(self.table)
             if errors_disposition(disposition) is not Disposition.WRITE_APPEND or not self._exists(con, errors):
                 self._replace(con, errors, ERRORS_SCHEMA, copy_rows=False)
             self._insert(con, errors, ERRORS_SCHEMA, error_files)
+
+            files = quote(files_table_name(self.table))
+            if (
+                not appended
+                or errors_disposition(disposition) is not Disposition.WRITE_APPEND
+                or not self._exists(con, files_table_name(self.table))
+            ):
+                self._replace(con, files_table_name(self.table), FILES_SCHEMA, copy_rows=False)
+            else:
+                con.execute(f"DELETE FROM {files} WHERE path IN (SELECT path FROM {new_files})")
+            con.execute(f"INSERT INTO {files} SELECT * FROM {new_files}")
+            if prune_missing:
+                gone = "__dicom_bq_export_gone"
+                self._replace(con, gone, [{"name": "path", "type": "STRING"}], copy_rows=False, temporary=True)
+                self._insert(con, gone, [{"name": "path", "type": "STRING"}], gone_files)
+                con.execute(f"DELETE FROM {files} WHERE path IN (SELECT path FROM {gone})")
+                exported = ", ".join(f"'{outcome}'" for outcome in EXPORTED)
+                written[counters.ROWS_PRUNED] = con.execute(
+                    f"DELETE FROM {quote(self.table)} WHERE SOPInstanceUID IS NULL OR SOPInstanceUID NOT IN "
+                    f"(SELECT SOPInstanceUID FROM {files} WHERE outcome IN ({exported}) AND SOPInstanceUID IS NOT NULL)"
+                ).fetchone()[0]
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
         finally:
             con.close()
+        return written
 
     @staticmethod
-    def _replace(con, table: str, schema: list[dict], copy_rows: bool) -> None:
+    def _replace(con, table: str, schema: list[dict], copy_rows: bool, temporary: bool = False) -> None:
         """(Re)create ``table`` with ``schema``, keeping its rows if ``copy_rows``."""
         columns = ", ".join(f"{quote(f['name'])} {duckdb_type(f)}" for f in schema)
         if not copy_rows:
-            con.execute(f"CREATE OR REPLACE TABLE {quote(table)} ({columns})")
+            kind = "TEMPORARY TABLE" if temporary else "TABLE"
+            con.execute(f"CREATE OR REPLACE {kind} {quote(table)} ({columns})")
             return
         staging = quote(table + "__staging")
         con.execute(f"CREATE OR REPLACE TABLE {staging} ({columns})")
@@ -303,18 +411,19 @@ class DuckDBTable(Destination):
         con.execute(f"ALTER TABLE {staging} RENAME TO {quote(table)}")
 
     @staticmethod
-    def _insert(con, table: str, schema: list[dict], files: list[str]) -> None:
+    def _insert(con, table: str, schema: list[dict], files: list[str]) -> int:
+        """Insert the rows of NDJSON ``files``; return how many."""
         files = [f for f in files if os.path.getsize(f)]
         if not files:
-            return
+            return 0
         columns = "{" + ", ".join(f"{_sql_string(f['name'])}: {_sql_string(duckdb_type(f))}" for f in schema) + "}"
         # a REPEATED field a row does not have is [] (never NULL), as in BigQuery
         select = ", ".join(f"{_lists_filled(quote(f['name']), f)} AS {quote(f['name'])}" for f in schema)
-        con.execute(
+        return con.execute(
             f"INSERT INTO {quote(table)} BY NAME SELECT {select} FROM read_json(?, format='newline_delimited', "
             f"columns={columns}, maximum_object_size={_MAX_ROW_BYTES})",
             [list(files)],
-        )
+        ).fetchone()[0]
 
     def read_rows(self, table: str | None = None) -> list[dict]:
         """All rows of the table (or of ``table`` in the same file), for tests and tools."""
@@ -325,6 +434,16 @@ class DuckDBTable(Destination):
             return [dict(zip(names, values)) for values in relation.fetchall()]
         finally:
             con.close()
+
+
+def _read_files_table(reference: tuple[str, str]):
+    """The records (path, version, outcome) of a files table in a DuckDB file."""
+    path, table = reference
+    with duckdb.connect(path, read_only=True) as con:
+        cursor = con.execute(f"SELECT path, version, outcome FROM {quote(table)}")
+        while batch := cursor.fetchmany(10_000):
+            for record_path, version, outcome in batch:
+                yield {"path": record_path, "version": version, "outcome": outcome}
 
 
 def _has_repeated(fields: list[dict]) -> bool:

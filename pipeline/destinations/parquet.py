@@ -615,6 +615,12 @@ class ParquetTable(Destination):
     def errors_uri(self) -> str:
         return self._uri(self.errors_path)
 
+    def check_options(self, export_options) -> None:
+        super().check_options(export_options)
+        if getattr(export_options, "incremental", False):
+            scheme = "parquet+gs://" if not self.local else "parquet://"
+            raise ValueError(f"--incremental is not supported for {scheme} yet; use duckdb:// or bq://")
+
     def check_runner(self, local: bool) -> None:
         """A local folder can only be written by a runner on this machine."""
         if self.local and not local:

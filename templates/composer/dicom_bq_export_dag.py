@@ -1,6 +1,12 @@
 """Cloud Composer (Airflow) DAGs that run dicom-bq-export on a schedule.
 
-``dicom_bq_export``: launches the Dataflow flex template (templates/flex) once a day.
+``dicom_bq_export``: launches the Dataflow flex template (templates/flex) once a day,
+**incrementally** by default: each run reads only the files that ``TABLE_files`` (the
+ledger beside the table) does not record as exported with the same object generation —
+new, rewritten and previously failed files — replaces the rows of re-sent instances and
+keeps one row per SOPInstanceUID. The first run creates the table and its ledger; set
+``dicom_bq_export_incremental`` to ``false`` to re-read everything (with
+``dicom_bq_export_write_disposition`` WRITE_TRUNCATE) on every run instead.
 ``dicom_bq_export_small``: for small exports, runs the same pipeline on the Composer
 worker itself with Beam's DirectRunner (``python -m pipeline.main``): install the
 ``dicom-bq-export`` wheel in the Composer environment's PyPI packages first.
@@ -15,7 +21,9 @@ Parameters come from Airflow Variables, so one DAG file serves every environment
 | dicom_bq_export_image             | europe-west4-docker.pkg.dev/my-project/dicom/dicom-bq-export:0.1.0 |
 | dicom_bq_export_input             | gs://my-bucket/dicom/**                                  |
 | dicom_bq_export_table             | bq://my-project.imaging.dicom_metadata                   |
-| dicom_bq_export_write_disposition | WRITE_TRUNCATE                                           |
+| dicom_bq_export_write_disposition | WRITE_APPEND (default; WRITE_TRUNCATE rebuilds the table) |
+| dicom_bq_export_incremental       | true (default) / false                                   |
+| dicom_bq_export_prune_missing     | false (default) / true: delete rows of deleted files     |
 | dicom_bq_export_temp_location     | gs://my-bucket/tmp                                       |
 | dicom_bq_export_filter (optional) | gs://my-bucket/config/filter.txt                         |
 | dicom_bq_export_dicomweb_mode (optional) | instance (default) or metadata, for DICOMweb inputs |
@@ -75,7 +83,9 @@ with DAG(
                 "parameters": {
                     "input": var("input"),
                     "bq_table": var("table"),
-                    "write_disposition": var("write_disposition", "WRITE_TRUNCATE"),
+                    "write_disposition": var("write_disposition", "WRITE_APPEND"),
+                    "incremental": var("incremental", "true"),
+                    "prune_missing": var("prune_missing", "false"),
                     "filter_config_gcs_uri": var("filter", ""),
                     "dicomweb_mode": var("dicomweb_mode", "instance"),
                     "cluster_by": "StudyInstanceUID,SeriesInstanceUID",
@@ -106,7 +116,9 @@ with DAG(
         pipeline_options={
             "input": var("input"),
             "bq_table": var("table"),
-            "write_disposition": var("write_disposition", "WRITE_TRUNCATE"),
+            "write_disposition": var("write_disposition", "WRITE_APPEND"),
+            "incremental": var("incremental", "true"),
+            "prune_missing": var("prune_missing", "false"),
             "dicomweb_mode": var("dicomweb_mode", "instance"),
             "temp_location": var("temp_location"),
             "project": var("project"),

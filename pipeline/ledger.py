@@ -1,0 +1,240 @@
+"""The files table and incremental selection (SPEC §7).
+
+Every run records its input files in ``TABLE_files`` beside the table, one record per
+path (:data:`FILES_SCHEMA`): its version, size, the instance's UIDs when it gave a row,
+its outcome and the run. It answers "which file gave this row?" and "which files gave
+the same SOPInstanceUID?".
+
+With ``--incremental`` the table holds one row per SOPInstanceUID, and the files table is
+the ledger that keeps it current for the price of reading only what changed:
+
+* the listing gives each file's version (the object generation on Cloud Storage, from
+  the listing page itself; ``MTIME_NS:SIZE`` locally), and :class:`CompareWithLedger`
+  looks each path up in the files table, read once as a side input. A file recorded as exported
+  (:data:`EXPORTED`) with the same version is *unchanged* and not read; a new or
+  changed file, or one that failed or was not selected before, is read again; a
+  recorded path no longer listed is *gone* (used by ``--prune-missing``);
+* :class:`KeepOnePerInstance`: of several files of this run with the same
+  SOPInstanceUID, the one with the greatest path (code-point order) gives the row, the
+  others are recorded as ``duplicate`` and counted — a deterministic rule whatever the
+  order of the files or the number of workers;
+* the destination then, in one atomic step, replaces the rows of the SOPInstanceUIDs
+  read, adds the new ones, updates the files table by path and, with
+  ``--prune-missing``, drops the records of gone files and the rows of instances that no
+  exported file records any more.
+
+Pure functions hold the rules; the Beam transforms only wire them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsDict
+
+from pipeline.destinations import Disposition
+from transforms import counters
+from transforms.storage import InputFile
+
+#: Outcomes of a file in the files table.
+ROW = "row"  # its instance's row is in the table
+DUPLICATE = "duplicate"  # another file of the same run gave its SOPInstanceUID's row
+FAILED = "failed"  # a dead letter in TABLE_errors; read again by the next incremental run
+NOT_SELECTED = "not_selected"  # the filter file did not select it
+#: Outcomes an incremental run does not read again while the version is the same.
+EXPORTED = (ROW, DUPLICATE)
+
+UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+#: The files table ``TABLE_files``: one record per input path, the latest run's.
+FILES_SCHEMA = [
+    {"name": "path", "type": "STRING", "mode": "NULLABLE"},
+    {"name": "version", "type": "STRING", "mode": "NULLABLE"},
+    {"name": "size", "type": "INTEGER", "mode": "NULLABLE"},
+    {"name": "StudyInstanceUID", "type": "STRING", "mode": "NULLABLE"},
+    {"name": "SeriesInstanceUID", "type": "STRING", "mode": "NULLABLE"},
+    {"name": "SOPInstanceUID", "type": "STRING", "mode": "NULLABLE"},
+    {"name": "outcome", "type": "STRING", "mode": "NULLABLE"},
+    {"name": "run_started", "type": "TIMESTAMP", "mode": "NULLABLE"},
+]
+
+#: Tagged output of :class:`KeepOnePerInstance`.
+DUPLICATES = "duplicates"
+
+
+def files_table_name(table: str) -> str:
+    return f"{table}_files"
+
+
+def check_incremental_options(export_options, disposition: Disposition) -> None:
+    """Raise ValueError (a usage error) for flags ``--incremental`` does not combine with.
+
+    ``--incremental`` updates a table in place, so an existing table needs WRITE_APPEND
+    (WRITE_TRUNCATE or ``--overwrite-table`` rebuild it from every listed file, with one
+    row per instance); WRITE_EMPTY would refuse the second run. ``--prune-missing`` treats
+    the run's listing as the whole archive, so it needs ``--incremental`` and no filter
+    file (which would prune every instance it does not select).
+    """
+    incremental = bool(getattr(export_options, "incremental", False))
+    prune = bool(getattr(export_options, "prune_missing", False))
+    if prune and not incremental:
+        raise ValueError("--prune-missing needs --incremental")
+    if not incremental:
+        return
+    if disposition is Disposition.WRITE_EMPTY:
+        raise ValueError(
+            "--incremental updates the table: use --write-disposition WRITE_APPEND (or WRITE_TRUNCATE to "
+            "rebuild it), not WRITE_EMPTY"
+        )
+    if prune and getattr(export_options, "filter_config_gcs_uri", None):
+        raise ValueError(
+            "--prune-missing treats the listed files as the whole archive; it cannot be combined with "
+            "--filter-config-gcs-uri"
+        )
+
+
+def is_unchanged(input_file: InputFile, record: dict | None) -> bool:
+    """True if the files table records this very version of the file as exported."""
+    return (
+        record is not None
+        and input_file.error is None
+        and input_file.version is not None
+        and record.get("version") == input_file.version
+        and record.get("outcome") in EXPORTED
+    )
+
+
+def choose_instance(paths: Iterable[str]) -> str:
+    """Of several files with one SOPInstanceUID in a run, the one whose row is kept:
+    the greatest path (code-point order)."""
+    return max(paths)
+
+
+def uids_of(row: dict) -> dict:
+    return {name: row.get(name) for name in UID_COLUMNS}
+
+
+def file_record(input_file: InputFile, outcome: str, uids: dict | None, run_started: str | None) -> dict:
+    """One record of the files table."""
+    record = {"path": input_file.path, "version": input_file.version, "size": input_file.size}
+    record.update(uids or dict.fromkeys(UID_COLUMNS))
+    record.update(outcome=outcome, run_started=run_started)
+    return record
+
+
+# -- Beam wiring -------------------------------------------------------------------------
+
+
+class _SkipUnchanged(beam.DoFn):
+    """A listed file → itself if it must be read; counted and dropped if unchanged."""
+
+    def __init__(self):
+        self.unchanged = Metrics.counter(counters.NAMESPACE, counters.UNCHANGED_FILES)
+
+    def process(self, input_file: InputFile, recorded: dict):
+        if is_unchanged(input_file, recorded.get(input_file.path)):
+            self.unchanged.inc()
+        else:
+            yield input_file
+
+
+def _not_listed(element):
+    path, groups = element
+    if not list(groups["listed"]):
+        yield {"path": path}
+
+
+class CompareWithLedger(beam.PTransform):
+    """Listed files → ``(changed, gone)``: the files to read, and (with ``find_gone``)
+    the recorded paths no longer listed as ``{"path": ...}`` (else None).
+
+    The files table's records (dicts with ``path``, ``version``, ``outcome``) are a side
+    input read once: the comparison reads no instance and nothing of the main table. The
+    gone paths come from a join by path of the listing with the records.
+    """
+
+    def __init__(self, recorded, find_gone: bool = False):
+        super().__init__()
+        self.recorded = recorded
+        self.find_gone = find_gone
+
+    def expand(self, files):
+        by_path = self.recorded | "RecordsByPath" >> beam.Map(lambda r: (r["path"], r))
+        changed = files | "SkipUnchanged" >> beam.ParDo(_SkipUnchanged(), AsDict(by_path))
+        gone = None
+        if self.find_gone:
+            gone = (
+                {
+                    "listed": files | "ListedPaths" >> beam.Map(lambda f: (f.path, None)),
+                    "recorded": by_path,
+                }
+                | "JoinByPath" >> beam.CoGroupByKey()
+                | "NotListed" >> beam.FlatMap(_not_listed)
+            )
+        return changed, gone
+
+
+class _KeepOne(beam.DoFn):
+    def __init__(self):
+        self.duplicates = Metrics.counter(counters.NAMESPACE, counters.DUPLICATE_INSTANCES)
+
+    def process(self, element):
+        _sop, instances = element
+        instances = list(instances)
+        kept = choose_instance(instance.path for instance in instances)
+        for instance in instances:
+            if instance.path == kept:
+                yield instance
+                kept = None  # the same path twice (cannot happen after listing): keep one
+            else:
+                self.duplicates.inc()
+                yield beam.pvalue.TaggedOutput(DUPLICATES, (instance.path, uids_of(instance.row)))
+
+
+class KeepOnePerInstance(beam.PTransform):
+    """Instances → one per SOPInstanceUID (main output ``kept``, see
+    :func:`choose_instance`), the others as ``(path, uids)`` on ``duplicates``."""
+
+    def expand(self, instances):
+        return (
+            instances
+            | "KeyBySOPInstanceUID" >> beam.Map(lambda instance: (instance.row.get("SOPInstanceUID"), instance))
+            | "GroupBySOPInstanceUID" >> beam.GroupByKey()
+            | "KeepOne" >> beam.ParDo(_KeepOne()).with_outputs(DUPLICATES, main="kept")
+        )
+
+
+def _record(element, run_started):
+    path, groups = element
+    outcomes = list(groups["outcome"])
+    outcome, uids = outcomes[0] if outcomes else (NOT_SELECTED, None)
+    for input_file in groups["file"]:
+        yield file_record(input_file, outcome, uids, run_started)
+
+
+class RecordFiles(beam.PTransform):
+    """The files table's records of the files this run read: the files joined by path
+    with what each became (a row, a duplicate, a dead letter; nothing: not selected)."""
+
+    def __init__(self, kept, duplicates, dead_letters, run_started: str | None):
+        super().__init__()
+        self.kept, self.duplicates, self.dead_letters = kept, duplicates, dead_letters
+        self.run_started = run_started
+
+    def expand(self, files):
+        outcomes = (
+            (
+                self.kept | "RowOutcome" >> beam.Map(lambda i: (i.path, (ROW, uids_of(i.row)))),
+                self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1]))),
+                self.dead_letters | "FailedOutcome" >> beam.Map(lambda d: (d["path"], (FAILED, None))),
+            )
+            | "Outcomes" >> beam.Flatten()
+        )
+        keyed = files | "KeyReadByPath" >> beam.Map(lambda f: (f.path, f))
+        return (
+            {"file": keyed, "outcome": outcomes}
+            | "JoinOutcomes" >> beam.CoGroupByKey()
+            | "FileRecords" >> beam.FlatMap(_record, self.run_started)
+        )
