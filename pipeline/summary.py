@@ -111,10 +111,10 @@ def render(summary: dict) -> str:
     ]
     kinds = list(summary.get("failures_by_type", {}).items())
     for kind, count in kinds[:TOP_FAILURE_TYPES]:
-        lines.append(f"    {kind:<22}{count:>12,}")
+        lines.append(f"    {kind:<23}{count:>12,}")
     if len(kinds) > TOP_FAILURE_TYPES:
         rest = kinds[TOP_FAILURE_TYPES:]
-        lines.append(f"    {f'{len(rest)} other types':<22}{sum(c for _k, c in rest):>12,}")
+        lines.append(f"    {f'{len(rest)} other types':<23}{sum(c for _k, c in rest):>12,}")
     lines += [
         f"  tags dropped by rule     {summary.get('dropped_by_rule', 0):>12,}   (binary VRs, Pixel Data: by design)",
         f"  tags dropped, not fit    {summary.get('dropped_not_fit', 0):>12,}"
