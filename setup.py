@@ -24,12 +24,14 @@ setuptools.setup(
         "pydicom>=3.0.1,<3.1",
         "duckdb>=1.1,<3",
         "pyarrow>=14,<26",
+        "requests>=2.28,<3",  # DICOMweb (also a dependency of Beam's GCP extra)
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",
             "gcp-storage-emulator==2026.7.19",
+            "pillow>=10,<13",  # the report page's screenshot, checked in tests/test_report.py
         ],
         "bench": [
             "pandas>=2.2,<4",  # bench/user_script.py: the script a user would write instead
