@@ -20,6 +20,7 @@ from apache_beam.pvalue import AsSingleton, PCollection
 
 from pipeline import ledger
 from schemas.merge import to_bigquery_schema
+from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import MatchInputs, units_may_overlap
@@ -49,8 +50,7 @@ class ExportPlan:
 
 
 class ExportOutputs(NamedTuple):
-    rows: PCollection  # dict per instance, in the BigQuery JSON row form; a REPEATED field with no
-    #                    value may be absent: every destination writes it as [] (never NULL)
+    rows: PCollection  # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
@@ -138,10 +138,11 @@ def build_pipeline(
         | "MergeFragments" >> beam.CombineGlobally(MergeFragments())
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
-    # Rows go on as they come, not completed against the merged schema here: a step
-    # waiting for that side input would hold every row in memory on a local runner. Each
-    # destination writes an absent REPEATED field as [] (see ExportOutputs.rows).
-    rows = kept | "Rows" >> beam.Map(lambda instance: instance.row)
+    rows = (
+        kept
+        | "Rows" >> beam.Map(lambda instance: instance.row)
+        | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(schema))
+    )
 
     lines_used = None
     if filter_file is not None:

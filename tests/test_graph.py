@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pipeline.graph import ExportPlan, build_pipeline
 from schemas.convert import BASE_FRAGMENT
 from schemas.merge import add_fragment, merge_fragments, to_bigquery_schema
+from schemas.rows import with_empty_lists
 from tests.builders import flatten_bytes, instance, item, sequence, to_bytes
 from transforms import counters
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances
@@ -49,19 +50,18 @@ def plan_for(folder: pathlib.Path, **kwargs) -> ExportPlan:
     return ExportPlan(listing_units=(str(folder / "**"),), run_started=RUN_STARTED, **kwargs)
 
 
-def test_rows_are_the_flattened_instances_as_they_come(inputs):
-    """Not completed against the merged schema in the graph (that would hold every row
-    until the schema is known): each destination writes absent REPEATED fields as []."""
+def test_rows_are_the_flattened_instances_with_empty_lists_for_absent_repeated_fields(inputs):
     folder, flattened = inputs
+    schema = to_bigquery_schema(merge_fragments([BASE_FRAGMENT, *(f.fragment for f in flattened.values())]))
     with in_process_pipeline() as p:
         outputs = build_pipeline(p, plan_for(folder))
-        assert_that(outputs.rows, equal_to([f.row for f in flattened.values()]))
-        sequences = outputs.rows | beam.Map(lambda row: (row["SOPInstanceUID"], row.get("ReferencedImageSequence")))
+        assert_that(outputs.rows, equal_to([with_empty_lists(f.row, schema) for f in flattened.values()]))
+        sequences = outputs.rows | beam.Map(lambda row: (row["SOPInstanceUID"], row["ReferencedImageSequence"]))
         assert_that(
             sequences,
-            equal_to([("1.2.3.4.5", None), ("1.2.9.4.5", [{"ReferencedSOPInstanceUID": "1.2.1",
-                                                           "ReferencedFrameNumber": ["3"]}])]),
-            label="SequenceOnlyWhereTheInstanceHasIt",
+            equal_to([("1.2.3.4.5", []), ("1.2.9.4.5", [{"ReferencedSOPInstanceUID": "1.2.1",
+                                                         "ReferencedFrameNumber": ["3"]}])]),
+            label="SequenceOrEmptyList",
         )
 
 

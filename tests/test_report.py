@@ -497,7 +497,7 @@ def test_a_table_that_cannot_be_read_is_a_one_line_error(exported, capsys, tmp_p
     assert_one_line_error(capsys, ["--bq-table", f"duckdb://{tmp_path}/absent.duckdb#t"], 1, "no DuckDB file")
     assert_one_line_error(capsys, ["--bq-table", f"duckdb://{text_file}#t"], 1, "cannot open")
     assert_one_line_error(capsys, ["--bq-table", f"duckdb://{tmp_path}#t"], 1, "not a file")
-    assert_one_line_error(capsys, ["--bq-table", f"duckdb://{exported.path}#absent"], 1, "(tables: instances)")
+    assert_one_line_error(capsys, ["--bq-table", f"duckdb://{exported.path}#absent"], 1, "(tables: instances")
     assert_one_line_error(capsys, ["--bq-table", f"parquet://{tmp_path}/absent"], 1, "no folder")
     assert_one_line_error(capsys, ["--bq-table", f"parquet://{tmp_path}/no_schema"], 1, "_schema.json")
     assert_one_line_error(capsys, ["--bq-table", str(exported), "--html", f"{tmp_path}/absent/r.html"], 1,

@@ -60,7 +60,6 @@ from pipeline.destinations.base import Destination, RunContext
 from pipeline.ledger import EXPORTED, FILES_SCHEMA, ROW, files_table_name
 from transforms import counters
 from schemas import columns as dicom_columns
-from schemas.rows import with_empty_lists
 from schemas.vr_types import RECORD
 
 SCHEME = "bq://"
@@ -232,8 +231,7 @@ class BigQueryTable(Destination):
 
         write_schema = outputs.schema | "LoadSchema" >> beam.Map(load_schema, existing, str(self), replaces)
         additional = {"clustering": {"fields": self.cluster_by}} if self.cluster_by else None
-        complete = outputs.rows | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(write_schema))
-        rows = complete | "StageRows" >> beam.io.WriteToBigQuery(
+        rows = outputs.rows | "StageRows" >> beam.io.WriteToBigQuery(
             table=f"{self.project}:{self.dataset}.{rows_staging}",
             schema=lambda destination, schema: {"fields": schema},
             schema_side_inputs=(AsSingleton(write_schema),),

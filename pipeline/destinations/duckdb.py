@@ -417,10 +417,8 @@ class DuckDBTable(Destination):
         if not files:
             return 0
         columns = "{" + ", ".join(f"{_sql_string(f['name'])}: {_sql_string(duckdb_type(f))}" for f in schema) + "}"
-        # a REPEATED field a row does not have is [] (never NULL), as in BigQuery
-        select = ", ".join(f"{_lists_filled(quote(f['name']), f)} AS {quote(f['name'])}" for f in schema)
         return con.execute(
-            f"INSERT INTO {quote(table)} BY NAME SELECT {select} FROM read_json(?, format='newline_delimited', "
+            f"INSERT INTO {quote(table)} BY NAME SELECT * FROM read_json(?, format='newline_delimited', "
             f"columns={columns}, maximum_object_size={_MAX_ROW_BYTES})",
             [list(files)],
         ).fetchone()[0]
