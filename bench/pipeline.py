@@ -144,7 +144,7 @@ def main() -> None:
                         help="comma-separated: duckdb, parquet (default duckdb); one export each")
     parser.add_argument("--no-compare", action="store_true", help="only the export (e.g. for peak memory)")
     parser.add_argument("--baseline", default=None,
-                        help="another checkout of the project (e.g. /work/main): its export runs in each round too")
+                        help="another checkout of the project (e.g. a clone of main beside this one): its export runs in each round too")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}; pydicom {pydicom.__version__}")
     for size in (int(s) for s in args.sizes.split(",")):

@@ -149,7 +149,7 @@ def main() -> None:
                         help="rounds, each running every variant once (the machine is shared: compare within a round)")
     parser.add_argument("--keep", default=None)
     parser.add_argument("--baseline", default=None,
-                        help="another checkout of the project (e.g. /work/main): its gs:// exports run in each round too")
+                        help="another checkout of the project (e.g. a clone of main beside this one): its gs:// exports run in each round too")
     args = parser.parse_args()
     workdir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="dicom-bench-remote-"))
     emulator, emulator_url = start_emulator()
