@@ -83,8 +83,10 @@ class ExportOptions(PipelineOptions):
             metavar="URI",
             dest="bq_table",
             default=None,
-            help="Destination: bq://PROJECT.DATASET.TABLE for BigQuery, or duckdb://PATH#TABLE for a "
-            "local DuckDB file. Default: duckdb://dicom_metadata.duckdb#dicom_metadata.",
+            help="Destination: bq://PROJECT.DATASET.TABLE for BigQuery, duckdb://PATH#TABLE for a "
+            "local DuckDB file, parquet://DIR for a local folder of Parquet files, or "
+            "parquet+gs://BUCKET/PREFIX for one on Cloud Storage. "
+            "Default: duckdb://dicom_metadata.duckdb#dicom_metadata.",
         )
         parser.add_argument(
             *_flag("write-disposition"),
@@ -329,7 +331,7 @@ class CommandFlags:
 #: The command's own flags and what they do, for --help.
 COMMAND_FLAGS = (
     ("--log-level LEVEL", "Show log records of this level and above (DEBUG, INFO, WARNING, ERROR), Beam's "
-     "included. Default: this tool's warnings only; Beam's internal INFO and WARNING chatter is hidden."),
+     "included. Default: this tool's warnings only; Beam's and Google's clients' records are hidden."),
     ("--debug", "Show the traceback of an unexpected error, and the workers' own output."),
     ("--version", "Print the version and exit."),
     ("-h, --help", "Print this help and exit."),

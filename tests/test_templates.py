@@ -70,7 +70,10 @@ def test_metadata_enums_are_the_options_values():
         assert PARAMETERS[name]["paramType"] == "ENUM"
         assert all(re.fullmatch(PARAMETERS[name]["regexes"][0], v) for v in values(name))
     assert PARAMETERS["filter_config_gcs_uri"]["paramType"] == "GCS_READ_FILE"
-    assert PARAMETERS["bq_table"]["paramType"] == "BIGQUERY_TABLE"
+    assert PARAMETERS["bq_table"]["paramType"] == "TEXT"  # a BigQuery table or a parquet+gs:// folder
+    for table in ("bq://my-project.imaging.dicom_metadata", "my-project:imaging.dicom_metadata",
+                  "parquet+gs://my-bucket/exports/dicom_metadata"):
+        assert any(re.fullmatch(regex, table) for regex in PARAMETERS["bq_table"]["regexes"]), table
 
 
 def readme_template_parameters() -> dict[str, str]:
@@ -101,7 +104,8 @@ def test_metadata_regexes_accept_the_readme_examples_and_the_options_parse_them(
 
 
 @pytest.mark.parametrize(
-    "name, bad", [("bq_table", "my-project.dataset"), ("write_disposition", "APPEND"), ("input", "/local/path"),
+    "name, bad", [("bq_table", "my-project.dataset"), ("bq_table", "parquet://local/folder"),
+                  ("bq_table", "parquet+gs://bucket-only"), ("write_disposition", "APPEND"), ("input", "/local/path"),
                   ("max_failures", "-1"), ("cluster_by", "A,B,C,D,E")],
 )
 def test_metadata_regexes_reject_bad_values(name, bad):
