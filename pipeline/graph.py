@@ -20,7 +20,6 @@ from apache_beam.pvalue import AsSingleton, PCollection
 
 from pipeline import ledger
 from schemas.merge import to_bigquery_schema
-from schemas.rows import with_empty_lists
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import MatchInputs, units_may_overlap
@@ -50,7 +49,9 @@ class ExportPlan:
 
 
 class ExportOutputs(NamedTuple):
-    rows: PCollection  # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields
+    # dict per instance, in the BigQuery JSON row form, holding only the fields the instance has: a
+    # destination that stores an absent REPEATED field as NULL completes them (pipeline/spool.py)
+    rows: PCollection
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
@@ -138,11 +139,7 @@ def build_pipeline(
         | "MergeFragments" >> beam.CombineGlobally(MergeFragments())
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
-    rows = (
-        kept
-        | "Rows" >> beam.Map(lambda instance: instance.row)
-        | "CompleteRows" >> beam.Map(with_empty_lists, AsSingleton(schema))
-    )
+    rows = kept | "Rows" >> beam.Map(lambda instance: instance.row)
 
     lines_used = None
     if filter_file is not None:

@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple
 import apache_beam as beam
 
 from pipeline.graph import ExportOutputs
+from pipeline.spool import CompleteRows
 
 _STAGING = ".staging-"
 _PID = re.compile(r"-(\d+)$")
@@ -70,6 +71,7 @@ SCHEMA = "schema"
 FILTER_LINES = "filter_lines_used"
 FILES = "files"  # the files table's records (pipeline/ledger.py)
 GONE = "gone"  # recorded paths no longer listed (--incremental)
+SPOOL = "spool"  # rows as read, before completion (pipeline/spool.py)
 
 
 class _WriteJsonLines(beam.DoFn):
@@ -105,8 +107,9 @@ def _stage(pcoll, directory: str, name: str) -> None:
 
 
 def stage_table(outputs: ExportOutputs, directory: str) -> None:
-    """Add the writes of the rows, dead letters and schema under ``directory``."""
-    _stage(outputs.rows, directory, ROWS)
+    """Add the writes of the rows (completed with the merged schema, through spool
+    files in ``directory/spool``), dead letters and schema under ``directory``."""
+    _stage(outputs.rows | "CompleteRows" >> CompleteRows(outputs.schema, os.path.join(directory, SPOOL)), directory, ROWS)
     _stage(outputs.dead_letters, directory, DEAD_LETTERS)
     _stage(outputs.schema, directory, SCHEMA)
     if outputs.files is not None:

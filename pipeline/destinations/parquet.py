@@ -62,6 +62,7 @@ from pipeline.destinations import (
     load_schema,
 )
 from pipeline.destinations.base import Destination, RunContext
+from pipeline.spool import CompleteRows
 from schemas.arrow import arrow_schema, record_converter, to_arrow_table
 from schemas.merge import extend_schema, schema_conflicts
 
@@ -340,6 +341,11 @@ def _siblings(path: str, tag: str) -> list[str]:
     return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.{tag}-"))
 
 
+def _spool(staging: str) -> str:
+    """The rows as read, before completion (pipeline/spool.py), inside the staging folder."""
+    return f"{staging}/_spool"
+
+
 def _delete_tree(path: str) -> None:
     if path.startswith("gs://"):
         matched = FileSystems.match([path + "/**"])[0].metadata_list
@@ -561,6 +567,7 @@ class CommitParquet(beam.DoFn):
                 f"{failures:,} instances failed, more than --max-failures {plan.max_failures:,}; "
                 f"nothing was written to {plan.table_uri}"
             )
+        _delete_tree(_spool(plan.table_staging))  # read by now: the staging folder becomes the table
         disposition = Disposition(plan.disposition)
         commit_folder(plan.table, plan.table_uri, plan.table_staging, schema, shards, disposition, plan.run_id)
         appends = disposition is Disposition.WRITE_APPEND
@@ -660,7 +667,8 @@ class ParquetTable(Destination):
         write_schema = outputs.schema | "ParquetSchema" >> beam.Map(
             load_schema, self.existing_schema, str(self), disposition.replaces
         )
-        shards = outputs.rows | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, write_schema)
+        completed = outputs.rows | "CompleteParquetRows" >> CompleteRows(outputs.schema, _spool(plan.table_staging))
+        shards = completed | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, write_schema)
         error_shards = outputs.dead_letters | "WriteParquetDeadLetters" >> WriteParquetShards(
             plan.errors_staging, ERRORS_SCHEMA
         )
