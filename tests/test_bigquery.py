@@ -220,6 +220,13 @@ def test_repeated_fields_are_empty_lists_never_null(client, dataset, export):
     for row in rows:
         assert isinstance(row["OtherElements"], list) and isinstance(row["DroppedTags"], list)
     assert any(row["OtherElements"] == [] for row in rows)
+    # Rows reach BigQuery as read, without the REPEATED fields other instances brought
+    # into the schema: the load must make each of them [], never NULL.
+    repeated = [field.name for field in client.get_table(table_id).schema if field.mode == "REPEATED"]
+    assert len(repeated) > 2
+    for row in rows:
+        assert all(isinstance(row[name], list) for name in repeated)
+    assert any(row[name] == [] for row in rows for name in repeated if name not in ("OtherElements", "DroppedTags"))
 
 
 def test_the_load_files_in_the_temp_location_are_removed(client, dataset, export, gcs_bucket):
