@@ -19,6 +19,7 @@ from apache_beam.io import fileio
 from apache_beam.pvalue import AsSingleton, PCollection
 
 from pipeline import ledger
+from pipeline.spool import CompleteRows
 from schemas.merge import to_bigquery_schema
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
@@ -45,13 +46,12 @@ class ExportPlan:
     expand_archives: bool = True
     nested_archives: bool = False
     incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
+    spool: str | None = None  # a folder of this run: rows complete through files there (pipeline/spool.py)
     prune_missing: bool = False  # find the recorded files no longer listed
 
 
 class ExportOutputs(NamedTuple):
-    # dict per instance, in the BigQuery JSON row form, holding only the fields the instance has: a
-    # destination that stores an absent REPEATED field as NULL completes them (pipeline/spool.py)
-    rows: PCollection
+    rows: PCollection  # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
@@ -122,30 +122,47 @@ def build_pipeline(
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )
-    instances, dead_letters = read_outputs.instances, read_outputs[DEAD_LETTERS]
-    if instance_parts:
-        instances = [instances, *instance_parts] | "AllInstances" >> beam.Flatten()
+    # Each source of instances is consumed on its own and only small values are
+    # flattened: Beam's local runner keeps a flattened PCollection whole (pipeline/spool.py).
+    parts = [read_outputs.instances, *instance_parts]
+    dead_letters = read_outputs[DEAD_LETTERS]
+    if dead_letter_parts:
         dead_letters = [dead_letters, *dead_letter_parts] | "AllDeadLetters" >> beam.Flatten()
-    kept = instances
+    kept = parts
     duplicates = pipeline | "NoDuplicates" >> beam.Create([])
     if plan.incremental:
+        instances = _flatten(parts, "AllInstances")
         one_each = instances | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
-        kept, duplicates = one_each.kept, one_each[ledger.DUPLICATES]
+        kept, duplicates = [one_each.kept], one_each[ledger.DUPLICATES]
     file_records = files | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started)
 
     schema = (
-        instances
-        | "Fragments" >> beam.Map(lambda instance: instance.fragment)
-        | "MergeFragments" >> beam.CombineGlobally(MergeFragments())
+        _combine_each(parts, "Fragments", lambda instance: instance.fragment, MergeFragments)
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
-    rows = kept | "Rows" >> beam.Map(lambda instance: instance.row)
+    rows = tuple(
+        part | f"Rows{index or ''}" >> beam.Map(lambda instance: instance.row) for index, part in enumerate(kept)
+    ) | "CompleteRows" >> CompleteRows(schema, plan.spool)
 
     lines_used = None
     if filter_file is not None:
-        lines_used = (
-            instances
-            | "FilterLines" >> beam.Map(lambda instance: instance.filter_lines)
-            | "LinesThatSelected" >> beam.CombineGlobally(UnionOfLines())
-        )
+        lines_used = _combine_each(parts, "FilterLines", lambda instance: instance.filter_lines, UnionOfLines)
     return ExportOutputs(rows, schema, dead_letters, lines_used, file_records, gone)
+
+
+def _flatten(parts: list, label: str):
+    return parts[0] if len(parts) == 1 else parts | label >> beam.Flatten()
+
+
+def _combine_each(parts: list, label: str, value, combine_fn):
+    """``combine_fn`` over ``value(instance)`` of every part's instances: combined within
+    each part first, so that only one value per part is flattened."""
+    partial = [
+        part
+        | f"{label}{index or ''}" >> beam.Map(value)
+        | f"Combine{label}{index}" >> beam.CombineGlobally(combine_fn())
+        for index, part in enumerate(parts)
+    ]
+    if len(partial) == 1:
+        return partial[0]
+    return partial | f"All{label}" >> beam.Flatten() | f"CombineAll{label}" >> beam.CombineGlobally(combine_fn())

@@ -216,7 +216,8 @@ def _record(element, run_started):
 
 class RecordFiles(beam.PTransform):
     """The files table's records of the files this run read: the files joined by path
-    with what each became (a row, a duplicate, a dead letter; nothing: not selected)."""
+    with what each became (a row, a duplicate, a dead letter; nothing: not selected).
+    ``kept``: the instances that became rows, one PCollection or a list of them."""
 
     def __init__(self, kept, duplicates, dead_letters, run_started: str | None):
         super().__init__()
@@ -224,9 +225,13 @@ class RecordFiles(beam.PTransform):
         self.run_started = run_started
 
     def expand(self, files):
+        kept = self.kept if isinstance(self.kept, (list, tuple)) else [self.kept]
         outcomes = (
             (
-                self.kept | "RowOutcome" >> beam.Map(lambda i: (i.path, (ROW, uids_of(i.row)))),
+                *(
+                    part | f"RowOutcome{index or ''}" >> beam.Map(lambda i: (i.path, (ROW, uids_of(i.row))))
+                    for index, part in enumerate(kept)
+                ),
                 self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1]))),
                 self.dead_letters | "FailedOutcome" >> beam.Map(lambda d: (d["path"], (FAILED, None))),
             )

@@ -50,7 +50,7 @@ from pipeline.options import (
     tool_version,
 )
 from pipeline.progress import LocalProgress
-from pipeline.staging import read_staged, stage_summary, staging_folder
+from pipeline.staging import SPOOL, read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
@@ -211,13 +211,15 @@ def run(argv: list[str] | None = None) -> dict:
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
-    outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)
     if not local:
+        outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)
         destination.attach(outputs, context)
         pipeline.run()
         print(f"dicom-bq-export: submitted the job to {runner}; it writes {destination}", file=sys.stderr)
         return {"submitted": True, "destination": str(destination)}
     with progress, staging_folder(destination.staging_prefix(), context.run_id) as context.staging:
+        plan = dataclasses.replace(plan, spool=os.path.join(context.staging, SPOOL))  # rows never all in memory
+        outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)
         destination.attach(outputs, context)
         stage_summary(outputs, context.staging)
         with progress.display():

@@ -1,11 +1,14 @@
 """Rows completed with the merged schema without holding them in memory.
 
-A row built from one instance holds only the fields that instance has; DuckDB and
-Parquet need every REPEATED field of the merged schema filled in as ``[]``
+A row built from one instance holds only the fields that instance has; every
+REPEATED field of the merged schema must be filled in as ``[]``
 (:func:`schemas.rows.with_empty_lists`). The merged schema is known only once every
 instance has been read, so completing rows as they come means waiting for it as a side
 input, and then Beam's local runner keeps every row in memory until reading ends
-(3.8 GiB at 100,000 instances).
+(3.8 GiB at 100,000 instances). Beam's local runner also keeps whole any PCollection
+that flattens the outputs of different steps (files read, streamed ``.tar.gz`` members,
+DICOMweb metadata), so those are spooled each on its own and only file paths are
+flattened.
 
 :class:`CompleteRows` instead spools the rows to files as they are read, in the same
 fused step as reading (a file per ``ROWS_PER_SPOOL_FILE`` rows, so that completion
@@ -13,9 +16,9 @@ spreads over the workers), and only the files' paths wait for the schema. The ne
 step reads each file back, one row at a time, and yields it completed to whatever
 writes it (fused with it), so a worker holds one row, not the table.
 
-The spool files are pickles this run wrote into its own staging folder (0700 locally,
-the destination's own staging prefix on Cloud Storage) and read back; they are never
-read from anywhere else. They are removed with that folder.
+The spool files are pickles this run wrote into its own staging folder (made 0700 by
+:mod:`pipeline.staging`) and read back; they are never read from anywhere else, and are
+removed with that folder.
 """
 
 from __future__ import annotations
@@ -84,19 +87,30 @@ def _complete_spooled(path: str, schema: list[dict]):
 
 
 class CompleteRows(beam.PTransform):
-    """Rows → the same rows completed with ``schema`` (a one-element PCollection, the
-    merged BigQuery schema), spooled through files under ``directory`` (local or
-    ``gs://``), which the caller removes after the run."""
+    """Row PCollections (a tuple: one per source of instances) → one PCollection of the
+    rows completed with ``schema`` (a one-element PCollection, the merged BigQuery schema).
 
-    def __init__(self, schema, directory: str, rows_per_file: int = ROWS_PER_SPOOL_FILE):
+    With ``directory`` (local or ``gs://``, removed by the caller after the run) each part
+    is spooled there and only file paths are flattened and wait for the schema; without
+    it, the rows wait for the schema as a side input (what a runner that does not keep a
+    waiting PCollection in memory, such as Dataflow, does well).
+    """
+
+    def __init__(self, schema, directory: str | None, rows_per_file: int = ROWS_PER_SPOOL_FILE):
         super().__init__()
         self.schema = schema
         self.directory = directory
         self.rows_per_file = rows_per_file
 
-    def expand(self, rows):
-        return (
-            rows
-            | "Spool" >> beam.ParDo(_SpoolRows(self.directory, self.rows_per_file))
-            | "ReadCompleted" >> beam.FlatMap(_complete_spooled, AsSingleton(self.schema))
-        )
+    def expand(self, parts):
+        parts = tuple(parts) if isinstance(parts, (tuple, list)) else (parts,)
+        schema = AsSingleton(self.schema)
+        if self.directory is None:
+            rows = parts[0] if len(parts) == 1 else parts | "AllRows" >> beam.Flatten()
+            return rows | "Complete" >> beam.Map(with_empty_lists, schema)
+        spooled = [
+            part | f"Spool{index}" >> beam.ParDo(_SpoolRows(self.directory, self.rows_per_file))
+            for index, part in enumerate(parts)
+        ]
+        files = spooled[0] if len(spooled) == 1 else spooled | "AllSpoolFiles" >> beam.Flatten()
+        return files | "ReadCompleted" >> beam.FlatMap(_complete_spooled, schema)

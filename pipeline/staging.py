@@ -25,7 +25,6 @@ from typing import Iterator, NamedTuple
 import apache_beam as beam
 
 from pipeline.graph import ExportOutputs
-from pipeline.spool import CompleteRows
 
 _STAGING = ".staging-"
 _PID = re.compile(r"-(\d+)$")
@@ -71,7 +70,7 @@ SCHEMA = "schema"
 FILTER_LINES = "filter_lines_used"
 FILES = "files"  # the files table's records (pipeline/ledger.py)
 GONE = "gone"  # recorded paths no longer listed (--incremental)
-SPOOL = "spool"  # rows as read, before completion (pipeline/spool.py)
+SPOOL = "spool"  # a folder of rows as read, before completion (pipeline/spool.py)
 
 
 class _WriteJsonLines(beam.DoFn):
@@ -107,9 +106,8 @@ def _stage(pcoll, directory: str, name: str) -> None:
 
 
 def stage_table(outputs: ExportOutputs, directory: str) -> None:
-    """Add the writes of the rows (completed with the merged schema, through spool
-    files in ``directory/spool``), dead letters and schema under ``directory``."""
-    _stage(outputs.rows | "CompleteRows" >> CompleteRows(outputs.schema, os.path.join(directory, SPOOL)), directory, ROWS)
+    """Add the writes of the rows, dead letters and schema under ``directory``."""
+    _stage(outputs.rows, directory, ROWS)
     _stage(outputs.dead_letters, directory, DEAD_LETTERS)
     _stage(outputs.schema, directory, SCHEMA)
     if outputs.files is not None:

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from pipeline.graph import ExportPlan, build_pipeline
 from schemas.convert import BASE_FRAGMENT
 from schemas.merge import add_fragment, merge_fragments, to_bigquery_schema
-from pipeline.spool import CompleteRows
 from schemas.rows import with_empty_lists
 from tests.builders import flatten_bytes, instance, item, sequence, to_bytes
 from transforms import counters
@@ -51,30 +50,22 @@ def plan_for(folder: pathlib.Path, **kwargs) -> ExportPlan:
     return ExportPlan(listing_units=(str(folder / "**"),), run_started=RUN_STARTED, **kwargs)
 
 
-def test_rows_are_the_flattened_instances_as_read(inputs):
-    folder, flattened = inputs
-    with in_process_pipeline() as p:
-        outputs = build_pipeline(p, plan_for(folder))
-        assert_that(outputs.rows, equal_to([f.row for f in flattened.values()]))
-
-
-@pytest.mark.parametrize("rows_per_file", [1, 1000])
-def test_completed_rows_have_empty_lists_for_absent_repeated_fields(inputs, tmp_path, rows_per_file):
+@pytest.mark.parametrize("spooled", [False, True], ids=["side-input", "spooled"])
+def test_rows_are_the_flattened_instances_with_empty_lists_for_absent_repeated_fields(inputs, tmp_path, spooled):
     folder, flattened = inputs
     schema = to_bigquery_schema(merge_fragments([BASE_FRAGMENT, *(f.fragment for f in flattened.values())]))
     spool = tmp_path / "spool"
     with in_process_pipeline() as p:
-        outputs = build_pipeline(p, plan_for(folder))
-        completed = outputs.rows | CompleteRows(outputs.schema, str(spool), rows_per_file=rows_per_file)
-        assert_that(completed, equal_to([with_empty_lists(f.row, schema) for f in flattened.values()]))
-        sequences = completed | beam.Map(lambda row: (row["SOPInstanceUID"], row["ReferencedImageSequence"]))
+        outputs = build_pipeline(p, plan_for(folder, spool=str(spool) if spooled else None))
+        assert_that(outputs.rows, equal_to([with_empty_lists(f.row, schema) for f in flattened.values()]))
+        sequences = outputs.rows | beam.Map(lambda row: (row["SOPInstanceUID"], row["ReferencedImageSequence"]))
         assert_that(
             sequences,
             equal_to([("1.2.3.4.5", []), ("1.2.9.4.5", [{"ReferencedSOPInstanceUID": "1.2.1",
                                                          "ReferencedFrameNumber": ["3"]}])]),
             label="SequenceOrEmptyList",
         )
-    assert len(list(spool.iterdir())) == (2 if rows_per_file == 1 else 1)  # a file per rows_per_file rows
+    assert spool.is_dir() is spooled  # the rows went through files there
 
 
 def test_the_schema_is_the_merge_of_every_instances_fragment(inputs):

@@ -101,7 +101,8 @@ class Destination(abc.ABC):
     def staging_prefix(self) -> str:
         """Where a local run's staging folder goes (see :mod:`pipeline.staging`): beside
         the destination for one that stages rows. By default the system's temporary
-        folder, which then only holds the summary's figures, never a row."""
+        folder (the run's rows pass through it, in a folder only this user can read,
+        removed when the run ends: :mod:`pipeline.spool`)."""
         return os.path.join(tempfile.gettempdir(), "dicom-bq-export")
 
     @abc.abstractmethod

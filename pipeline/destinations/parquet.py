@@ -62,7 +62,6 @@ from pipeline.destinations import (
     load_schema,
 )
 from pipeline.destinations.base import Destination, RunContext
-from pipeline.spool import CompleteRows
 from schemas.arrow import arrow_schema, record_converter, to_arrow_table
 from schemas.merge import extend_schema, schema_conflicts
 
@@ -341,11 +340,6 @@ def _siblings(path: str, tag: str) -> list[str]:
     return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.{tag}-"))
 
 
-def _spool(staging: str) -> str:
-    """The rows as read, before completion (pipeline/spool.py), inside the staging folder."""
-    return f"{staging}/_spool"
-
-
 def _delete_tree(path: str) -> None:
     if path.startswith("gs://"):
         matched = FileSystems.match([path + "/**"])[0].metadata_list
@@ -567,7 +561,6 @@ class CommitParquet(beam.DoFn):
                 f"{failures:,} instances failed, more than --max-failures {plan.max_failures:,}; "
                 f"nothing was written to {plan.table_uri}"
             )
-        _delete_tree(_spool(plan.table_staging))  # read by now: the staging folder becomes the table
         disposition = Disposition(plan.disposition)
         commit_folder(plan.table, plan.table_uri, plan.table_staging, schema, shards, disposition, plan.run_id)
         appends = disposition is Disposition.WRITE_APPEND
@@ -635,6 +628,13 @@ class ParquetTable(Destination):
                 "a parquet:// folder needs a local runner; on Dataflow use parquet+gs://BUCKET/FOLDER"
             )
 
+    def staging_prefix(self) -> str:
+        """A local folder's run stages (and spools its rows) beside it, not in the
+        system's temporary folder."""
+        if self.local:
+            return _sibling(self.path, "run", "")[:-1]  # PARENT/.NAME.run
+        return super().staging_prefix()
+
     def preflight(self, disposition: Disposition) -> None:
         """Before any file is read: clean up after a killed run, then check the table's
         state against the disposition (and remember its schema for WRITE_APPEND)."""
@@ -667,8 +667,7 @@ class ParquetTable(Destination):
         write_schema = outputs.schema | "ParquetSchema" >> beam.Map(
             load_schema, self.existing_schema, str(self), disposition.replaces
         )
-        completed = outputs.rows | "CompleteParquetRows" >> CompleteRows(outputs.schema, _spool(plan.table_staging))
-        shards = completed | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, write_schema)
+        shards = outputs.rows | "WriteParquetRows" >> WriteParquetShards(plan.table_staging, write_schema)
         error_shards = outputs.dead_letters | "WriteParquetDeadLetters" >> WriteParquetShards(
             plan.errors_staging, ERRORS_SCHEMA
         )
