@@ -433,11 +433,13 @@ def recover_files_folder(path: str) -> None:
 
     Shards of a run killed before its commit are deleted; after a commit, the files
     table's own ``_schema.json`` and ``_manifest.json`` are written and the shards it no
-    longer lists deleted. A folder holding anything this module does not write is left
-    alone (preflight refuses it), and only shards named as this module names them are
-    deleted.
+    longer lists deleted; staging leftovers beside it are removed. A folder holding
+    anything this module does not write is left alone (preflight refuses it), and only
+    shards named as this module names them are deleted.
     """
     folder = files_folder(path)
+    for leftover in _siblings(folder, "staging"):  # records of a killed run, a manifest not yet in place
+        _delete_tree(leftover)
     names = _list_folder(folder)
     if not names or any(not (_SHARD_NAME.fullmatch(n) or n in (SCHEMA_FILE, MANIFEST_FILE)) for n in names):
         return
