@@ -6,7 +6,9 @@ that wrote it, its files and row counts). Every shard carries the whole schema, 
 ``read_parquet('DIR/**/*.parquet')``, ``pyarrow.dataset``, Spark and Polars read the folder
 as one table, and ``bq load --source_format=PARQUET --parquet_enable_list_inference``
 yields exactly ``_schema.json`` (types: :mod:`schemas.arrow`). Dead letters go to the
-sibling folder ``DIR_errors`` the same way.
+sibling folder ``DIR_errors`` the same way, and the files table (:mod:`pipeline.ledger`)
+to ``DIR_files``, whose shards the table's own ``_manifest.json`` lists
+(``files_table``): one manifest write commits the table and its files table together.
 
 How a run stays atomic. Workers write shards into a staging folder beside the table
 (``.NAME.staging-RUN``), never into it; one commit step at the end of the pipeline
@@ -24,6 +26,21 @@ checks the table's state again and puts the new folder in place:
   deletes, the old table plus (some of) the new shards; after the run, exactly the new
   table. A run killed in that window leaves shards the manifest does not list: the next
   run (or any preflight) deletes them, and the manifest's table is the one kept.
+
+The files table's new shards are put into ``DIR_files`` under new names *before* the
+table's commit (no manifest lists them yet), and after it ``DIR_files/_manifest.json`` is
+rewritten and the shards no longer listed are deleted; recovery does either half again
+from the table's manifest. So a reader that follows ``DIR/_manifest.json`` always sees a
+table and a files table of the same run, and a killed run leaves the old pair or the new
+one. One that globs ``DIR_files/*.parquet`` may see both runs' records during the commit
+(and after a run killed then, until the next run or preflight tidies the folder).
+
+``--incremental`` (WRITE_APPEND on a table with a files table) replaces the rows of the
+SOPInstanceUIDs the run wrote and, with ``--prune-missing``, removes the rows no exported
+file records: only the shards holding such rows are rewritten (found by reading their
+``SOPInstanceUID`` column alone), the others are kept as they are, and a run that changes
+nothing writes nothing. :meth:`ParquetTable.recorded_files` reads the ledger from the
+files table's shards alone.
 
 WRITE_APPEND keeps the old shards. When it widens the schema, the old shards are
 rewritten with the widened schema (new fields NULL, new REPEATED fields ``[]``), so
