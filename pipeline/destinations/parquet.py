@@ -552,10 +552,12 @@ def _update_files_table(path: str, change: FilesTableChange, old: dict[str, int]
     """
     folder = files_folder(path)
     staged = {posixpath.basename(s.path): s.rows for s in change.shards if s.rows}
+    moved = {n for n in staged if not FileSystems.exists(FileSystems.join(change.staging, n))}  # a retried commit
     listing: dict[str, int] = {}
     if old:
         dropped = [pa.array(change.gone if change.prune_missing else [], pa.string())]
-        dropped += [_read_columns(FileSystems.join(change.staging, n), ["path"]).column("path") for n in staged]
+        dropped += [_read_columns(FileSystems.join(folder if n in moved else change.staging, n), ["path"]).column(0)
+                    for n in staged]
         dropped = _strings(dropped)
         for name, rows in old.items():
             source = FileSystems.join(folder, name)
@@ -567,12 +569,13 @@ def _update_files_table(path: str, change: FilesTableChange, old: dict[str, int]
             elif pc.any(keep).as_py():
                 fresh = _new_name()
                 listing[fresh] = _write_shard(source, FileSystems.join(folder, fresh), FILES_SCHEMA, keep)
-    if staged:
+    if staged.keys() - moved:
         if not folder.startswith("gs://"):
             os.makedirs(folder, exist_ok=True)
-        sources = [FileSystems.join(change.staging, n) for n in staged]
-        FileSystems.rename(sources, [FileSystems.join(folder, n) for n in staged])
-        listing.update(staged)
+        names = sorted(staged.keys() - moved)
+        FileSystems.rename([FileSystems.join(change.staging, n) for n in names],
+                           [FileSystems.join(folder, n) for n in names])
+    listing.update(staged)
     if not listing:
         if not folder.startswith("gs://"):
             os.makedirs(folder, exist_ok=True)
@@ -682,35 +685,9 @@ def commit_folder(path: str, uri: str, staging: str, schema: list[dict], shards:
     old = [_Shard(name, FileSystems.join(path, name), rows, True)
            for name, rows in (state.files.items() if appended else ()) if rows]
 
-    counts: dict[str, int] = {}
-    incremental = files is not None and files.incremental
-    has_sop = "SOPInstanceUID" in target.names
-    new_sops = None
-    if appended and files is not None and has_sop:
-        new_sops = _strings(_read_columns(s.source, ["SOPInstanceUID"]).column(0) for s in new)
-    replaced_rows = pruned_rows = 0
-    if incremental and has_sop and (new_sops is not None and len(new_sops) or exported is not None):
-        replaced = new_sops if appended else None
-        for shard in old + new:
-            sops = _read_columns(shard.source, ["SOPInstanceUID"]).column(0)
-            keep, replaced_count, pruned_count = rows_to_keep(sops, replaced if shard.old else None, exported)
-            if replaced_count or pruned_count:
-                shard.keep = keep
-            replaced_rows += replaced_count
-            pruned_rows += pruned_count
-    elif new_sops is not None and len(new_sops):  # a plain append: instances it adds again
-        already = [pc.filter(sops, _in(sops, new_sops))
-                   for sops in (_read_columns(s.source, ["SOPInstanceUID"]).column(0) for s in old)]
-        counts[counters.ALREADY_IN_TABLE] = len(_strings(already))
-    elif appended and files is not None and not incremental:
-        counts[counters.ALREADY_IN_TABLE] = 0
-    if incremental:
-        if appended:
-            counts[counters.ROWS_REPLACED] = replaced_rows
-        counts[counters.ROWS_ADDED] = sum(s.rows for s in new) - replaced_rows
-    if files is not None and files.prune_missing:
-        counts[counters.ROWS_PRUNED] = pruned_rows
-
+    counts = {}
+    if files is not None and "SOPInstanceUID" in target.names:
+        counts = _mark_removed_rows(old, new, appended, files, exported)
     kept = [s for s in old + new if s.keep is None or pc.any(s.keep).as_py()]
     for shard in kept:
         shard.widen = _file_schema(shard.source) != target
@@ -724,6 +701,41 @@ def commit_folder(path: str, uri: str, staging: str, schema: list[dict], shards:
     if files is not None:
         recover_files_folder(path)
         _delete_tree(files.staging)
+    return counts
+
+
+def _sop_column(shard: _Shard):
+    return _read_columns(shard.source, ["SOPInstanceUID"]).column(0)
+
+
+def _mark_removed_rows(old: list[_Shard], new: list[_Shard], appended: bool, files: FilesTableChange,
+                       exported: pa.Array | None) -> dict:
+    """Set ``keep`` on the shards that lose rows (see :func:`rows_to_keep`) and return the
+    counts DuckDB's write reports: with ``--incremental`` rows added, replaced (on an
+    existing table) and, with ``--prune-missing``, pruned; for a plain append, the
+    instances already in the table. Reads only the ``SOPInstanceUID`` column, and only
+    when a row can be concerned."""
+    counts: dict[str, int] = {}
+    new_sops = _strings(_sop_column(s) for s in new) if appended else pa.array([], pa.string())
+    if not files.incremental:
+        if appended:
+            already = [pc.filter(sops, _in(sops, new_sops)) for sops in map(_sop_column, old if len(new_sops) else [])]
+            counts[counters.ALREADY_IN_TABLE] = len(_strings(already))
+        return counts
+    replaced_rows = pruned_rows = 0
+    if len(new_sops) or exported is not None:
+        for shard in old + new:
+            replaced = new_sops if shard.old else None
+            keep, replaced_count, pruned_count = rows_to_keep(_sop_column(shard), replaced, exported)
+            if replaced_count or pruned_count:
+                shard.keep = keep
+            replaced_rows += replaced_count
+            pruned_rows += pruned_count
+    if appended:
+        counts[counters.ROWS_REPLACED] = replaced_rows
+    counts[counters.ROWS_ADDED] = sum(s.rows for s in new) - replaced_rows
+    if files.prune_missing:
+        counts[counters.ROWS_PRUNED] = pruned_rows
     return counts
 
 
