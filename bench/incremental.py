@@ -1,10 +1,11 @@
 """Benchmark: an incremental run against a full export of the same files (issue 9).
 
-    python bench/incremental.py [--size 10000] [--changed 0.01] [--keep DIR]
+    python bench/incremental.py [--size 10000] [--changed 0.01] [--keep DIR] [--destination parquet]
 
 Writes ``--size`` instances (copies of samples/dicom with new UIDs, as bench/pipeline.py
 does), then, in one run of this script, each as a user runs it (``python -m
-pipeline.main``, default local runner), into DuckDB:
+pipeline.main``, default local runner), into DuckDB (or, with ``--destination parquet``,
+a ``parquet://`` folder):
 
 1. a full export of every file (WRITE_TRUNCATE): the baseline;
 2. a first ``--incremental`` run (builds the files table; costs about a full export);
@@ -41,10 +42,17 @@ _spec.loader.exec_module(bench_pipeline)
 make_instances = bench_pipeline.make_instances  # the same instances as bench/pipeline.py
 
 
+DESTINATIONS = {
+    "duckdb": lambda workdir, table: f"duckdb://{workdir / 'bench.duckdb'}#{table}",
+    "parquet": lambda workdir, table: f"parquet://{workdir / table}",
+}
+destination = DESTINATIONS["duckdb"]
+
+
 def export(workdir: pathlib.Path, folder: pathlib.Path, table: str, name: str, *flags: str) -> dict:
     summary_path = workdir / f"summary-{name}.json"
     command = [sys.executable, "-m", "pipeline.main", "--input", str(folder),
-               f"--bq-table=duckdb://{workdir / 'bench.duckdb'}#{table}", "--progress-seconds=0",
+               f"--bq-table={destination(workdir, table)}", "--progress-seconds=0",
                f"--summary-json={summary_path}", *flags]
     started = time.perf_counter()
     process = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -70,7 +78,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000, help="instances (default 10,000)")
     parser.add_argument("--changed", type=float, default=0.01, help="fraction rewritten for run 4 (default 0.01)")
     parser.add_argument("--keep", default=None, help="keep the files and the database in this folder")
+    parser.add_argument("--destination", choices=sorted(DESTINATIONS), default="duckdb",
+                        help="duckdb:// file (default) or parquet:// folder")
     args = parser.parse_args()
+    global destination
+    destination = DESTINATIONS[args.destination]
     print(f"machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}")
     workdir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="dicom-bench-incremental-"))
     try:

@@ -279,11 +279,6 @@ def test_a_table_without_a_files_table_must_be_rebuilt_once(archive, db):
         incremental(archive, db, "--write-disposition=WRITE_APPEND")
 
 
-def test_parquet_does_not_support_incremental_yet(archive, tmp_path):
-    with pytest.raises(UsageError, match="--incremental is not supported for parquet:// yet"):
-        export("--input", str(archive), f"--bq-table=parquet://{tmp_path / 'out'}", "--incremental")
-
-
 # -- a run killed in the middle ------------------------------------------------------------
 
 
