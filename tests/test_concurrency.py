@@ -158,3 +158,34 @@ def test_units_may_overlap(units, overlap):
 ])
 def test_runs_that_stay_in_one_process(plan, one_process):
     assert _small_local_input(plan) is one_process
+
+
+def _list_units(units: list[str], expected: list[str] | None = None) -> None:
+    """A pipeline of ListFiles over ``units`` (all in one bundle, listed by one worker),
+    asserting that it finds exactly ``expected``."""
+    import apache_beam as beam
+    from apache_beam.testing import test_pipeline as beam_testing
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.match import ListFiles
+
+    with beam_testing.TestPipeline(runner="FnApiRunner") as p:
+        paths = p | beam.Create(units, reshuffle=False) | beam.ParDo(ListFiles()) | beam.Map(lambda f: f.path)
+        if expected is not None:
+            assert_that(paths, equal_to(expected))
+
+
+def test_remote_units_are_listed_several_at_once_each_file_once(gcs_bucket, proxy):
+    _client, bucket = gcs_bucket
+    names = [name for study in range(12) for name in _upload(bucket, f"studies/{study:02d}", 2)]
+    units = [f"gs://{bucket.name}/studies/{study:02d}/**" for study in range(12)]
+    proxy.max_in_flight = 0
+    _list_units(units, [f"gs://{bucket.name}/{name}" for name in names])  # each exactly once
+    assert proxy.max_in_flight > 2  # listings overlap: one at a time never has more than one request out
+
+
+def test_a_failing_remote_listing_fails_the_run(gcs_bucket, proxy):
+    _client, bucket = gcs_bucket
+    _upload(bucket, "ok", 1)
+    with pytest.raises(Exception, match="NotFound|404|no-such-bucket"):
+        _list_units([f"gs://{bucket.name}/ok/**", "gs://no-such-bucket-dicom-test/x/**"])

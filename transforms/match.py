@@ -14,16 +14,19 @@ opened — a FIFO, a device, a socket, a dangling link, a link loop — is liste
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
+import queue
 import re
 import stat
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms.counters import NAMESPACE
 from transforms.filter_file import FilterFile, uid_layout_patterns
@@ -324,25 +327,93 @@ def _may_share_a_file(a: str, b: str) -> bool:
     return prefix_a.startswith(prefix_b) or prefix_b.startswith(prefix_a)
 
 
+#: Remote listing units listed at once by one worker (each is a chain of page requests).
+LISTING_CONCURRENCY = 8
+
+
 class ListFiles(beam.DoFn):
     """A listing unit (file pattern) → the files it matches, with their sizes, emitted
-    as listing finds them (Cloud Storage: page by page)."""
+    as listing finds them (Cloud Storage: page by page).
+
+    Remote units are listed ``LISTING_CONCURRENCY`` at a time on threads, since each is
+    a chain of requests that mostly waits: ``process`` starts its unit and emits the files
+    already found by any unit, waiting only while too many are in flight;
+    ``finish_bundle`` emits the rest as it arrives. A listing error fails the bundle, as
+    it would listed inline. Local units are listed inline.
+    """
 
     def __init__(self, reporter=None, pipeline_options=None):
         self._options = pipeline_options
         self.matched = Metrics.counter(NAMESPACE, "files_listed")
         self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
 
+    def setup(self):
+        self._pool = None
+
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self):
+        self._found: queue.Queue = queue.Queue()
+        self._in_flight = 0
+
     def process(self, pattern: str):
-        for input_file in iter_files(pattern, self._options):
+        if not _is_remote(pattern):
+            yield from self._emit(iter_files(pattern, self._options))
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(LISTING_CONCURRENCY, thread_name_prefix="list")
+        self._in_flight += 1
+        self._pool.submit(self._list, pattern, self._found)
+        yield from self._emit(self._arrived(until_in_flight=LISTING_CONCURRENCY))
+
+    def finish_bundle(self):
+        for input_file in self._emit(self._arrived(until_in_flight=0)):
+            yield GlobalWindows.windowed_value(input_file)
+        if self._reporter is not None:
+            self._reporter.flush()
+
+    def _list(self, pattern: str, found: queue.Queue) -> None:
+        """On a listing thread: every file of the unit into ``found`` (its bundle's queue),
+        then its end (or the error that ended it)."""
+        try:
+            for input_file in iter_files(pattern, self._options):
+                found.put(input_file)
+        except BaseException as error:  # re-raised in the bundle's thread
+            found.put(_ListingFailed(error))
+        else:
+            found.put(_UNIT_LISTED)
+
+    def _arrived(self, until_in_flight: int):
+        """The files found so far; then, while more than ``until_in_flight`` units are
+        being listed, the files as they arrive."""
+        while True:
+            try:
+                item = self._found.get(block=self._in_flight > until_in_flight)
+            except queue.Empty:
+                return
+            if item is _UNIT_LISTED:
+                self._in_flight -= 1
+            elif isinstance(item, _ListingFailed):
+                self._in_flight -= 1
+                raise item.error
+            else:
+                yield item
+
+    def _emit(self, input_files):
+        for input_file in input_files:
             self.matched.inc()
             if self._reporter is not None:
                 self._reporter.listed(1)
             yield input_file
 
-    def finish_bundle(self):
-        if self._reporter is not None:
-            self._reporter.flush()
+
+class _ListingFailed(NamedTuple):
+    error: BaseException
+
+
+_UNIT_LISTED = object()
 
 
 class MatchInputs(beam.PTransform):
