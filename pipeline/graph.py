@@ -105,6 +105,7 @@ def build_pipeline(
     opener = Opener(pipeline_options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
     instance_parts, dead_letter_parts = [], []
     unread_inputs = []  # inputs recorded in the files table that do not pass the read step
+    expanded = None  # the archives read whole
 
     if plan.expand_archives:
         archives = files | "Archives" >> ExpandArchiveInputs(
@@ -114,7 +115,8 @@ def build_pipeline(
         files = archives.files
         instance_parts.append(archives.instances)
         dead_letter_parts.append(archives.dead_letters)
-        unread_inputs.append(archives.streamed_inputs)
+        unread_inputs += [archives.streamed_inputs, archives.expanded]
+        expanded = archives.expanded
 
     if web_files is not None:
         if plan.dicomweb_mode == "metadata":
@@ -141,7 +143,7 @@ def build_pipeline(
         one_each = instances | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
         kept, duplicates = one_each.kept, one_each[ledger.DUPLICATES]
     inputs = (files, *unread_inputs) | "EveryInput" >> beam.Flatten() if unread_inputs else files
-    file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started)
+    file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started, expanded)
     gone = None
     if recorded is not None and plan.prune_missing:
         gone = (

@@ -16,10 +16,11 @@ the ledger that keeps it current for the price of reading only what changed:
   *unchanged* and not read; a new or changed file, or one that failed or was not
   selected before, is read again;
 * an archive is the unit of change: its members (``ARCHIVE#member``) are versioned
-  ``ARCHIVE_VERSION|MEMBER`` (:func:`transforms.sources.archives.member_version`), so an
-  archive whose members were all exported from this very version of it is skipped
-  without being opened (:func:`archive_unchanged`), and a changed one is read again
-  whole; the records of members it no longer holds keep an older version (gone);
+  ``ARCHIVE_VERSION|MEMBER`` (:func:`transforms.sources.archives.member_version`), and an
+  archive read whole has a record of its own (outcome ``archive``). An archive recorded
+  so with this version, whose members were all exported from it, is skipped without
+  being opened (:func:`archive_unchanged`); a changed one is read again whole; the
+  records of members it no longer holds keep an older version (and are gone);
 * :class:`FindGone`: a recorded path that is neither an input of this run nor skipped as
   unchanged is *gone* (used by ``--prune-missing``);
 * :class:`KeepOnePerInstance`: of several files of this run with the same
@@ -40,7 +41,7 @@ from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import AsDict
+from apache_beam.pvalue import AsDict, AsMultiMap
 
 from pipeline.destinations import Disposition
 from transforms import counters
@@ -52,6 +53,7 @@ ROW = "row"  # its instance's row is in the table
 DUPLICATE = "duplicate"  # another file of the same run gave its SOPInstanceUID's row
 FAILED = "failed"  # a dead letter in TABLE_errors; read again by the next incremental run
 NOT_SELECTED = "not_selected"  # the filter file did not select it
+ARCHIVE = "archive"  # an archive read whole: its members are recorded as ARCHIVE#member
 #: Outcomes an incremental run does not read again while the version is the same.
 EXPORTED = (ROW, DUPLICATE)
 
@@ -126,12 +128,16 @@ def archive_members(archive: InputFile, members: list[dict] | None) -> list[dict
     ]
 
 
-def archive_unchanged(archive: InputFile, members: list[dict] | None) -> bool:
-    """True if this version of the archive was read before and each of its members
-    exported: the archive need not be opened. (A run that read it recorded every member
-    it holds, with this version.)"""
-    current = archive_members(archive, members)
-    return bool(current) and all(record.get("outcome") in EXPORTED for record in current)
+def archive_unchanged(archive: InputFile, record: dict | None, members: list[dict] | None) -> bool:
+    """True if this very version of the archive was read whole before (its own record,
+    outcome ``archive``) and each of its members exported: it need not be opened."""
+    return (
+        record is not None
+        and record.get("outcome") == ARCHIVE
+        and archive.version is not None
+        and record.get("version") == archive.version
+        and all(member.get("outcome") in (*EXPORTED, ARCHIVE) for member in archive_members(archive, members))
+    )
 
 
 def choose_instance(paths: Iterable[str]) -> str:
@@ -171,14 +177,13 @@ class _SkipUnchanged(beam.DoFn):
         if is_unchanged(input_file, recorded.get(input_file.path)):
             self.unchanged.inc()
             yield beam.pvalue.TaggedOutput(UNCHANGED, input_file.path)
-        elif (
-            is_archive(input_file.path)
-            and input_file.path not in recorded  # an archive has a record of its own only if it failed
-            and archive_unchanged(input_file, archives.get(input_file.path))
+        elif is_archive(input_file.path) and archive_unchanged(
+            input_file, recorded.get(input_file.path), list(archives[input_file.path])
         ):
-            members = archive_members(input_file, archives[input_file.path])
+            members = archive_members(input_file, list(archives[input_file.path]))
             self.unchanged.inc(len(members))
             self.matched.inc(len(members) - 1)  # listed as one file; its members replace it, as when expanded
+            yield beam.pvalue.TaggedOutput(UNCHANGED, input_file.path)
             for record in members:
                 yield beam.pvalue.TaggedOutput(UNCHANGED, record["path"])
         else:
@@ -196,8 +201,9 @@ class CompareWithLedger(beam.PTransform):
     skipped as unchanged (for :class:`FindGone`).
 
     The files table's records (dicts with ``path``, ``version``, ``outcome``) are a side
-    input read once, by path and by archive (the records of ``ARCHIVE#member`` paths):
-    the comparison reads no instance and nothing of the main table.
+    input read once, by path and, for the records of ``ARCHIVE#member`` paths, by archive
+    (a multimap: no grouping step): the comparison reads no instance and nothing of the
+    main table.
     """
 
     def __init__(self, recorded):
@@ -206,14 +212,9 @@ class CompareWithLedger(beam.PTransform):
 
     def expand(self, files):
         by_path = self.recorded | "RecordsByPath" >> beam.Map(lambda r: (r["path"], r))
-        by_archive = (
-            self.recorded
-            | "MemberRecords" >> beam.FlatMap(_by_archive)
-            | "RecordsByArchive" >> beam.GroupByKey()
-            | "AsLists" >> beam.MapTuple(lambda archive, records: (archive, list(records)))
-        )
+        by_archive = self.recorded | "MemberRecords" >> beam.FlatMap(_by_archive)
         compared = files | "SkipUnchanged" >> beam.ParDo(
-            _SkipUnchanged(), AsDict(by_path), AsDict(by_archive)
+            _SkipUnchanged(), AsDict(by_path), AsMultiMap(by_archive)
         ).with_outputs(UNCHANGED, main="changed")
         return compared.changed, compared[UNCHANGED]
 
@@ -285,10 +286,11 @@ class RecordFiles(beam.PTransform):
     """The files table's records of the files this run read: the files joined by path
     with what each became (a row, a duplicate, a dead letter; nothing: not selected)."""
 
-    def __init__(self, kept, duplicates, dead_letters, run_started: str | None):
+    def __init__(self, kept, duplicates, dead_letters, run_started: str | None, archives=None):
         super().__init__()
         self.kept, self.duplicates, self.dead_letters = kept, duplicates, dead_letters
         self.run_started = run_started
+        self.archives = archives  # InputFiles of the archives read whole (outcome ARCHIVE)
 
     def expand(self, files):
         outcomes = (
@@ -296,6 +298,10 @@ class RecordFiles(beam.PTransform):
                 self.kept | "RowOutcome" >> beam.Map(lambda i: (i.path, (ROW, uids_of(i.row)))),
                 self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1]))),
                 self.dead_letters | "FailedOutcome" >> beam.Map(lambda d: (d["path"], (FAILED, None))),
+                *(
+                    [self.archives | "ArchiveOutcome" >> beam.Map(lambda f: (f.path, (ARCHIVE, None)))]
+                    if self.archives is not None else []
+                ),
             )
             | "Outcomes" >> beam.Flatten()
         )

@@ -596,9 +596,12 @@ def test_archive_members_are_versioned_by_their_archive_and_an_unchanged_archive
     records = files_table(db)
     assert set(records) == {str(folder / "plain.dcm"), *(f"{folder}/a.zip#dir/a{i}.dcm" for i in range(3)),
                             f"{folder}/b.tar#b0.dcm", f"{folder}/b.tar#b1.dcm",
-                            f"{folder}/c.tar.gz#c0.dcm", f"{folder}/c.tar.gz#c1.dcm"}
+                            f"{folder}/c.tar.gz#c0.dcm", f"{folder}/c.tar.gz#c1.dcm",
+                            *(str(folder / name) for name in ("a.zip", "b.tar", "c.tar.gz"))}
     zipped = os.stat(folder / "a.zip")
     archive_version = f"{zipped.st_mtime_ns}:{zipped.st_size}"
+    assert (records[str(folder / "a.zip")]["version"], records[str(folder / "a.zip")]["outcome"]) == (
+        archive_version, "archive")
     member = records[f"{folder}/a.zip#dir/a1.dcm"]
     assert member["version"].startswith(archive_version + "|zip:") and member["outcome"] == "row"
     assert records[f"{folder}/c.tar.gz#c1.dcm"]["version"].startswith(
@@ -632,3 +635,17 @@ def test_a_member_gone_from_a_changed_archive_is_pruned(tmp_path, db):
     assert pruned["rows_pruned"] == 1 and pruned["bytes_read"] == 0
     assert "1.2.9.97.2" not in current_rows(db) and f"{folder}/a.zip#dir/a2.dcm" not in files_table(db)
     assert_consistent(db)
+
+
+def test_an_archive_that_failed_once_is_skipped_once_read_whole(tmp_path, db):
+    folder = tmp_path / "in"
+    _write_archives(folder, {}, only=("b.tar",))
+    good = (folder / "b.tar").read_bytes()
+    (folder / "b.tar").write_bytes(b"not a tar archive at all" * 40)
+    failed = incremental(folder, db)
+    assert failed["failed"] == 1 and files_table(db)[str(folder / "b.tar")]["outcome"] == "failed"
+    (folder / "b.tar").write_bytes(good)
+    assert incremental(folder, db, "--write-disposition=WRITE_APPEND")["rows_added"] == 2
+    assert files_table(db)[str(folder / "b.tar")]["outcome"] == "archive"
+    again = incremental(folder, db, "--write-disposition=WRITE_APPEND")
+    assert again["bytes_read"] == 0 and again["unchanged_files"] == 2

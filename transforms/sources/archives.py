@@ -802,6 +802,9 @@ def iter_streamed_members(
 
 #: Tag of :class:`ExpandArchives`'s output of archives to stream (``.tar.gz``).
 STREAMED = "streamed"
+#: Tag of the archives read whole (every member listed, or streamed to the end): the files
+#: table records them with the outcome ``archive`` (``pipeline.ledger``).
+EXPANDED = "expanded"
 
 
 def expand_archive(
@@ -884,16 +887,22 @@ class ExpandArchives(beam.DoFn):
         self._sizes = {input_file.path: input_file.size}
         self._counters = []
         expanded = False
+        whole = archive_kind(input_file.path) is not None and self._options["expand_archives"]
         inputs = 0
         for output in expand_archive(input_file, self._open_file, **self._options):
             if isinstance(output, StreamArchive):
+                whole = whole and output.input_file.path != input_file.path  # streamed: recorded there
                 yield beam.pvalue.TaggedOutput(STREAMED, output.input_file)
             else:
                 inputs += 1
                 if output.path != input_file.path:
                     expanded = True
                     self.members.inc()
+                else:
+                    whole = False  # not expanded, or failed (its dead letter)
                 yield output
+        if whole:
+            yield beam.pvalue.TaggedOutput(EXPANDED, input_file)
         if inputs != 1:
             self.matched.inc(inputs - 1)
         if expanded:
@@ -949,8 +958,10 @@ class ReadStreamedArchives(beam.DoFn):
         try:
             with fileobj:
                 members = iter_streamed_members(fileobj, input_file.path, version=input_file.version, **self._limits)
+                whole = True
                 for member, outcome in members:
                     outcomes.seen()
+                    whole = whole and member.path != input_file.path  # else the stream broke: a dead letter
                     yield beam.pvalue.TaggedOutput(STREAMED_INPUTS, member)
                     if isinstance(outcome, Exception):
                         yield outcomes.failed(member.path, READ, type(outcome).__name__, describe_error(outcome))
@@ -966,6 +977,8 @@ class ReadStreamedArchives(beam.DoFn):
                         yield outcomes.failed(member.path, CONVERT, type(error).__name__, describe_error(error))
                         continue
                     yield outcomes.succeeded(flattened, lines, member.path)
+            if whole:
+                yield beam.pvalue.TaggedOutput(EXPANDED, input_file)
         finally:
             outcomes.bytes_read(counting.bytes_read)
 
@@ -982,6 +995,7 @@ class ArchiveInputs(NamedTuple):
     instances: beam.PCollection
     dead_letters: beam.PCollection
     streamed_inputs: beam.PCollection
+    expanded: beam.PCollection  # the archives read whole (InputFiles), recorded with the outcome "archive"
 
 
 class ExpandArchiveInputs(beam.PTransform):
@@ -1006,20 +1020,22 @@ class ExpandArchiveInputs(beam.PTransform):
 
         expanded = files | "Expand" >> beam.ParDo(
             ExpandArchives(self._opener, nested_archives=self._nested)
-        ).with_outputs(STREAMED, main="files")
+        ).with_outputs(STREAMED, EXPANDED, main="files")
         streamed = (
             expanded[STREAMED]
             | "SpreadArchives" >> beam.Reshuffle()
             | "StreamArchives" >> beam.ParDo(
                 ReadStreamedArchives(self._opener, self._run_started, self._reporter), *self._side_inputs
-            ).with_outputs(DEAD_LETTERS, STREAMED_INPUTS, main="instances")
+            ).with_outputs(DEAD_LETTERS, STREAMED_INPUTS, EXPANDED, main="instances")
         )
-        return ArchiveInputs(expanded.files, streamed.instances, streamed[DEAD_LETTERS], streamed[STREAMED_INPUTS])
+        whole = (expanded[EXPANDED], streamed[EXPANDED]) | "ArchivesReadWhole" >> beam.Flatten()
+        return ArchiveInputs(expanded.files, streamed.instances, streamed[DEAD_LETTERS], streamed[STREAMED_INPUTS], whole)
 
 
 __all__ = [
     "ArchiveError",
     "ArchiveInputs",
+    "EXPANDED",
     "STREAMED_INPUTS",
     "VERSION_SEPARATOR",
     "member_version",
