@@ -167,13 +167,13 @@ UNCHANGED = "unchanged"
 
 class _SkipUnchanged(beam.DoFn):
     """A listed input → itself if it must be read; if unchanged, counted and its path
-    (an unchanged archive: its members' paths) on the ``unchanged`` output."""
+    (an unchanged archive: its own and its members' paths) on the ``unchanged`` output."""
 
     def __init__(self):
         self.unchanged = Metrics.counter(counters.NAMESPACE, counters.UNCHANGED_FILES)
         self.matched = Metrics.counter(counters.NAMESPACE, counters.FILES_MATCHED)
 
-    def process(self, input_file: InputFile, recorded: dict, archives: dict):
+    def process(self, input_file: InputFile, recorded: dict, archives):  # archives: a multimap
         if is_unchanged(input_file, recorded.get(input_file.path)):
             self.unchanged.inc()
             yield beam.pvalue.TaggedOutput(UNCHANGED, input_file.path)
@@ -283,8 +283,9 @@ def _record(element, run_started):
 
 
 class RecordFiles(beam.PTransform):
-    """The files table's records of the files this run read: the files joined by path
-    with what each became (a row, a duplicate, a dead letter; nothing: not selected)."""
+    """The files table's records of the inputs of this run: the inputs joined by path
+    with what each became (a row, a duplicate, a dead letter, an archive read whole;
+    nothing: not selected)."""
 
     def __init__(self, kept, duplicates, dead_letters, run_started: str | None, archives=None):
         super().__init__()

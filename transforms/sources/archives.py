@@ -25,9 +25,10 @@ Versions (the files table, ``--incremental``): an archive is the unit of change.
 version is the archive's own version (from its listing: the object generation, or
 ``MTIME_NS:SIZE``) followed by what the archive says of the member — ZIP: its CRC-32 and
 size from the central directory; tar and ``.tar.gz``: its data offset, size and
-modification time (:func:`member_version`). So an archive whose recorded members were all
-exported from its current version is skipped without being opened, and a changed archive
-is read again whole (a ``.tar.gz`` cannot be read in part anyway).
+modification time (:func:`member_version`). An archive read whole is recorded too (the
+``expanded`` outputs). So an archive recorded as read whole in its current version, whose
+members were all exported, is skipped without being opened (``pipeline.ledger``), and a
+changed archive is read again whole (a ``.tar.gz`` cannot be read in part anyway).
 
 Seams for the pipeline: :class:`ExpandArchives` (listing: an archive → its members, or one
 element on the ``streamed`` output for a ``.tar.gz``), :func:`open_input` (reading: a path,
