@@ -467,22 +467,37 @@ def test_a_killed_bigquery_run_leaves_the_old_or_the_new_state(bq, gcp_local, gc
             f"--temp_location=gs://{bucket.name}/tmp", "--input", str(archive), f"--bq-table=bq://{table_id}",
             "--incremental", "--prune-missing", "--write-disposition=WRITE_APPEND"]
     env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])
+    earlier = {job.job_id for job in client.list_jobs()}
     process = subprocess.Popen([sys.executable, "-c", _RUN_ON_EMULATORS, gcp_local["bq"], *args], cwd=REPO,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         if moment == "loading" and any("__staging_" in t.table_id for t in client.list_tables(dataset)):
             break
-        if moment == "updating" and any(job.job_id.endswith("_update") for job in client.list_jobs(max_results=20)):
+        if moment == "updating" and any(job.job_id.endswith("_update") and job.job_id not in earlier
+                                        for job in client.list_jobs(max_results=20)):
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    _settle(client, earlier)
     state = _bq_state(client, table_id)
     bq_export(*args[4:])
     new = _bq_state(client, table_id)
     assert state in (old, new) and old != new
     assert dict(new[0]) == {"1.2.3.4.5.1": 2, "1.2.3.4.5.2": 1, "1.2.3.4.5.3": 1, "1.2.3.4.5.4": 1, "1.2.3.4.5.7": 1}
+
+
+def _settle(client, earlier: set) -> None:
+    """Wait for the jobs a killed run had started: BigQuery finishes a submitted job (a
+    commit included) whatever becomes of its client, and reading the two tables while it
+    runs would read them at two moments."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(job.state == "DONE" for job in client.list_jobs() if job.job_id not in earlier):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed run's jobs did not finish")
 
 
 def _pair_consistent(client, table_id) -> None:
@@ -516,6 +531,7 @@ def test_a_killed_bigquery_first_run_or_rebuild_leaves_a_consistent_pair(bq, gcp
             f"--temp_location=gs://{bucket.name}/tmp", "--input", str(archive), f"--bq-table=bq://{table_id}",
             "--write-disposition=WRITE_TRUNCATE"]
     env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])
+    earlier = {job.job_id for job in client.list_jobs()}  # the project's jobs, other tests' included
     process = subprocess.Popen([sys.executable, "-c", _RUN_ON_EMULATORS, gcp_local["bq"], *args], cwd=REPO,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -525,12 +541,14 @@ def test_a_killed_bigquery_first_run_or_rebuild_leaves_a_consistent_pair(bq, gcp
             tables = {t.table_id for t in client.list_tables(dataset)}  # a rebuild: its records are staged
             seen = any("instances_files__staging_" in name for name in tables) if rebuild else "instances" in tables
         else:
-            seen = any(job.job_id.endswith("_commit") for job in client.list_jobs(max_results=20))
+            seen = any(job.job_id.endswith("_commit") and job.job_id not in earlier
+                       for job in client.list_jobs(max_results=20))
         if seen:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    _settle(client, earlier)
     _pair_consistent(client, table_id)
     state = _bq_state(client, table_id) if any(t.table_id == "instances" for t in client.list_tables(dataset)) \
         else ((), ())
