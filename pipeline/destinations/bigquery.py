@@ -414,9 +414,19 @@ class Finalize(beam.DoFn):
         """
         from google.cloud import bigquery
 
+        from google.api_core import exceptions
+
         plan = self.plan
         rows = plan.moves[0]
         table_id = self._id(rows.destination)
+        job_id = f"dicom_bq_export_{plan.run_id}_commit"
+        try:  # a retried finalize: the commit was submitted before; BigQuery finishes it
+            [(added,)] = _run_script(client, None, job_id, location)
+        except exceptions.NotFound:
+            pass
+        else:
+            self._count_added(added)
+            return
         appended = existing is not None and not disposition.replaces and disposition is not Disposition.DEFAULT
         staged = _ensure_table(client, self._id(rows.staging), load_schema)
         if appended and not plan.incremental and any(f.name == "SOPInstanceUID" for f in existing.schema):
@@ -453,16 +463,22 @@ class Finalize(beam.DoFn):
             files_staging=files_staging,
             append=appended,
         )
-        [(added,)] = _run_script(client, script, f"dicom_bq_export_{plan.run_id}_commit", location)
+        [(added,)] = _run_script(client, script, job_id, location)
         if dropped:  # the new rows hold NULL there: dropping them is a schema change only
             drops = ", ".join(f"DROP COLUMN `{name}`" for name in dropped)
-            client.query(f"ALTER TABLE `{table_id}` {drops}", location=location).result()
+            try:
+                client.query(f"ALTER TABLE `{table_id}` {drops}", location=location).result()
+            except exceptions.GoogleAPICallError:  # e.g. an old clustering column: it stays, NULL in every row
+                pass
         if rows.cluster_by and not appended:
             table = client.get_table(table_id)
             if list(table.clustering_fields or []) != list(rows.cluster_by):
                 table.clustering_fields = list(rows.cluster_by)
                 client.update_table(table, ["clustering_fields"])
-        if plan.incremental:
+        self._count_added(added)
+
+    def _count_added(self, added) -> None:
+        if self.plan.incremental:
             self._count(counters.ROWS_ADDED, added)
             self._count(counters.ROWS_REPLACED, 0)
 
@@ -665,15 +681,19 @@ def incremental_script(
     return _transaction(statements, declarations, "SELECT replaced, added, pruned")
 
 
-def _run_script(client, script: str, job_id: str, location):
+def _run_script(client, script: str | None, job_id: str, location):
     """Run a script as one query job with a deterministic ID (a retried finalize waits
-    for the job it already started); its result rows."""
+    for the job it already started); its result rows. With ``script`` None, only wait
+    for that job (NotFound if there is none)."""
     from google.api_core import exceptions
 
-    try:
-        job = client.query(script, job_id=job_id, location=location, job_retry=None)
-    except exceptions.Conflict:
+    if script is None:
         job = client.get_job(job_id, location=location)
+    else:
+        try:
+            job = client.query(script, job_id=job_id, location=location, job_retry=None)
+        except exceptions.Conflict:
+            job = client.get_job(job_id, location=location)
     try:
         return list(job.result())
     except exceptions.GoogleAPICallError as error:
