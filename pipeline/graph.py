@@ -88,33 +88,45 @@ def build_pipeline(
 
     deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
     files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
-    gone = None
-    if recorded is not None:
-        files, gone = files | "CompareWithLedger" >> ledger.CompareWithLedger(recorded, plan.prune_missing)
-    side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
-    opener = Opener(pipeline_options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
-    instance_parts, dead_letter_parts = [], []
-
-    if plan.expand_archives:
-        files, streamed_instances, streamed_dead_letters = files | "Archives" >> ExpandArchiveInputs(
-            opener, nested_archives=plan.nested_archives, run_started=plan.run_started, reporter=reporter,
-            filter_side_inputs=side_inputs,
-        )
-        instance_parts.append(streamed_instances)
-        dead_letter_parts.append(streamed_dead_letters)
-
+    web_files = None
     if plan.dicomweb_units:
         web_files = (
             pipeline
             | "DicomWebUnits" >> beam.Create(list(plan.dicomweb_units))
             | "ListDicomWeb" >> ListDicomWebInputs(reporter)
         )
+    unchanged = []  # paths skipped as unchanged (for --prune-missing)
+    if recorded is not None:
+        files, skipped = files | "CompareWithLedger" >> ledger.CompareWithLedger(recorded)
+        unchanged.append(skipped)
+        if web_files is not None:
+            web_files, skipped = web_files | "CompareDicomWebWithLedger" >> ledger.CompareWithLedger(recorded)
+            unchanged.append(skipped)
+    side_inputs = [AsSingleton(filter_file)] if filter_file is not None else []
+    opener = Opener(pipeline_options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
+    instance_parts, dead_letter_parts = [], []
+    unread_inputs = []  # inputs recorded in the files table that do not pass the read step
+    expanded = None  # the archives read whole
+
+    if plan.expand_archives:
+        archives = files | "Archives" >> ExpandArchiveInputs(
+            opener, nested_archives=plan.nested_archives, run_started=plan.run_started, reporter=reporter,
+            filter_side_inputs=side_inputs,
+        )
+        files = archives.files
+        instance_parts.append(archives.instances)
+        dead_letter_parts.append(archives.dead_letters)
+        unread_inputs += [archives.streamed_inputs, archives.expanded]
+        expanded = archives.expanded
+
+    if web_files is not None:
         if plan.dicomweb_mode == "metadata":
             web_instances, web_dead_letters = web_files | "DicomWebMetadata" >> ReadDicomWebMetadataRows(
                 plan.run_started, reporter, side_inputs
             )
             instance_parts.append(web_instances)
             dead_letter_parts.append(web_dead_letters)
+            unread_inputs.append(web_files)
         else:  # instance mode: read like files, through the opener
             files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
 
@@ -134,7 +146,15 @@ def build_pipeline(
         instances = _flatten(parts, "AllInstances")
         one_each = instances | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
         kept, duplicates = [one_each.kept], one_each[ledger.DUPLICATES]
-    file_records = files | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started)
+    inputs = (files, *unread_inputs) | "EveryInput" >> beam.Flatten() if unread_inputs else files
+    file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started, expanded)
+    gone = None
+    if recorded is not None and plan.prune_missing:
+        gone = (
+            [inputs | "InputPaths" >> beam.Map(lambda input_file: input_file.path), *unchanged]
+            | "PresentPaths" >> beam.Flatten()
+            | "FindGone" >> ledger.FindGone(recorded)
+        )
 
     schema = (
         _combine_each(parts, "Fragments", lambda instance: instance.fragment, MergeFragments)

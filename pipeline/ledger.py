@@ -9,11 +9,20 @@ With ``--incremental`` the table holds one row per SOPInstanceUID, and the files
 the ledger that keeps it current for the price of reading only what changed:
 
 * the listing gives each file's version (the object generation on Cloud Storage, from
-  the listing page itself; ``MTIME_NS:SIZE`` locally), and :class:`CompareWithLedger`
-  looks each path up in the files table, read once as a side input. A file recorded as exported
-  (:data:`EXPORTED`) with the same version is *unchanged* and not read; a new or
-  changed file, or one that failed or was not selected before, is read again; a
-  recorded path no longer listed is *gone* (used by ``--prune-missing``);
+  the listing page itself; ``MTIME_NS:SIZE`` locally; a DICOMweb instance's is a digest
+  of its QIDO record, see :mod:`transforms.sources.dicomweb`), and
+  :class:`CompareWithLedger` looks each path up in the files table, read once as a side
+  input. A file recorded as exported (:data:`EXPORTED`) with the same version is
+  *unchanged* and not read; a new or changed file, or one that failed or was not
+  selected before, is read again;
+* an archive is the unit of change: its members (``ARCHIVE#member``) are versioned
+  ``ARCHIVE_VERSION|MEMBER`` (:func:`transforms.sources.archives.member_version`), and an
+  archive read whole has a record of its own (outcome ``archive``). An archive recorded
+  so with this version, whose members were all exported from it, is skipped without
+  being opened (:func:`archive_unchanged`); a changed one is read again whole; the
+  records of members it no longer holds keep an older version (and are gone);
+* :class:`FindGone`: a recorded path that is neither an input of this run nor skipped as
+  unchanged is *gone* (used by ``--prune-missing``);
 * :class:`KeepOnePerInstance`: of several files of this run with the same
   SOPInstanceUID, the one with the greatest path (code-point order) gives the row, the
   others are recorded as ``duplicate`` and counted — a deterministic rule whatever the
@@ -32,10 +41,11 @@ from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import AsDict
+from apache_beam.pvalue import AsDict, AsMultiMap
 
 from pipeline.destinations import Disposition
 from transforms import counters
+from transforms.sources.archives import VERSION_SEPARATOR, is_archive, split_member_path
 from transforms.storage import InputFile
 
 #: Outcomes of a file in the files table.
@@ -43,6 +53,7 @@ ROW = "row"  # its instance's row is in the table
 DUPLICATE = "duplicate"  # another file of the same run gave its SOPInstanceUID's row
 FAILED = "failed"  # a dead letter in TABLE_errors; read again by the next incremental run
 NOT_SELECTED = "not_selected"  # the filter file did not select it
+ARCHIVE = "archive"  # an archive read whole: its members are recorded as ARCHIVE#member
 #: Outcomes an incremental run does not read again while the version is the same.
 EXPORTED = (ROW, DUPLICATE)
 
@@ -106,6 +117,29 @@ def is_unchanged(input_file: InputFile, record: dict | None) -> bool:
     )
 
 
+def archive_members(archive: InputFile, members: list[dict] | None) -> list[dict]:
+    """The recorded members of this very version of an archive (records of members it no
+    longer holds carry an older version)."""
+    if archive.error is not None or archive.version is None:
+        return []
+    return [
+        record for record in members or ()
+        if (record.get("version") or "").partition(VERSION_SEPARATOR)[0] == archive.version
+    ]
+
+
+def archive_unchanged(archive: InputFile, record: dict | None, members: list[dict] | None) -> bool:
+    """True if this very version of the archive was read whole before (its own record,
+    outcome ``archive``) and each of its members exported: it need not be opened."""
+    return (
+        record is not None
+        and record.get("outcome") == ARCHIVE
+        and archive.version is not None
+        and record.get("version") == archive.version
+        and all(member.get("outcome") in (*EXPORTED, ARCHIVE) for member in archive_members(archive, members))
+    )
+
+
 def choose_instance(paths: Iterable[str]) -> str:
     """Of several files with one SOPInstanceUID in a run, the one whose row is kept:
     the greatest path (code-point order)."""
@@ -127,53 +161,87 @@ def file_record(input_file: InputFile, outcome: str, uids: dict | None, run_star
 # -- Beam wiring -------------------------------------------------------------------------
 
 
+#: Tagged output of :class:`CompareWithLedger`: the paths skipped as unchanged.
+UNCHANGED = "unchanged"
+
+
 class _SkipUnchanged(beam.DoFn):
-    """A listed file → itself if it must be read; counted and dropped if unchanged."""
+    """A listed input → itself if it must be read; if unchanged, counted and its path
+    (an unchanged archive: its own and its members' paths) on the ``unchanged`` output."""
 
     def __init__(self):
         self.unchanged = Metrics.counter(counters.NAMESPACE, counters.UNCHANGED_FILES)
+        self.matched = Metrics.counter(counters.NAMESPACE, counters.FILES_MATCHED)
 
-    def process(self, input_file: InputFile, recorded: dict):
+    def process(self, input_file: InputFile, recorded: dict, archives):  # archives: a multimap
         if is_unchanged(input_file, recorded.get(input_file.path)):
             self.unchanged.inc()
+            yield beam.pvalue.TaggedOutput(UNCHANGED, input_file.path)
+        elif is_archive(input_file.path) and archive_unchanged(
+            input_file, recorded.get(input_file.path), list(archives[input_file.path])
+        ):
+            members = archive_members(input_file, list(archives[input_file.path]))
+            self.unchanged.inc(len(members))
+            self.matched.inc(len(members) - 1)  # listed as one file; its members replace it, as when expanded
+            yield beam.pvalue.TaggedOutput(UNCHANGED, input_file.path)
+            for record in members:
+                yield beam.pvalue.TaggedOutput(UNCHANGED, record["path"])
         else:
             yield input_file
 
 
-def _not_listed(element):
-    path, groups = element
-    if not list(groups["listed"]):
-        yield {"path": path}
+def _by_archive(record):
+    split = split_member_path(record["path"])
+    if split is not None:
+        yield split[0], record
 
 
 class CompareWithLedger(beam.PTransform):
-    """Listed files → ``(changed, gone)``: the files to read, and (with ``find_gone``)
-    the recorded paths no longer listed as ``{"path": ...}`` (else None).
+    """Listed inputs → ``(changed, unchanged)``: the inputs to read, and the paths
+    skipped as unchanged (for :class:`FindGone`).
 
     The files table's records (dicts with ``path``, ``version``, ``outcome``) are a side
-    input read once: the comparison reads no instance and nothing of the main table. The
-    gone paths come from a join by path of the listing with the records.
+    input read once, by path and, for the records of ``ARCHIVE#member`` paths, by archive
+    (a multimap: no grouping step): the comparison reads no instance and nothing of the
+    main table.
     """
 
-    def __init__(self, recorded, find_gone: bool = False):
+    def __init__(self, recorded):
         super().__init__()
         self.recorded = recorded
-        self.find_gone = find_gone
 
     def expand(self, files):
         by_path = self.recorded | "RecordsByPath" >> beam.Map(lambda r: (r["path"], r))
-        changed = files | "SkipUnchanged" >> beam.ParDo(_SkipUnchanged(), AsDict(by_path))
-        gone = None
-        if self.find_gone:
-            gone = (
-                {
-                    "listed": files | "ListedPaths" >> beam.Map(lambda f: (f.path, None)),
-                    "recorded": by_path,
-                }
-                | "JoinByPath" >> beam.CoGroupByKey()
-                | "NotListed" >> beam.FlatMap(_not_listed)
-            )
-        return changed, gone
+        by_archive = self.recorded | "MemberRecords" >> beam.FlatMap(_by_archive)
+        compared = files | "SkipUnchanged" >> beam.ParDo(
+            _SkipUnchanged(), AsDict(by_path), AsMultiMap(by_archive)
+        ).with_outputs(UNCHANGED, main="changed")
+        return compared.changed, compared[UNCHANGED]
+
+
+class FindGone(beam.PTransform):
+    """The paths present in this run (its inputs, and those skipped as unchanged) →
+    ``{"path": ...}`` for each recorded path not among them: a join by path."""
+
+    def __init__(self, recorded):
+        super().__init__()
+        self.recorded = recorded
+
+    def expand(self, present_paths):
+        return (
+            {
+                "listed": present_paths | "PresentByPath" >> beam.Map(lambda path: (path, None)),
+                "recorded": self.recorded | "RecordedByPath" >> beam.Map(lambda r: (r["path"], None)),
+            }
+            | "JoinByPath" >> beam.CoGroupByKey()
+            | "NotPresent" >> beam.FlatMap(_not_recorded_now)
+        )
+
+
+def _not_recorded_now(element):
+    path, groups = element
+    if list(groups["recorded"]) and not list(groups["listed"]):
+        yield {"path": path}
 
 
 class _KeepOne(beam.DoFn):
@@ -215,14 +283,16 @@ def _record(element, run_started):
 
 
 class RecordFiles(beam.PTransform):
-    """The files table's records of the files this run read: the files joined by path
-    with what each became (a row, a duplicate, a dead letter; nothing: not selected).
-    ``kept``: the instances that became rows, one PCollection or a list of them."""
+    """The files table's records of the inputs of this run: the inputs joined by path
+    with what each became (a row, a duplicate, a dead letter, an archive read whole;
+    nothing: not selected). ``kept``: the instances that became rows, one PCollection
+    or a list of them."""
 
-    def __init__(self, kept, duplicates, dead_letters, run_started: str | None):
+    def __init__(self, kept, duplicates, dead_letters, run_started: str | None, archives=None):
         super().__init__()
         self.kept, self.duplicates, self.dead_letters = kept, duplicates, dead_letters
         self.run_started = run_started
+        self.archives = archives  # InputFiles of the archives read whole (outcome ARCHIVE)
 
     def expand(self, files):
         kept = self.kept if isinstance(self.kept, (list, tuple)) else [self.kept]
@@ -234,6 +304,10 @@ class RecordFiles(beam.PTransform):
                 ),
                 self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1]))),
                 self.dead_letters | "FailedOutcome" >> beam.Map(lambda d: (d["path"], (FAILED, None))),
+                *(
+                    [self.archives | "ArchiveOutcome" >> beam.Map(lambda f: (f.path, (ARCHIVE, None)))]
+                    if self.archives is not None else []
+                ),
             )
             | "Outcomes" >> beam.Flatten()
         )

@@ -308,3 +308,17 @@ def test_cluster_by_is_for_bigquery_only(tmp_path):
     with pytest.raises(UsageError, match="BigQuery"):
         run(["--runner=FnApiRunner", "--input", str(SAMPLES), f"--bq-table=duckdb://{tmp_path}/x.duckdb#t",
              "--cluster-by=StudyInstanceUID"])
+
+
+def test_write_truncate_changing_a_column_type_replaces_schema_rows_and_files_table(client, dataset, export):
+    table_id = f"{PROJECT}.{dataset}.instances"
+    create_table(client, table_id, [("SOPInstanceUID", "INTEGER"), ("Legacy", "STRING")],
+                 [{"SOPInstanceUID": 7, "Legacy": "old"}])
+    export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--write-disposition=WRITE_TRUNCATE")
+    schema = {field.name: field.field_type for field in client.get_table(table_id).schema}
+    assert schema["SOPInstanceUID"] == "STRING" and "Legacy" not in schema
+    assert {row["SOPInstanceUID"] for row in table_rows(client, table_id)} == {sop(p) for p in sample_files()}
+    files = table_rows(client, table_id + "_files")
+    assert {row["SOPInstanceUID"] for row in files} == {sop(p) for p in sample_files()}
+    leftovers = [t.table_id for t in client.list_tables(f"{PROJECT}.{dataset}") if "__staging_" in t.table_id]
+    assert leftovers == []

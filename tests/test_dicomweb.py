@@ -707,3 +707,54 @@ def json_loads(text: str):
     import json
 
     return json.loads(text)
+
+
+# -- --incremental: versions from the QIDO listing (last: it adds an instance for a while) --
+
+
+def _retrieved(proxy) -> list[str]:
+    """The paths of instance retrieves and series metadata requests the proxy relayed."""
+    return [path for path, _query in proxy.requests if "/instances/" in path or path.endswith("/metadata")]
+
+
+@pytest.mark.parametrize("mode", ["instance", "metadata"])
+def test_an_unchanged_incremental_run_over_dicomweb_retrieves_nothing(orthanc, tmp_path, mode):
+    import requests
+
+    table = _table(tmp_path)
+    with DicomWebProxy(orthanc.url) as proxy:
+        args = ("--input", _via(proxy), "--dicomweb-mode", mode, f"--bq-table={table}", "--incremental")
+        first = _export(*args)
+        assert first["rows_added"] == len(orthanc.disk)
+        records = {r["path"]: r for r in table.read_rows("instances_files")}
+        assert len(records) == len(orthanc.disk)
+        assert all(r["version"].startswith("qido:") and r["outcome"] == "row" for r in records.values())
+        rows = sorted(table.read_rows(), key=lambda row: row["SOPInstanceUID"])
+
+        proxy.requests.clear()
+        again = _export(*args, "--write-disposition=WRITE_APPEND")
+        assert _retrieved(proxy) == [] and again["bytes_read"] == 0
+        assert again["unchanged_files"] == len(orthanc.disk) and (again["rows_added"], again["rows_replaced"]) == (0, 0)
+        assert sorted(table.read_rows(), key=lambda row: row["SOPInstanceUID"]) == rows
+        assert {r["path"]: r for r in table.read_rows("instances_files")} == records
+
+        added = instance(pydicom.uid.generate_uid(), pydicom.uid.generate_uid())
+        upload(orthanc.url, to_bytes(added), USER, PASSWORD)
+        try:
+            proxy.requests.clear()
+            third = _export(*args, "--write-disposition=WRITE_APPEND")
+            assert len(_retrieved(proxy)) == 1 and third["rows_added"] == 1
+            assert third["unchanged_files"] == len(orthanc.disk)
+        finally:
+            auth = (USER, PASSWORD)
+            found = requests.post(orthanc.url + "/tools/lookup", data=added.SOPInstanceUID, auth=auth, timeout=30)
+            for hit in found.json():
+                requests.delete(f"{orthanc.url}/instances/{hit['ID']}", auth=auth, timeout=30).raise_for_status()
+
+
+def test_a_qido_version_ignores_where_an_instance_is_retrieved_from():
+    record = {"00080018": {"vr": "UI", "Value": ["1.2.3"]}, "00200013": {"vr": "IS", "Value": [1]},
+              "00081190": {"vr": "UR", "Value": ["http://a/studies/1"]}}
+    moved = dict(record, **{"00081190": {"vr": "UR", "Value": ["http://b/studies/1"]}})
+    renumbered = dict(record, **{"00200013": {"vr": "IS", "Value": [2]}})
+    assert dw.qido_version(record) == dw.qido_version(moved) != dw.qido_version(renumbered)

@@ -462,19 +462,203 @@ def test_a_killed_bigquery_run_leaves_the_old_or_the_new_state(bq, gcp_local, gc
             f"--temp_location=gs://{bucket.name}/tmp", "--input", str(archive), f"--bq-table=bq://{table_id}",
             "--incremental", "--prune-missing", "--write-disposition=WRITE_APPEND"]
     env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])
+    earlier = {job.job_id for job in client.list_jobs()}
     process = subprocess.Popen([sys.executable, "-c", _RUN_ON_EMULATORS, gcp_local["bq"], *args], cwd=REPO,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         if moment == "loading" and any("__staging_" in t.table_id for t in client.list_tables(dataset)):
             break
-        if moment == "updating" and any(job.job_id.endswith("_update") for job in client.list_jobs(max_results=20)):
+        if moment == "updating" and any(job.job_id.endswith("_update") and job.job_id not in earlier
+                                        for job in client.list_jobs(max_results=20)):
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    _settle(client, earlier)
     state = _bq_state(client, table_id)
     bq_export(*args[4:])
     new = _bq_state(client, table_id)
     assert state in (old, new) and old != new
     assert dict(new[0]) == {"1.2.3.4.5.1": 2, "1.2.3.4.5.2": 1, "1.2.3.4.5.3": 1, "1.2.3.4.5.4": 1, "1.2.3.4.5.7": 1}
+
+
+def _settle(client, earlier: set) -> None:
+    """Wait for the jobs a killed run had started: BigQuery finishes a submitted job (a
+    commit included) whatever becomes of its client, and reading the two tables while it
+    runs would read them at two moments."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(job.state == "DONE" for job in client.list_jobs() if job.job_id not in earlier):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed run's jobs did not finish")
+
+
+def _pair_consistent(client, table_id) -> None:
+    """The table's instances are exactly those its files table records as exported (an
+    absent table counts as an empty pair)."""
+    from google.api_core import exceptions
+
+    try:
+        rows = set(bq_rows(client, table_id))
+    except exceptions.NotFound:
+        rows = set()
+    try:
+        files = bq_files(client, table_id)
+    except exceptions.NotFound:
+        files = {}
+    assert rows == {r["SOPInstanceUID"] for r in files.values() if r["outcome"] in ("row", "duplicate")}
+
+
+@pytest.mark.parametrize("rebuild", [False, True], ids=["first-run", "write-truncate"])
+@pytest.mark.parametrize("moment", ["created", "committing"])
+def test_a_killed_bigquery_first_run_or_rebuild_leaves_a_consistent_pair(bq, gcp_local, gcs_bucket, archive,
+                                                                           moment, rebuild):
+    client, bq_export, table_id = bq
+    _, bucket = gcs_bucket
+    dataset = table_id.rsplit(".", 1)[0]
+    if rebuild:
+        bq_export("--input", str(archive), f"--bq-table=bq://{table_id}")
+        write_instance(archive / "f1", "1.2.3.4.5.1", 2)
+    old = _bq_state(client, table_id) if rebuild else ((), ())
+    args = ["--runner=FnApiRunner", "--progress-seconds=0", f"--project={PROJECT}",
+            f"--temp_location=gs://{bucket.name}/tmp", "--input", str(archive), f"--bq-table=bq://{table_id}",
+            "--write-disposition=WRITE_TRUNCATE"]
+    env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])
+    earlier = {job.job_id for job in client.list_jobs()}  # the project's jobs, other tests' included
+    process = subprocess.Popen([sys.executable, "-c", _RUN_ON_EMULATORS, gcp_local["bq"], *args], cwd=REPO,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    seen = False
+    while process.poll() is None and time.monotonic() < deadline:
+        if moment == "created":
+            tables = {t.table_id for t in client.list_tables(dataset)}  # a rebuild: its records are staged
+            seen = any("instances_files__staging_" in name for name in tables) if rebuild else "instances" in tables
+        else:
+            seen = any(job.job_id.endswith("_commit") and job.job_id not in earlier
+                       for job in client.list_jobs(max_results=20))
+        if seen:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _settle(client, earlier)
+    _pair_consistent(client, table_id)
+    state = _bq_state(client, table_id) if any(t.table_id == "instances" for t in client.list_tables(dataset)) \
+        else ((), ())
+    bq_export(*args[4:])
+    new = _bq_state(client, table_id)
+    assert state in (old, new, ((), ())) and old != new
+    assert dict(new[0])["1.2.3.4.5.1"] == (2 if rebuild else 1) and len(new[0]) == 5
+    _pair_consistent(client, table_id)
+
+
+def test_bigquery_commit_is_one_transaction_over_the_table_and_its_files_table():
+    from pipeline.destinations.bigquery import commit_script
+
+    script = commit_script(table="p.d.t", rows_staging="p.d.s", columns=["a"], files_table="p.d.t_files",
+                           files_staging="p.d.fs")
+    statements = [s.strip() for s in script.split(";") if s.strip()]
+    begin, commit = statements.index("BEGIN TRANSACTION"), statements.index("COMMIT TRANSACTION")
+    inside = statements[begin + 1:commit]
+    assert [s.split("`")[0].strip() for s in inside if not s.startswith("SET")] == [
+        "TRUNCATE TABLE", "INSERT INTO", "TRUNCATE TABLE", "INSERT INTO"]
+    assert {s.split("`")[1] for s in inside if not s.startswith("SET")} == {"p.d.t", "p.d.t_files"}
+
+
+# -- archives: versioned by the archive, members recorded -----------------------------------
+
+
+def _write_archives(folder: pathlib.Path, numbers: dict, only=("a.zip", "b.tar", "c.tar.gz")) -> None:
+    """``a.zip`` (members a0, a1, a2), ``b.tar`` (b0, b1), ``c.tar.gz`` (c0, c1); the
+    member named ``x`` holds SOPInstanceUID ``1.2.9.x`` and InstanceNumber ``numbers[x]``."""
+    import io
+    import tarfile
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def data(name):
+        ds = instance(study="1.2.3", series="1.2.3.9", sop=f"1.2.9.{ord(name[0])}.{name[1:]}")
+        ds.InstanceNumber = numbers.get(name, 1)
+        return to_bytes(ds)
+
+    if "a.zip" in only:
+        with zipfile.ZipFile(folder / "a.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in ("a0", "a1", "a2"):
+                if name in numbers or numbers.get("keep_all", True):
+                    archive.writestr(f"dir/{name}.dcm", data(name))
+    for path, mode, names in ((folder / "b.tar", "w", ("b0", "b1")), (folder / "c.tar.gz", "w:gz", ("c0", "c1"))):
+        if path.name not in only:
+            continue
+        with tarfile.open(path, mode) as archive:
+            for name in names:
+                payload = data(name)
+                info = tarfile.TarInfo(f"{name}.dcm")
+                info.size, info.mtime = len(payload), 1_700_000_000
+                archive.addfile(info, io.BytesIO(payload))
+
+
+def test_archive_members_are_versioned_by_their_archive_and_an_unchanged_archive_is_not_opened(tmp_path, db):
+    folder = tmp_path / "in"
+    _write_archives(folder, {})
+    write_instance(folder / "plain.dcm", "1.2.9.0", 1)
+    first = incremental(folder, db)
+    assert first["rows_added"] == 8
+    records = files_table(db)
+    assert set(records) == {str(folder / "plain.dcm"), *(f"{folder}/a.zip#dir/a{i}.dcm" for i in range(3)),
+                            f"{folder}/b.tar#b0.dcm", f"{folder}/b.tar#b1.dcm",
+                            f"{folder}/c.tar.gz#c0.dcm", f"{folder}/c.tar.gz#c1.dcm",
+                            *(str(folder / name) for name in ("a.zip", "b.tar", "c.tar.gz"))}
+    zipped = os.stat(folder / "a.zip")
+    archive_version = f"{zipped.st_mtime_ns}:{zipped.st_size}"
+    assert (records[str(folder / "a.zip")]["version"], records[str(folder / "a.zip")]["outcome"]) == (
+        archive_version, "archive")
+    member = records[f"{folder}/a.zip#dir/a1.dcm"]
+    assert member["version"].startswith(archive_version + "|zip:") and member["outcome"] == "row"
+    assert records[f"{folder}/c.tar.gz#c1.dcm"]["version"].startswith(
+        f"{os.stat(folder / 'c.tar.gz').st_mtime_ns}:{os.stat(folder / 'c.tar.gz').st_size}|tar:")
+    rows = current_rows(db)
+
+    again = incremental(folder, db, "--write-disposition=WRITE_APPEND")
+    assert again["bytes_read"] == 0 and again["unchanged_files"] == 8
+    assert (again["rows_added"], again["rows_replaced"]) == (0, 0)
+    assert current_rows(db) == rows and files_table(db) == records
+
+    time.sleep(0.01)
+    _write_archives(folder, {"c1": 5})  # every archive rewritten; only c.tar.gz's content differs
+    os.utime(folder / "a.zip", ns=(zipped.st_atime_ns, zipped.st_mtime_ns))  # a.zip: same bytes, same mtime
+    changed = incremental(folder, db, "--write-disposition=WRITE_APPEND")
+    assert changed["unchanged_files"] == 4  # plain.dcm and a.zip's three members
+    assert current_rows(db)["1.2.9.99.1"] == 5
+    assert_consistent(db)
+
+
+def test_a_member_gone_from_a_changed_archive_is_pruned(tmp_path, db):
+    folder = tmp_path / "in"
+    _write_archives(folder, {})
+    incremental(folder, db)
+    time.sleep(0.01)
+    _write_archives(folder, {"a0": 1, "a1": 1, "keep_all": False}, only=("a.zip",))  # a.zip loses a2
+    kept = incremental(folder, db, "--write-disposition=WRITE_APPEND")
+    assert kept["unchanged_files"] == 4 and kept["rows_replaced"] == 2  # b.tar, c.tar.gz unchanged
+    assert "1.2.9.97.2" in current_rows(db)  # without --prune-missing
+    pruned = incremental(folder, db, "--write-disposition=WRITE_APPEND", "--prune-missing")
+    assert pruned["rows_pruned"] == 1 and pruned["bytes_read"] == 0
+    assert "1.2.9.97.2" not in current_rows(db) and f"{folder}/a.zip#dir/a2.dcm" not in files_table(db)
+    assert_consistent(db)
+
+
+def test_an_archive_that_failed_once_is_skipped_once_read_whole(tmp_path, db):
+    folder = tmp_path / "in"
+    _write_archives(folder, {}, only=("b.tar",))
+    good = (folder / "b.tar").read_bytes()
+    (folder / "b.tar").write_bytes(b"not a tar archive at all" * 40)
+    failed = incremental(folder, db)
+    assert failed["failed"] == 1 and files_table(db)[str(folder / "b.tar")]["outcome"] == "failed"
+    (folder / "b.tar").write_bytes(good)
+    assert incremental(folder, db, "--write-disposition=WRITE_APPEND")["rows_added"] == 2
+    assert files_table(db)[str(folder / "b.tar")]["outcome"] == "archive"
+    again = incremental(folder, db, "--write-disposition=WRITE_APPEND")
+    assert again["bytes_read"] == 0 and again["unchanged_files"] == 2

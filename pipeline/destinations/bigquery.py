@@ -13,15 +13,16 @@ nothing for an empty input. So this module owns:
   table's schema extended with the export's new fields, and a conflicting field fails
   the pipeline before anything is loaded;
 * **finalize**, once every load job is done: the table's state is checked again, then
-  one copy job moves the staging table into place — WRITE_TRUNCATE replaces rows *and*
-  schema atomically, WRITE_APPEND first adds the new fields to the table's schema, then
-  appends; WRITE_EMPTY appends only if the table is still empty. An export without rows
-  copies an empty staging table, so the table is still created or truncated. A failed or
-  cancelled run never reaches the copy: the table is untouched.
-
-The dead letters follow the same path into ``TABLE_errors``, and the files table's
-records into ``TABLE_files``: copied into place when the table is created or replaced,
-updated by path (DELETE + INSERT in one multi-statement transaction) on WRITE_APPEND.
+  the staged rows and the staged file records reach the table and ``TABLE_files`` in
+  **one multi-statement transaction** (:func:`commit_script`): WRITE_TRUNCATE empties
+  and refills both, WRITE_APPEND adds the rows (after widening the table's schema by an
+  additive patch) and updates the files table by path; WRITE_EMPTY appends only if the
+  table is still empty. A missing table is first created empty (an empty pair is
+  consistent). A rebuild whose schema changes one of the old table's columns cannot be
+  patched additively: both tables are emptied together, the empty table's schema is
+  replaced by a copy job, then the transaction fills both (a kill in between leaves an
+  empty, consistent pair). A failed or cancelled run never reaches finalize: the table is
+  untouched. The dead letters are copied into ``TABLE_errors`` by a copy job.
 
 With ``--incremental`` on an existing table, finalize runs one multi-statement
 transaction (:func:`incremental_script`): delete the rows of the SOPInstanceUIDs read,
@@ -29,6 +30,9 @@ insert the staged rows, update the files table by path and, with ``--prune-missi
 delete the gone files' records and the rows no exported file records — so the table and
 its files table change together or not at all. The files table is read once, with
 ``tabledata.list`` (no query), as the pipeline's ledger (:meth:`BigQueryTable.recorded_files`).
+
+Cost: DML is billed where copy jobs are free. The INSERT of a commit bills the staged
+rows' bytes; a DELETE (incremental replace or prune) bills the whole table.
 
 Google's clients are used as they come: nothing here knows about emulators.
 """
@@ -60,6 +64,7 @@ from pipeline.destinations.base import Destination, RunContext
 from pipeline.ledger import EXPORTED, FILES_SCHEMA, ROW, files_table_name
 from transforms import counters
 from schemas import columns as dicom_columns
+from schemas.merge import extend_schema
 from schemas.vr_types import RECORD
 
 SCHEME = "bq://"
@@ -372,7 +377,7 @@ class Finalize(beam.DoFn):
             check_table_state(plan.destination, disposition, True, _row_count(existing))
             self._update_in_place(client, load_schema, existing, location)
         else:
-            self._move_rows_and_files(client, load_schema, existing, disposition, location)
+            self._commit_rows_and_files(client, load_schema, existing, disposition, location)
         move_into_place(
             client,
             project=plan.project,
@@ -394,52 +399,116 @@ class Finalize(beam.DoFn):
     def _count(self, name: str, value: int) -> None:
         Metrics.counter(counters.NAMESPACE, name).inc(int(value or 0))
 
-    def _move_rows_and_files(self, client, load_schema, existing, disposition, location) -> None:
-        """Without an in-place update: copy the rows into place, then the file records
-        (replacing the files table, or updating it by path on WRITE_APPEND)."""
+    def _commit_rows_and_files(self, client, load_schema, existing, disposition, location) -> None:
+        """Without an in-place update (a first run, a rebuild, a plain append): the rows and
+        the file records reach their tables in one multi-statement transaction
+        (:func:`commit_script`), so a run killed at any moment leaves the old pair or the new.
+
+        Before it, only steps that keep the pair consistent: a missing table or files table
+        is created empty (an empty pair is consistent), and the table's schema is widened by
+        an additive patch. A rebuild whose schema changes a column the old table has (its
+        type, mode or sub-fields) cannot be reached additively: both tables are first
+        emptied in one transaction and the table's schema replaced while empty
+        (:meth:`_reshape`), so a kill there leaves an empty, consistent pair. Top-level
+        columns only the old table had are dropped after the commit (metadata only).
+        """
+        from google.cloud import bigquery
+
+        from google.api_core import exceptions
+
         plan = self.plan
         rows = plan.moves[0]
+        table_id = self._id(rows.destination)
+        job_id = f"dicom_bq_export_{plan.run_id}_commit"
+        try:  # a retried finalize: the commit was submitted before; BigQuery finishes it
+            [(added,)] = _run_script(client, None, job_id, location)
+        except exceptions.NotFound:
+            pass
+        else:
+            self._count_added(added)
+            return
         appended = existing is not None and not disposition.replaces and disposition is not Disposition.DEFAULT
+        staged = _ensure_table(client, self._id(rows.staging), load_schema)
         if appended and not plan.incremental and any(f.name == "SOPInstanceUID" for f in existing.schema):
-            staged = _ensure_table(client, self._id(rows.staging), load_schema)
             query = (
-                f"SELECT COUNT(DISTINCT SOPInstanceUID) FROM `{self._id(rows.destination)}` "
+                f"SELECT COUNT(DISTINCT SOPInstanceUID) FROM `{table_id}` "
                 f"WHERE SOPInstanceUID IN (SELECT SOPInstanceUID FROM `{staged}`)"
             )
             self._count(counters.ALREADY_IN_TABLE, next(iter(client.query(query, location=location).result()))[0])
-        move_into_place(
-            client,
-            project=plan.project,
-            dataset=plan.dataset,
-            staging=rows.staging,
-            destination=rows.destination,
-            schema=load_schema,
-            disposition=disposition,
-            cluster_by=list(rows.cluster_by),
-            job_id=f"dicom_bq_export_{plan.run_id}_0",
+        files_table = files_staging = None
+        if plan.files is not None:
+            files_staging = _ensure_table(client, self._id(plan.files.staging), FILES_SCHEMA)
+            files_table = _ensure_table(client, self._id(plan.files.destination), FILES_SCHEMA)
+        dropped: list[str] = []
+        if existing is None:
+            table = bigquery.Table(table_id, schema=[bigquery.SchemaField.from_api_repr(f) for f in load_schema])
+            table.clustering_fields = list(rows.cluster_by) or None
+            client.create_table(table, exists_ok=True)
+        else:
+            check_table_state(plan.destination, disposition, True, _row_count(existing))
+            current = [field.to_api_repr() for field in existing.schema]
+            if appended:
+                _widen(client, existing, append_schema(load_schema, current, plan.destination))
+            elif replaceable_in_place(current, load_schema):
+                _widen(client, existing, extend_schema(current, load_schema))
+                kept = {field["name"].lower() for field in load_schema}
+                dropped = [field["name"] for field in current if field["name"].lower() not in kept]
+            else:
+                self._reshape(client, load_schema, files_table, location)
+        script = commit_script(
+            table=table_id,
+            rows_staging=staged,
+            columns=[field["name"] for field in load_schema],
+            files_table=files_table,
+            files_staging=files_staging,
+            append=appended,
         )
-        if plan.incremental:
-            self._count(counters.ROWS_ADDED, client.get_table(self._id(rows.staging)).num_rows)
+        [(added,)] = _run_script(client, script, job_id, location)
+        if dropped:  # the new rows hold NULL there: dropping them is a schema change only
+            drops = ", ".join(f"DROP COLUMN `{name}`" for name in dropped)
+            try:
+                client.query(f"ALTER TABLE `{table_id}` {drops}", location=location).result()
+            except exceptions.GoogleAPICallError:  # e.g. an old clustering column: it stays, NULL in every row
+                pass
+        if rows.cluster_by and not appended:
+            table = client.get_table(table_id)
+            if list(table.clustering_fields or []) != list(rows.cluster_by):
+                table.clustering_fields = list(rows.cluster_by)
+                client.update_table(table, ["clustering_fields"])
+        self._count_added(added)
+
+    def _count_added(self, added) -> None:
+        if self.plan.incremental:
+            self._count(counters.ROWS_ADDED, added)
             self._count(counters.ROWS_REPLACED, 0)
-        if plan.files is None:
-            return
-        files_staging = _ensure_table(client, self._id(plan.files.staging), FILES_SCHEMA)
-        files_table = self._id(plan.files.destination)
-        if appended and _get_table(client, files_table) is not None:
-            script = _transaction([*_upsert_files(files_table, files_staging)])
-            _run_script(client, script, f"dicom_bq_export_{plan.run_id}_files", location)
-            return
-        move_into_place(
-            client,
-            project=plan.project,
-            dataset=plan.dataset,
-            staging=plan.files.staging,
-            destination=plan.files.destination,
-            schema=FILES_SCHEMA,
-            disposition=Disposition.WRITE_TRUNCATE,
-            cluster_by=[],
-            job_id=f"dicom_bq_export_{plan.run_id}_2",
-        )
+
+    def _reshape(self, client, load_schema, files_table, location) -> None:
+        """A rebuild whose schema is not an additive change of the table's: empty the table
+        and its files table together, then replace the empty table's schema (a copy job
+        from an empty table of the new schema, so the table never disappears)."""
+        from google.api_core import exceptions
+        from google.cloud import bigquery
+
+        plan = self.plan
+        rows = plan.moves[0]
+        table_id = self._id(rows.destination)
+        emptied = [f"TRUNCATE TABLE `{table_id}`"] + ([f"TRUNCATE TABLE `{files_table}`"] if files_table else [])
+        _run_script(client, _transaction(emptied), f"dicom_bq_export_{plan.run_id}_empty", location)
+        shape = self._id(_shape_table(rows.staging))
+        table = bigquery.Table(shape, schema=[bigquery.SchemaField.from_api_repr(f) for f in load_schema])
+        table.clustering_fields = list(rows.cluster_by) or None
+        client.create_table(table, exists_ok=True)
+        config = bigquery.CopyJobConfig(write_disposition="WRITE_TRUNCATE", create_disposition="CREATE_NEVER")
+        job_id = f"dicom_bq_export_{plan.run_id}_reshape"
+        try:
+            job = client.copy_table(shape, table_id, job_config=config, job_id=job_id, location=location)
+        except exceptions.Conflict:  # a retried finalize
+            job = client.get_job(job_id, location=location)
+        try:
+            job.result()
+        except exceptions.GoogleAPICallError as error:
+            raise DestinationError(f"replacing the schema of {plan.destination} failed: {error.message}") from None
+        client.delete_table(shape, not_found_ok=True)
 
     def _update_in_place(self, client, load_schema, existing, location) -> None:
         """``--incremental`` on an existing table: one multi-statement transaction."""
@@ -484,6 +553,7 @@ class Finalize(beam.DoFn):
         staging = [move.staging for move in plan.moves]
         staging += [plan.files.staging] if plan.files else []
         staging += [plan.gone_staging] if plan.gone_staging else []
+        staging.append(_shape_table(plan.moves[0].staging))
         for table in staging:
             client.delete_table(self._id(table), not_found_ok=True)
 
@@ -496,6 +566,40 @@ def _ensure_table(client, table_id: str, schema: list[dict]) -> str:
         fields = [bigquery.SchemaField.from_api_repr(field) for field in schema]
         client.create_table(bigquery.Table(table_id, schema=fields), exists_ok=True)
     return table_id
+
+
+def _shape_table(rows_staging: str) -> str:
+    return f"{rows_staging}_shape"
+
+
+def _widen(client, table, schema: list[dict]) -> None:
+    """Patch ``table``'s schema to ``schema`` (an additive change) if it differs."""
+    from google.cloud import bigquery
+
+    if schema != [field.to_api_repr() for field in table.schema]:
+        table.schema = [bigquery.SchemaField.from_api_repr(field) for field in schema]
+        client.update_table(table, ["schema"])
+
+
+_TYPE_NAMES = {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN", "STRUCT": "RECORD"}
+
+
+def _shape(field: dict) -> tuple:
+    return (
+        field["name"].lower(),
+        _TYPE_NAMES.get(field["type"].upper(), field["type"].upper()),
+        (field.get("mode") or "NULLABLE").upper(),
+        tuple(_shape(sub) for sub in field.get("fields") or ()),
+    )
+
+
+def replaceable_in_place(current: list[dict], new: list[dict]) -> bool:
+    """True if a table of schema ``current`` can take rows of schema ``new`` by an additive
+    patch and DML: every column both have is the same (type, mode and sub-fields in
+    order: an INSERT matches a record's fields by position). Columns only ``current``
+    has may go; columns only ``new`` has are added."""
+    shapes = {_shape(field)[0]: _shape(field) for field in current}
+    return all(shapes.get(_shape(field)[0], _shape(field)) == _shape(field) for field in new)
 
 
 def _column_list(names) -> str:
@@ -516,6 +620,32 @@ def _transaction(statements: list[str], declarations: list[str] = (), result: st
     if result:
         script.append(result)
     return ";\n".join(script) + ";"
+
+
+def commit_script(*, table, rows_staging, columns, files_table=None, files_staging=None, append=False) -> str:
+    """The multi-statement transaction that puts a run's rows and file records in place
+    when the table is not updated in place; its result is one row ``(rows added)``.
+
+    A rebuild (``append`` False) empties the table and the files table and fills both
+    from staging; an append adds the rows and updates the files table by path. Cost on
+    a large table: the INSERT bills the staged rows' bytes (a copy job is free) and
+    TRUNCATE TABLE no scan; the files-table statements bill the files table.
+    """
+    statements = [] if append else [f"TRUNCATE TABLE `{table}`"]
+    statements += [
+        f"INSERT INTO `{table}` ({_column_list(columns)}) SELECT {_column_list(columns)} FROM `{rows_staging}`",
+        "SET added = @@row_count",
+    ]
+    if files_table:
+        if append:
+            statements += _upsert_files(files_table, files_staging)
+        else:
+            columns = _column_list(field["name"] for field in FILES_SCHEMA)
+            statements += [
+                f"TRUNCATE TABLE `{files_table}`",
+                f"INSERT INTO `{files_table}` ({columns}) SELECT {columns} FROM `{files_staging}`",
+            ]
+    return _transaction(statements, ["DECLARE added INT64 DEFAULT 0"], "SELECT added")
 
 
 def incremental_script(
@@ -551,15 +681,19 @@ def incremental_script(
     return _transaction(statements, declarations, "SELECT replaced, added, pruned")
 
 
-def _run_script(client, script: str, job_id: str, location):
+def _run_script(client, script: str | None, job_id: str, location):
     """Run a script as one query job with a deterministic ID (a retried finalize waits
-    for the job it already started); its result rows."""
+    for the job it already started); its result rows. With ``script`` None, only wait
+    for that job (NotFound if there is none)."""
     from google.api_core import exceptions
 
-    try:
-        job = client.query(script, job_id=job_id, location=location, job_retry=None)
-    except exceptions.Conflict:
+    if script is None:
         job = client.get_job(job_id, location=location)
+    else:
+        try:
+            job = client.query(script, job_id=job_id, location=location, job_retry=None)
+        except exceptions.Conflict:
+            job = client.get_job(job_id, location=location)
     try:
         return list(job.result())
     except exceptions.GoogleAPICallError as error:

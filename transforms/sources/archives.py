@@ -21,6 +21,15 @@ unless asked for), member names with ``..`` or an absolute path, links and speci
 members. Folders are skipped; a member that is not DICOM is failed by the header reader,
 like any file.
 
+Versions (the files table, ``--incremental``): an archive is the unit of change. A member's
+version is the archive's own version (from its listing: the object generation, or
+``MTIME_NS:SIZE``) followed by what the archive says of the member — ZIP: its CRC-32 and
+size from the central directory; tar and ``.tar.gz``: its data offset, size and
+modification time (:func:`member_version`). An archive read whole is recorded too (the
+``expanded`` outputs). So an archive recorded as read whole in its current version, whose
+members were all exported, is skipped without being opened (``pipeline.ledger``), and a
+changed archive is read again whole (a ``.tar.gz`` cannot be read in part anyway).
+
 Seams for the pipeline: :class:`ExpandArchives` (listing: an archive → its members, or one
 element on the ``streamed`` output for a ``.tar.gz``), :func:`open_input` (reading: a path,
 member or not, → a seekable file object) and :func:`iter_streamed_members`.
@@ -71,6 +80,14 @@ MAX_NESTING = 3
 TAR_HEADER_BUFFER = 2048
 
 _CHUNK = 64 * 1024
+
+#: Separates the archive's version from the member's part in a member's version.
+VERSION_SEPARATOR = "|"
+
+
+def member_version(archive_version: str | None, member: str) -> str | None:
+    """A member's version: ``ARCHIVE_VERSION|MEMBER`` (None if the archive's is unknown)."""
+    return None if archive_version is None else f"{archive_version}{VERSION_SEPARATOR}{member}"
 
 
 class ArchiveError(InstanceError):
@@ -340,6 +357,7 @@ class _Member(NamedTuple):
     offset: int = 0  # ZIP: the local header; tar: the data
     compressed_size: int = 0
     method: int = zipfile.ZIP_STORED
+    identity: str = ""  # what the archive says of the member's content (its version part)
 
 
 def _member_error(name: str, nested_archives: bool, depth: int) -> ArchiveError | None:
@@ -380,7 +398,8 @@ def _zip_members(fileobj: BinaryIO, max_members: int, nested_archives: bool, dep
                 f"the member is compressed with method {info.compress_type}: only stored (0) and deflated (8) are read"
             )
         seen.add(name)
-        members.append(_Member(name, info.file_size, error, info.header_offset, info.compress_size, info.compress_type))
+        members.append(_Member(name, info.file_size, error, info.header_offset, info.compress_size, info.compress_type,
+                               f"zip:{info.CRC:08x}:{info.file_size}"))
     return members
 
 
@@ -416,6 +435,12 @@ class _Borrowed(io.RawIOBase):
         return self._raw.tell()
 
 
+def _tar_identity(info: tarfile.TarInfo) -> str:
+    """A tar member's version part: its data offset, size and modification time (tar
+    keeps no checksum of the content)."""
+    return f"tar:{info.offset_data}:{info.size}:{int(info.mtime)}"
+
+
 def _tar_members(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth: int) -> list[_Member]:
     if isinstance(fileobj, io.BufferedReader):  # one small read per header, not a full buffer
         raw = fileobj.raw
@@ -441,7 +466,7 @@ def _walk_tar(fileobj: BinaryIO, max_members: int, nested_archives: bool, depth:
             if error is None and info.name in seen:
                 error = _duplicate()
             seen.add(info.name)
-            members.append(_Member(info.name, info.size, error, info.offset_data))
+            members.append(_Member(info.name, info.size, error, info.offset_data, identity=_tar_identity(info)))
         fileobj.seek(archive.offset)  # tarfile ends quietly at a damaged header: say so
         if fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
             members.append(_Member(None, 0, CorruptArchiveError(
@@ -465,8 +490,10 @@ def list_members(
     max_members: int = MAX_MEMBERS,
     nested_archives: bool = False,
     depth: int = 0,
+    version: str | None = None,
 ) -> list[InputFile]:
-    """The members of a ZIP or tar archive (seekable), as inputs ``ARCHIVE#member``.
+    """The members of a ZIP or tar archive (seekable), as inputs ``ARCHIVE#member``,
+    versioned by the archive's ``version`` (:func:`member_version`).
 
     Folders are skipped. A member a guard refuses is an :class:`InputFile` with ``error``
     set. An archive that cannot be listed raises :class:`ArchiveError` (its dead letter).
@@ -484,6 +511,7 @@ def list_members(
             archive_path if m.name is None else member_input_path(archive_path, m.name),
             m.size,
             None if m.error is None else (type(m.error).__name__, str(m.error)),
+            version if m.name is None else member_version(version, m.identity),
         )
         for m in members
     ]
@@ -708,6 +736,7 @@ def iter_streamed_members(
     *,
     max_members: int = MAX_MEMBERS,
     max_ratio: float = MAX_COMPRESSION_RATIO,
+    version: str | None = None,
 ) -> Iterator[tuple[InputFile, InstanceHeader | Exception]]:
     """Stream a ``.tar.gz`` once, parsing each member's header as it passes.
 
@@ -723,7 +752,7 @@ def iter_streamed_members(
     Nested archives are not expanded from a stream (a dead letter each).
     """
     source = _CountingSource(fileobj)
-    archive_input = InputFile(archive_path, 0)
+    archive_input = InputFile(archive_path, 0, version=version)
     count = 0
     try:
         inflated = _RatioGuarded(gzip.GzipFile(fileobj=source, mode="rb"), source, max_ratio)
@@ -737,7 +766,8 @@ def iter_streamed_members(
                     f"the archive has more than the limit of {max_members:,} members per archive"
                 )
                 return
-            member = InputFile(member_input_path(archive_path, info.name), info.size)
+            member = InputFile(member_input_path(archive_path, info.name), info.size,
+                               version=member_version(version, _tar_identity(info)))
             error = _member_error(info.name, False, 0) or _tar_error(info)
             if error is not None:
                 if isinstance(error, NestedArchiveError):
@@ -773,6 +803,9 @@ def iter_streamed_members(
 
 #: Tag of :class:`ExpandArchives`'s output of archives to stream (``.tar.gz``).
 STREAMED = "streamed"
+#: Tag of the archives read whole (every member listed, or streamed to the end): the files
+#: table records them with the outcome ``archive`` (``pipeline.ledger``).
+EXPANDED = "expanded"
 
 
 def expand_archive(
@@ -804,7 +837,7 @@ def _expand(input_file, open_file, nested_archives, max_members, max_ratio, dept
         fileobj = open_input(input_file.path, open_file, nested_archives=nested_archives, max_ratio=max_ratio)
         with fileobj:
             members = list_members(fileobj, input_file.path, max_members=max_members,
-                                   nested_archives=nested_archives, depth=depth)
+                                   nested_archives=nested_archives, depth=depth, version=input_file.version)
     except Exception as error:
         yield input_file._replace(error=(type(error).__name__, describe_error(error)))
         return
@@ -855,16 +888,22 @@ class ExpandArchives(beam.DoFn):
         self._sizes = {input_file.path: input_file.size}
         self._counters = []
         expanded = False
+        whole = archive_kind(input_file.path) is not None and self._options["expand_archives"]
         inputs = 0
         for output in expand_archive(input_file, self._open_file, **self._options):
             if isinstance(output, StreamArchive):
+                whole = whole and output.input_file.path != input_file.path  # streamed: recorded there
                 yield beam.pvalue.TaggedOutput(STREAMED, output.input_file)
             else:
                 inputs += 1
                 if output.path != input_file.path:
                     expanded = True
                     self.members.inc()
+                else:
+                    whole = False  # not expanded, or failed (its dead letter)
                 yield output
+        if whole:
+            yield beam.pvalue.TaggedOutput(EXPANDED, input_file)
         if inputs != 1:
             self.matched.inc(inputs - 1)
         if expanded:
@@ -872,11 +911,17 @@ class ExpandArchives(beam.DoFn):
         self.bytes_read.inc(sum(c.bytes_read for c in self._counters))
 
 
+#: Tag of :class:`ReadStreamedArchives`'s output of the inputs it read (for the files table).
+STREAMED_INPUTS = "streamed_inputs"
+
+
 class ReadStreamedArchives(beam.DoFn):
     """A ``.tar.gz`` (an ``InputFile`` of :class:`ExpandArchives`'s ``streamed`` output) →
     an ``Instance`` per member (main output) or a dead letter (``DEAD_LETTERS``), each
     member's header converted as it passes (:func:`iter_streamed_members`), selected by the
-    filter file (a side input) by its header's UIDs, and counted like a file.
+    filter file (a side input) by its header's UIDs, and counted like a file. Every member
+    read (or the archive itself, if it fails as a whole) is also an ``InputFile`` on the
+    ``streamed_inputs`` output: the files table records it like a file.
     """
 
     def __init__(self, opener=None, run_started: str | None = None, reporter=None, *,
@@ -908,12 +953,17 @@ class ReadStreamedArchives(beam.DoFn):
             fileobj, counting = self._opener.open(input_file)
         except Exception as error:
             outcomes.seen()
+            yield beam.pvalue.TaggedOutput(STREAMED_INPUTS, input_file)
             yield outcomes.failed(input_file.path, READ, type(error).__name__, describe_error(error))
             return
         try:
             with fileobj:
-                for member, outcome in iter_streamed_members(fileobj, input_file.path, **self._limits):
+                members = iter_streamed_members(fileobj, input_file.path, version=input_file.version, **self._limits)
+                whole = True
+                for member, outcome in members:
                     outcomes.seen()
+                    whole = whole and member.path != input_file.path  # else the stream broke: a dead letter
+                    yield beam.pvalue.TaggedOutput(STREAMED_INPUTS, member)
                     if isinstance(outcome, Exception):
                         yield outcomes.failed(member.path, READ, type(outcome).__name__, describe_error(outcome))
                         continue
@@ -927,7 +977,9 @@ class ReadStreamedArchives(beam.DoFn):
                     except Exception as error:
                         yield outcomes.failed(member.path, CONVERT, type(error).__name__, describe_error(error))
                         continue
-                    yield outcomes.succeeded(flattened, lines)
+                    yield outcomes.succeeded(flattened, lines, member.path)
+            if whole:
+                yield beam.pvalue.TaggedOutput(EXPANDED, input_file)
         finally:
             outcomes.bytes_read(counting.bytes_read)
 
@@ -935,13 +987,24 @@ class ReadStreamedArchives(beam.DoFn):
         self.outcomes.flush()
 
 
+class ArchiveInputs(NamedTuple):
+    """What :class:`ExpandArchiveInputs` gives: the inputs to read (members of ZIP and tar
+    archives, and every other input), and from the streamed ``.tar.gz`` archives their
+    instances, dead letters and the members read (for the files table)."""
+
+    files: beam.PCollection
+    instances: beam.PCollection
+    dead_letters: beam.PCollection
+    streamed_inputs: beam.PCollection
+    expanded: beam.PCollection  # the archives read whole (InputFiles), recorded with the outcome "archive"
+
+
 class ExpandArchiveInputs(beam.PTransform):
-    """Listed inputs → ``(inputs to read, instances and dead letters of streamed archives)``.
+    """Listed inputs → :class:`ArchiveInputs`.
 
     ZIP and tar archives become their members (read later through the opener, spread over
     the workers with the other inputs); each ``.tar.gz`` is streamed by one worker
     (:class:`ReadStreamedArchives`, with the filter file as ``filter_side_inputs``).
-    Returns ``(files, instances, dead letters)``, the last two from the streamed archives.
     """
 
     def __init__(self, opener, *, nested_archives: bool = False, run_started: str | None = None,
@@ -958,19 +1021,25 @@ class ExpandArchiveInputs(beam.PTransform):
 
         expanded = files | "Expand" >> beam.ParDo(
             ExpandArchives(self._opener, nested_archives=self._nested)
-        ).with_outputs(STREAMED, main="files")
+        ).with_outputs(STREAMED, EXPANDED, main="files")
         streamed = (
             expanded[STREAMED]
             | "SpreadArchives" >> beam.Reshuffle()
             | "StreamArchives" >> beam.ParDo(
                 ReadStreamedArchives(self._opener, self._run_started, self._reporter), *self._side_inputs
-            ).with_outputs(DEAD_LETTERS, main="instances")
+            ).with_outputs(DEAD_LETTERS, STREAMED_INPUTS, EXPANDED, main="instances")
         )
-        return expanded.files, streamed.instances, streamed[DEAD_LETTERS]
+        whole = (expanded[EXPANDED], streamed[EXPANDED]) | "ArchivesReadWhole" >> beam.Flatten()
+        return ArchiveInputs(expanded.files, streamed.instances, streamed[DEAD_LETTERS], streamed[STREAMED_INPUTS], whole)
 
 
 __all__ = [
     "ArchiveError",
+    "ArchiveInputs",
+    "EXPANDED",
+    "STREAMED_INPUTS",
+    "VERSION_SEPARATOR",
+    "member_version",
     "ExpandArchiveInputs",
     "ReadStreamedArchives",
     "CompressionRatioError",

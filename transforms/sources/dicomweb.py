@@ -18,6 +18,16 @@ Pure Python plus ``requests`` for the rules; the Beam DoFns at the end only wire
   pydicom → ``flatten_instance``);
 * :func:`read_many`: many instances in flight at once, over one pooled session.
 
+Versions (the files table, ``--incremental``): DICOMweb has no generation or ETag in its
+search answers, and a request per instance would cost what skipping it saves. So an
+instance's version is a digest of its own QIDO record (:func:`qido_version`): every
+attribute the server returns for it in the listing (by default SOP Class, Instance
+Number, Rows, Columns, Number of Frames… plus Instance Creation Date and Time, asked
+for), except where and how to retrieve it (Retrieve URL, Retrieve AE Title, Instance
+Availability). Its limit: an instance stored again under the same SOP Instance UID with
+none of those attributes changed keeps its version, and is not read again by
+``--incremental``; a full export (WRITE_TRUNCATE) reads it.
+
 Credentials come from the environment only and never appear in a message.
 """
 
@@ -25,9 +35,11 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import hashlib
 import http.client
 import io
 import itertools
+import json
 import os
 import random
 import re
@@ -613,24 +625,43 @@ def _search_or_fail(client: DicomWebClient, params: dict, tally, what: str) -> I
         ) from None
 
 
-_INSTANCE_FIELDS = {"includefield": ["0020000E", "00080018"]}
+#: Asked of every instance search: the series and instance UIDs, and Instance Creation
+#: Date and Time for the version (:func:`qido_version`).
+_INSTANCE_FIELDS = {"includefield": ["0020000E", "00080018", "00080012", "00080013"]}
+#: Not part of a version: where and how an instance can be retrieved, not what it holds.
+_NOT_VERSIONED = frozenset({"00081190", "00080054", "00080056"})
+
+
+def qido_version(result: dict) -> str:
+    """An instance's version from its QIDO record: ``qido:`` and a SHA-256 of the record's
+    attributes (canonical JSON, sorted), without :data:`_NOT_VERSIONED`."""
+    kept = {tag: value for tag, value in result.items() if tag not in _NOT_VERSIONED}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "qido:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def expand(unit: ListingUnit, client: DicomWebClient, tally: Tally | None = None) -> Iterator[InstanceRef]:
     """A unit → its instances, each once. A study search is split first (see
     :func:`split_studies`); a study too large for one search is listed series by series."""
+    for ref, _version in expand_versioned(unit, client, tally):
+        yield ref
+
+
+def expand_versioned(unit: ListingUnit, client: DicomWebClient, tally: Tally | None = None
+                     ) -> Iterator[tuple[InstanceRef, str]]:
+    """:func:`expand`, with each instance's version (:func:`qido_version`)."""
     if unit.is_study_search:
         for study_unit in split_studies(unit, client, tally):
-            yield from expand(study_unit, client, tally)
+            yield from expand_versioned(study_unit, client, tally)
         return
     seen: set[str] = set()
-    for ref in _unit_instances(unit, client, tally):
+    for ref, version in _unit_instances(unit, client, tally):
         if ref.instance not in seen:
             seen.add(ref.instance)
-            yield ref
+            yield ref, version
 
 
-def _unit_instances(unit: ListingUnit, client: DicomWebClient, tally) -> Iterator[InstanceRef]:
+def _unit_instances(unit: ListingUnit, client: DicomWebClient, tally) -> Iterator[tuple[InstanceRef, str]]:
     if unit.series is None:
         path = f"/studies/{unit.study}/instances"
         try:
@@ -656,7 +687,7 @@ def _unit_instances(unit: ListingUnit, client: DicomWebClient, tally) -> Iterato
         ) from None
 
 
-def _refs(unit: ListingUnit, results: Iterable[dict]) -> Iterator[InstanceRef]:
+def _refs(unit: ListingUnit, results: Iterable[dict]) -> Iterator[tuple[InstanceRef, str]]:
     for result in results:
         instance = _first_value(result, "00080018")
         series = unit.series or _first_value(result, "0020000E")
@@ -664,7 +695,7 @@ def _refs(unit: ListingUnit, results: Iterable[dict]) -> Iterator[InstanceRef]:
             continue
         if unit.instance is not None and instance != unit.instance:
             continue  # a server that ignored the SOPInstanceUID match
-        yield InstanceRef(unit.root, unit.study, series, instance)
+        yield InstanceRef(unit.root, unit.study, series, instance), qido_version(result)
 
 
 # -- instance mode -----------------------------------------------------------------------
@@ -1064,6 +1095,8 @@ __all__ = [
     "convert_metadata",
     "convert_stream",
     "expand",
+    "expand_versioned",
+    "qido_version",
     "is_dicomweb_input",
     "is_instance_url",
     "listing_units",
@@ -1141,7 +1174,8 @@ class _SplitStudySearches(beam.DoFn, _Counting):
 
 
 class ExpandDicomWebUnit(beam.DoFn, _Counting):
-    """A listing unit → ``InputFile(instance URL, 0)`` for each of its instances.
+    """A listing unit → ``InputFile(instance URL, 0, version=…)`` for each of its
+    instances, versioned by their QIDO records (:func:`qido_version`).
 
     A listing that cannot be completed raises: the run fails rather than miss instances.
     """
@@ -1154,9 +1188,9 @@ class ExpandDicomWebUnit(beam.DoFn, _Counting):
     def process(self, unit: ListingUnit):
         tally = Tally()
         count = 0
-        for ref in expand(unit, client_for(unit.root, self._policy, self._limits), tally):
+        for ref, version in expand_versioned(unit, client_for(unit.root, self._policy, self._limits), tally):
             count += 1
-            yield InputFile(ref.url, 0)
+            yield InputFile(ref.url, 0, version=version)
         self._listed.inc(count)
         self._publish(*tally.snapshot()[:2])
 
@@ -1373,7 +1407,7 @@ class MetadataToInstances(beam.DoFn):
             return
         lines = outcomes.selected_lines(result.row.uids, filter_file)
         if lines is not None:
-            yield outcomes.succeeded(result.row.flattened, lines)
+            yield outcomes.succeeded(result.row.flattened, lines, result.path)
 
     def finish_bundle(self):
         self.outcomes.flush()

@@ -56,12 +56,12 @@ class Outcomes:
             return None
         return lines
 
-    def succeeded(self, flattened, lines: tuple) -> Instance:
+    def succeeded(self, flattened, lines: tuple, path: str = "") -> Instance:
         self.counters[counters.SUCCEEDED].inc()
         for name, count in flattened.counts.items():
             if name in self.counters and count:
                 self.counters[name].inc(count)
-        return Instance(flattened.row, flattened.fragment, lines)
+        return Instance(flattened.row, flattened.fragment, lines, path)
 
     def bytes_read(self, count: int) -> None:
         if count:
