@@ -157,7 +157,7 @@ def build_pipeline(
         )
 
     schema = (
-        _combine_each(parts, "Fragments", lambda instance: instance.fragment, MergeFragments)
+        _combine_each(parts, "Fragments", "MergeFragments", lambda instance: instance.fragment, MergeFragments)
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
     rows = tuple(
@@ -166,7 +166,9 @@ def build_pipeline(
 
     lines_used = None
     if filter_file is not None:
-        lines_used = _combine_each(parts, "FilterLines", lambda instance: instance.filter_lines, UnionOfLines)
+        lines_used = _combine_each(
+            parts, "FilterLines", "LinesThatSelected", lambda instance: instance.filter_lines, UnionOfLines
+        )
     return ExportOutputs(rows, schema, dead_letters, lines_used, file_records, gone)
 
 
@@ -174,15 +176,15 @@ def _flatten(parts: list, label: str):
     return parts[0] if len(parts) == 1 else parts | label >> beam.Flatten()
 
 
-def _combine_each(parts: list, label: str, value, combine_fn):
+def _combine_each(parts: list, label: str, combine_label: str, value, combine_fn):
     """``combine_fn`` over ``value(instance)`` of every part's instances: combined within
     each part first, so that only one value per part is flattened."""
     partial = [
         part
         | f"{label}{index or ''}" >> beam.Map(value)
-        | f"Combine{label}{index}" >> beam.CombineGlobally(combine_fn())
+        | f"{combine_label}{index or ''}" >> beam.CombineGlobally(combine_fn())
         for index, part in enumerate(parts)
     ]
     if len(partial) == 1:
         return partial[0]
-    return partial | f"All{label}" >> beam.Flatten() | f"CombineAll{label}" >> beam.CombineGlobally(combine_fn())
+    return partial | f"All{label}" >> beam.Flatten() | f"{combine_label}OfAll" >> beam.CombineGlobally(combine_fn())
