@@ -87,11 +87,20 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
     standard.runner = "FnApiRunner"
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
+    if _given(options, "direct_running_mode", "direct_num_workers"):
+        return False  # the user chose how the local run is spread
     if cores > 1 and direct.direct_running_mode == "in_memory" and not _small_local_input(plan):
         direct.direct_running_mode = "multi_processing"
         direct.direct_num_workers = cores
         return True
     return False
+
+
+def _given(options: PipelineOptions, *names: str) -> bool:
+    """True if the command line set any of these Beam options (even to its default value,
+    which ``PipelineOptions`` cannot tell apart from an option left out)."""
+    flags = getattr(options, "_flags", None) or ()
+    return any(re.match(rf"--{name}(=|$)", flag) for flag in flags for name in names)
 
 
 def _small_local_input(plan: ExportPlan) -> bool:
