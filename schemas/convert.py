@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from operator import itemgetter
 from collections import Counter
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 from pydicom import charset as dicom_charset
 from pydicom import datadict
@@ -560,20 +559,18 @@ def _private_dictionary_vr(dataset: Dataset, tag: int) -> str | None:
         return None
 
 
-def _elements(dataset: Dataset) -> list[tuple[int, object]]:
-    """``(tag, element)`` in tag order, elements unconverted (raw where pydicom left them),
-    tags as plain ints: BaseTag's comparisons are Python code, slow in a loop over every
-    element."""
-    return sorted([(tag.real, element) for tag, element in dataset.items()], key=itemgetter(0))
+def _tag_order(item) -> int:
+    return item[0].real  # a plain int: BaseTag's comparisons are Python code, slow in a loop
 
 
-def _elements_of(*datasets: Dataset | None) -> Iterator[tuple[Dataset, int, object]]:
+def _elements_of(*datasets: Dataset | None) -> list[tuple[Dataset, int, object]]:
     """``(dataset, tag, element)`` for each element of the datasets given (file meta, then
     the dataset), each in tag order."""
-    for dataset in datasets:
-        if dataset:
-            for tag, element in _elements(dataset):
-                yield dataset, tag, element
+    return [
+        (dataset, tag.real, element)
+        for dataset in datasets if dataset
+        for tag, element in sorted(dataset.items(), key=_tag_order)
+    ]
 
 
 def _add_paths(paths: set, prefix: tuple, child_paths) -> None:
