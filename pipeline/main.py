@@ -70,9 +70,14 @@ def _runner_name(options: PipelineOptions) -> str:
     return runner if isinstance(runner, str) else type(runner).__name__
 
 
-#: Below this many local input files one process is faster: starting worker processes
-#: costs Beam about 3 s, more than a second core saves on a small export.
-MULTI_PROCESS_MIN_FILES = 2000
+#: Below this many local input files the export runs in this process. Two worker
+#: processes cost about 3.5 s more CPU than one (each imports Beam; elements cross
+#: processes encoded) and about 2.5 s more wall time on three files; converting costs
+#: ~2.5 ms per instance in one process. At 2,000 instances two workers used 11.6-13 s
+#: of CPU against 7.1-7.5 s in one process, for about the same wall time on two free
+#: cores and much more on a busy machine (20-24 s against 14-15 s, bench/stages.py
+#: and bench/pipeline.py); a second core pays for itself only on larger inputs.
+MULTI_PROCESS_MIN_FILES = 3000
 
 
 def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
@@ -87,11 +92,20 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
     standard.runner = "FnApiRunner"
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
+    if _given(options, "direct_running_mode", "direct_num_workers"):
+        return False  # the user chose how the local run is spread
     if cores > 1 and direct.direct_running_mode == "in_memory" and not _small_local_input(plan):
         direct.direct_running_mode = "multi_processing"
         direct.direct_num_workers = cores
         return True
     return False
+
+
+def _given(options: PipelineOptions, *names: str) -> bool:
+    """True if the command line set any of these Beam options (even to its default value,
+    which ``PipelineOptions`` cannot tell apart from an option left out)."""
+    flags = getattr(options, "_flags", None) or ()
+    return any(re.match(rf"--{name}(=|$)", flag) for flag in flags for name in names)
 
 
 def _small_local_input(plan: ExportPlan) -> bool:

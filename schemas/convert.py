@@ -16,9 +16,10 @@ A public element stored as UN is converted by its dictionary VR (``_resolve_vr``
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import Counter
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 from pydicom import charset as dicom_charset
 from pydicom import datadict
@@ -115,6 +116,9 @@ _BINARY = {
     "SV": ("q", 8), "FL": ("f", 4), "FD": ("d", 8), "AT": ("I", 4),
 }
 
+#: Binary VRs whose values always fit BigQuery's INT64 as they are.
+_INT32_VRS = frozenset({"US", "SS", "UL", "SL", "AT"})
+
 
 class Flattened(NamedTuple):
     """The row, its schema fragment, and counts of what did not go into its own column."""
@@ -204,13 +208,22 @@ class _Flattener:
             if pixel_data_tag is not None and tag > pixel_data_tag:
                 self.drop(PIXEL_DATA_KEYWORDS.get(pixel_data_tag, tag_name(pixel_data_tag)))
                 pixel_data_tag = None
-            column = column_for_tag(tag)
-            if _too_large(element) or not self._afford(element, column):
+            column, leaf_path = _column_and_leaf_path(tag)
+            if not self._affordable(element, column):
                 self._drop_too_large(source, tag, element, column, prefix)
                 continue
             try:
                 if column.kind == OTHER_ELEMENTS:
                     self._other(source, tag, element, column, encodings, prefix, depth, row, paths, others)
+                elif leaf_path is not None and type(element) is RawDataElement and (
+                    element.VR == column.vr or (element.VR is None and " or " not in column.vr)
+                ):
+                    # The common case, decided by the tag and the stored VR alone: a
+                    # keyword column of a plain type whose value is stored in its own VR.
+                    paths.add(leaf_path)
+                    value = self._fit(column.vr, element, encodings, column.bq_type, column.mode)
+                    if value is not None:
+                        row[column.name] = value
                 else:
                     self._column(source, tag, element, column, encodings, prefix, depth, row, paths)
             except _NotFit as not_fit:
@@ -232,15 +245,27 @@ class _Flattener:
         self.counts["too_deep"] += 1
         self.drop(name, NOT_FIT)
 
-    def _afford(self, element, column: Column) -> bool:
-        """Charge the element's estimated JSON size to the row's budget; False if it
-        does not fit. Excluded VRs and sequences (their items are charged) cost nothing."""
-        if not isinstance(element, RawDataElement) or not element.length or element.length == 0xFFFFFFFF:
+    def _affordable(self, element, column: Column) -> bool:
+        """False for a value over MAX_VALUE_BYTES as stored, or one whose estimated JSON
+        size does not fit the row's budget (else it is charged to it). Sequences of
+        undefined length (their items are checked one by one), excluded VRs and
+        sequences (their items are charged) cost nothing."""
+        if not isinstance(element, RawDataElement):
             return True
-        vr = _stored_vr(element, column)
-        if vr == "SQ" or (vr is not None and vr_types.is_excluded(vr)) or (vr is None and column.bq_type is None):
+        length = element.length
+        if not length or length == 0xFFFFFFFF:
             return True
-        cost = element.length * (4 if vr in _BINARY else 1)
+        if length > MAX_VALUE_BYTES:
+            return False
+        vr = element.VR
+        if vr is None or (vr == "UN" and column.vr):
+            vr = column.vr or vr  # _stored_vr
+        if vr is None:
+            if column.bq_type is None:
+                return True
+        elif vr == "SQ" or vr_types.is_excluded(vr):
+            return True
+        cost = length * (4 if vr in _BINARY else 1)
         if cost > self.row_budget:
             return False
         self.row_budget -= cost
@@ -406,7 +431,9 @@ class _Flattener:
     def _values(self, vr: str, element, encodings) -> tuple[list, bool]:
         """The element's values: text (split on backslash), numbers, or PN group lists."""
         if isinstance(element, RawDataElement):
-            raw = self._raw_bytes(element)
+            raw = element.value
+            if raw is None:
+                raw = self._raw_bytes(element)
             binary = _BINARY.get(vr)
             if binary is not None:
                 code, size = binary
@@ -430,8 +457,13 @@ class _Flattener:
             else:
                 text = raw.decode("latin-1")
                 undecodable = False
-            tokens = [text] if vr in vr_types.SINGLE_VALUE_TEXT_VRS else text.split("\\")
-            return _clean(vr, tokens), undecodable
+            if vr in vr_types.SINGLE_VALUE_TEXT_VRS:  # none of them pads with leading spaces
+                tokens = [text.rstrip(" \0")]
+            elif vr in vr_types.LEADING_SPACE_PADDED_VRS:
+                tokens = [token.strip(" \0") for token in text.split("\\")]
+            else:
+                tokens = [token.rstrip(" \0") for token in text.split("\\")]
+            return ([] if tokens == [""] else tokens), undecodable
         value = element.value
         if value is None or value == "" or value == b"":
             return [], False
@@ -460,11 +492,14 @@ class _Flattener:
             return None
         if mode == NULLABLE and len(values) > 1:
             raise _NotFit([_as_text(vr, v) for v in values])
-        convert = _CONVERTERS.get(bq_type)
-        try:
-            converted = [convert(v) if convert else _as_text(vr, v) for v in values]
-        except (ValueError, TypeError, OverflowError):
-            raise _NotFit([_as_text(vr, v) for v in values]) from None
+        if (bq_type == STRING and vr not in _BINARY and vr != "PN") or (bq_type == INTEGER and vr in _INT32_VRS):
+            converted = values  # text already, or integers BigQuery's INT64 holds
+        else:
+            convert = _CONVERTERS.get(bq_type)
+            try:
+                converted = [convert(v) if convert else _as_text(vr, v) for v in values]
+            except (ValueError, TypeError, OverflowError):
+                raise _NotFit([_as_text(vr, v) for v in values]) from None
         if mode == NULLABLE:
             return converted[0]
         if bq_type == RECORD:  # an empty name keeps its place in a list of names
@@ -478,11 +513,14 @@ _ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
 _UNCONVERTIBLE = "unconvertible"
 
 
-def _too_large(element) -> bool:
-    """True for a value over MAX_VALUE_BYTES as stored (a defined length, so not a
-    sequence of undefined length, whose items are checked one by one)."""
-    length = getattr(element, "length", None) if isinstance(element, RawDataElement) else None
-    return length is not None and length != 0xFFFFFFFF and length > MAX_VALUE_BYTES
+@functools.lru_cache(maxsize=None)
+def _column_and_leaf_path(tag: int) -> tuple[Column, Path | None]:
+    """The tag's column and, for a keyword column of a plain type (neither a record
+    nor a repeating group), the one path its values take (cached, as ``column_for_tag``)."""
+    column = column_for_tag(tag)
+    if column.kind != STANDARD or column.bq_type is None or column.bq_type == RECORD:
+        return column, None
+    return column, ((STANDARD, column.order, column.name, column.bq_type, column.mode),)
 
 
 def _items_in_un(element, encodings) -> list | None:
@@ -522,21 +560,17 @@ def _private_dictionary_vr(dataset: Dataset, tag: int) -> str | None:
 
 
 def _tag_order(item) -> int:
-    return item[0].real  # a plain int: BaseTag's own comparisons are slow Python code
+    return item[0].real  # a plain int: BaseTag's comparisons are Python code, slow in a loop
 
 
-def _elements(dataset: Dataset):
-    """``(tag, element)`` in tag order, elements unconverted (raw where pydicom left them)."""
-    return sorted(dataset.items(), key=_tag_order)
-
-
-def _elements_of(*datasets: Dataset | None) -> Iterator[tuple[Dataset, int, object]]:
+def _elements_of(*datasets: Dataset | None) -> list[tuple[Dataset, int, object]]:
     """``(dataset, tag, element)`` for each element of the datasets given (file meta, then
     the dataset), each in tag order."""
-    for dataset in datasets:
-        if dataset:
-            for tag, element in _elements(dataset):
-                yield dataset, tag, element
+    return [
+        (dataset, tag.real, element)
+        for dataset in datasets if dataset
+        for tag, element in sorted(dataset.items(), key=_tag_order)
+    ]
 
 
 def _add_paths(paths: set, prefix: tuple, child_paths) -> None:

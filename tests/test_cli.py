@@ -158,6 +158,22 @@ def test_the_readme_filter_example_runs_in_one_process(tmp_path):
     assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
 
 
+def test_a_running_mode_given_on_the_command_line_is_kept():
+    """``--direct_running_mode=in_memory`` is the user's choice even for an input that
+    would otherwise get worker processes (several remote listing units)."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from pipeline.graph import ExportPlan
+    from pipeline.options import parse_pipeline_options
+
+    plan = ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**"))
+    chosen = parse_pipeline_options(["--input", "gs://b/d", "--direct_running_mode=in_memory"])
+    assert command._local_defaults(chosen, plan) is False
+    assert chosen.view_as(DirectOptions).direct_running_mode == "in_memory"
+    defaulted = parse_pipeline_options(["--input", "gs://b/d"])
+    assert command._local_defaults(defaulted, plan) is ((os.cpu_count() or 1) > 1)
+
+
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 

@@ -175,8 +175,12 @@ class _GuardedReader(io.RawIOBase):
         fileobj.seek(self._position)
 
     def read(self, size: int = -1) -> bytes:
-        available = max(self._end - self._position, 0)
-        wanted = available if size is None or size < 0 else min(size, available)
+        # Called for every element header and value: kept to plain comparisons.
+        wanted = size
+        if size is None or size < 0 or size > self._end - self._position:
+            wanted = self._end - self._position
+            if wanted < 0:
+                wanted = 0
         budget = self._budget
         if budget.bytes_read + wanted > budget.max_bytes or time.monotonic() > budget.deadline:
             budget.spend(wanted)  # raises the limit passed
@@ -262,7 +266,7 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
         if tag in PIXEL_DATA_TAGS:
             stopped_at.append((int(tag), vr, length))
             return True
-        return tag == 0 and not length  # zero bytes: padding, not an element
+        return not length and not tag  # zero bytes: padding, not an element (BaseTag's == is slow)
 
     try:
         dataset = _read_partial(reader, stop_at_pixel_data, not has_prefix, budget, max_inflated_bytes)
