@@ -140,12 +140,14 @@ def build_pipeline(
     dead_letters = read_outputs[DEAD_LETTERS]
     if dead_letter_parts:
         dead_letters = [dead_letters, *dead_letter_parts] | "AllDeadLetters" >> beam.Flatten()
-    kept = parts
     duplicates = pipeline | "NoDuplicates" >> beam.Create([])
+    kept_paths = None
     if plan.incremental:
-        instances = _flatten(parts, "AllInstances")
-        one_each = instances | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
+        one_each = tuple(parts) | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
         kept, duplicates = [one_each.kept], one_each[ledger.DUPLICATES]
+        kept_paths = one_each.kept | "KeptPaths" >> beam.Map(lambda path_uids: path_uids[0])
+    else:
+        kept = [part | f"PathAndUIDs{index or ''}" >> beam.Map(ledger.path_and_uids) for index, part in enumerate(parts)]
     inputs = (files, *unread_inputs) | "EveryInput" >> beam.Flatten() if unread_inputs else files
     file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started, expanded)
     gone = None
@@ -160,9 +162,14 @@ def build_pipeline(
         _combine_each(parts, "Fragments", "MergeFragments", lambda instance: instance.fragment, MergeFragments)
         | "ToBigQuerySchema" >> beam.Map(to_bigquery_schema)
     )
-    rows = tuple(
-        part | f"Rows{index or ''}" >> beam.Map(lambda instance: instance.row) for index, part in enumerate(kept)
-    ) | "CompleteRows" >> CompleteRows(schema, plan.spool)
+    if kept_paths is None:
+        rows = tuple(part | f"Rows{index or ''}" >> beam.Map(lambda instance: instance.row) for index, part in enumerate(parts))
+    else:  # (path, row): the rows of the kept paths are chosen as they are completed
+        rows = tuple(
+            part | f"PathsAndRows{index or ''}" >> beam.Map(lambda instance: (instance.path, instance.row))
+            for index, part in enumerate(parts)
+        )
+    rows = rows | "CompleteRows" >> CompleteRows(schema, plan.spool, kept_paths)
 
     lines_used = None
     if filter_file is not None:
@@ -170,10 +177,6 @@ def build_pipeline(
             parts, "FilterLines", "LinesThatSelected", lambda instance: instance.filter_lines, UnionOfLines
         )
     return ExportOutputs(rows, schema, dead_letters, lines_used, file_records, gone)
-
-
-def _flatten(parts: list, label: str):
-    return parts[0] if len(parts) == 1 else parts | label >> beam.Flatten()
 
 
 def _combine_each(parts: list, label: str, combine_label: str, value, combine_fn):

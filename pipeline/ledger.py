@@ -249,26 +249,41 @@ class _KeepOne(beam.DoFn):
         self.duplicates = Metrics.counter(counters.NAMESPACE, counters.DUPLICATE_INSTANCES)
 
     def process(self, element):
-        _sop, instances = element
-        instances = list(instances)
-        kept = choose_instance(instance.path for instance in instances)
-        for instance in instances:
-            if instance.path == kept:
-                yield instance
+        _sop, files = element
+        files = list(files)
+        kept = choose_instance(path for path, _uids in files)
+        for path, uids in files:
+            if path == kept:
+                yield path, uids
                 kept = None  # the same path twice (cannot happen after listing): keep one
             else:
                 self.duplicates.inc()
-                yield beam.pvalue.TaggedOutput(DUPLICATES, (instance.path, uids_of(instance.row)))
+                yield beam.pvalue.TaggedOutput(DUPLICATES, (path, uids))
+
+
+def path_and_uids(instance) -> tuple[str, dict]:
+    """What the files table needs of an instance: its path and UIDs (not its row)."""
+    return instance.path, uids_of(instance.row)
 
 
 class KeepOnePerInstance(beam.PTransform):
-    """Instances → one per SOPInstanceUID (main output ``kept``, see
-    :func:`choose_instance`), the others as ``(path, uids)`` on ``duplicates``."""
+    """Instances (one PCollection or a list of them) → ``(path, uids)`` of the one kept
+    per SOPInstanceUID (main output ``kept``, see :func:`choose_instance`), the others'
+    on ``duplicates``. Only paths and UIDs are grouped, never rows: the rows of the
+    kept paths are chosen where they are written (:class:`pipeline.spool.CompleteRows`)."""
 
     def expand(self, instances):
+        parts = instances if isinstance(instances, (list, tuple)) else [instances]
+        keyed = [
+            part | f"KeyBySOPInstanceUID{index or ''}" >> beam.Map(
+                lambda instance: (instance.row.get("SOPInstanceUID"), path_and_uids(instance))
+            )
+            for index, part in enumerate(parts)
+        ]
+        if len(keyed) > 1:
+            keyed = [keyed | "AllInstances" >> beam.Flatten()]
         return (
-            instances
-            | "KeyBySOPInstanceUID" >> beam.Map(lambda instance: (instance.row.get("SOPInstanceUID"), instance))
+            keyed[0]
             | "GroupBySOPInstanceUID" >> beam.GroupByKey()
             | "KeepOne" >> beam.ParDo(_KeepOne()).with_outputs(DUPLICATES, main="kept")
         )
@@ -285,8 +300,8 @@ def _record(element, run_started):
 class RecordFiles(beam.PTransform):
     """The files table's records of the inputs of this run: the inputs joined by path
     with what each became (a row, a duplicate, a dead letter, an archive read whole;
-    nothing: not selected). ``kept``: the instances that became rows, one PCollection
-    or a list of them."""
+    nothing: not selected). ``kept``: ``(path, uids)`` of the instances that became
+    rows, one PCollection or a list of them (:func:`path_and_uids`)."""
 
     def __init__(self, kept, duplicates, dead_letters, run_started: str | None, archives=None):
         super().__init__()
@@ -299,7 +314,7 @@ class RecordFiles(beam.PTransform):
         outcomes = (
             (
                 *(
-                    part | f"RowOutcome{index or ''}" >> beam.Map(lambda i: (i.path, (ROW, uids_of(i.row))))
+                    part | f"RowOutcome{index or ''}" >> beam.Map(lambda kept: (kept[0], (ROW, kept[1])))
                     for index, part in enumerate(kept)
                 ),
                 self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1]))),

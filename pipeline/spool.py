@@ -29,7 +29,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import AsSingleton
+from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.window import GlobalWindows
 
 from schemas.rows import with_empty_lists
@@ -86,9 +86,29 @@ def _complete_spooled(path: str, schema: list[dict]):
         yield with_empty_lists(row, schema)
 
 
+class _CompleteKept(beam.DoFn):
+    """``(path, row)`` pairs (or spool files of them) → the rows of the kept paths, completed."""
+
+    def __init__(self, spooled: bool):
+        self.spooled = spooled
+        self._kept_list = self._kept = None
+
+    def process(self, element, schema, kept_paths):
+        if kept_paths is not self._kept_list:  # the side input, made a set once per worker
+            self._kept_list, self._kept = kept_paths, set(kept_paths)
+        for path, row in read_spooled(element) if self.spooled else [element]:
+            if path in self._kept:
+                yield with_empty_lists(row, schema)
+
+
 class CompleteRows(beam.PTransform):
     """Row PCollections (a tuple: one per source of instances) → one PCollection of the
     rows completed with ``schema`` (a one-element PCollection, the merged BigQuery schema).
+
+    With ``kept_paths`` (a PCollection of input paths: ``--incremental``'s one instance
+    per SOPInstanceUID) the parts hold ``(path, row)`` pairs, and only the rows of those
+    paths come out: the choice is made where rows are written, so that no step groups
+    whole rows.
 
     With ``directory`` (local or ``gs://``, removed by the caller after the run) each part
     is spooled there and only file paths are flattened and wait for the schema; without
@@ -96,10 +116,11 @@ class CompleteRows(beam.PTransform):
     waiting PCollection in memory, such as Dataflow, does well).
     """
 
-    def __init__(self, schema, directory: str | None, rows_per_file: int = ROWS_PER_SPOOL_FILE):
+    def __init__(self, schema, directory: str | None, kept_paths=None, rows_per_file: int = ROWS_PER_SPOOL_FILE):
         super().__init__()
         self.schema = schema
         self.directory = directory
+        self.kept_paths = kept_paths
         self.rows_per_file = rows_per_file
 
     def expand(self, parts):
@@ -107,10 +128,14 @@ class CompleteRows(beam.PTransform):
         schema = AsSingleton(self.schema)
         if self.directory is None:
             rows = parts[0] if len(parts) == 1 else parts | "AllRows" >> beam.Flatten()
+            if self.kept_paths is not None:
+                return rows | "CompleteKept" >> beam.ParDo(_CompleteKept(False), schema, AsList(self.kept_paths))
             return rows | "Complete" >> beam.Map(with_empty_lists, schema)
         spooled = [
             part | f"Spool{index}" >> beam.ParDo(_SpoolRows(self.directory, self.rows_per_file))
             for index, part in enumerate(parts)
         ]
         files = spooled[0] if len(spooled) == 1 else spooled | "AllSpoolFiles" >> beam.Flatten()
+        if self.kept_paths is not None:
+            return files | "ReadCompletedKept" >> beam.ParDo(_CompleteKept(True), schema, AsList(self.kept_paths))
         return files | "ReadCompleted" >> beam.FlatMap(_complete_spooled, schema)

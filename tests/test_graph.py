@@ -178,3 +178,27 @@ def test_the_schema_combine_fn_gives_the_merge_whatever_the_split(bundled_instan
     rng.shuffle(accumulators)
     merged = combine.extract_output(combine.merge_accumulators(accumulators))
     assert merged == merge_fragments([BASE_FRAGMENT, *fragments])
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["side-input", "spooled"])
+def test_incremental_keeps_one_row_per_instance_the_greatest_path(tmp_path, spooled):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first = instance(study="1.2.7", series="1.2.7.1", sop="1.2.7.1.1")
+    second = instance(study="1.2.7", series="1.2.7.1", sop="1.2.7.1.1")
+    second.PatientID = "B"  # the same instance, other content
+    other = instance(study="1.2.7", series="1.2.7.1", sop="1.2.7.1.2")
+    for name, ds in {"a.dcm": first, "b.dcm": second, "c.dcm": other}.items():
+        (folder / name).write_bytes(to_bytes(ds))
+    plan = plan_for(folder, incremental=True, spool=str(tmp_path / "spool") if spooled else None)
+    with in_process_pipeline() as p:
+        outputs = build_pipeline(p, plan)
+        assert_that(
+            outputs.rows | beam.Map(lambda row: (row["SOPInstanceUID"], row.get("PatientID"))),
+            equal_to([("1.2.7.1.1", "B"), ("1.2.7.1.2", None)]),
+        )
+        assert_that(
+            outputs.files | beam.Map(lambda record: (pathlib.Path(record["path"]).name, record["outcome"])),
+            equal_to([("a.dcm", "duplicate"), ("b.dcm", "row"), ("c.dcm", "row")]),
+            label="Outcomes",
+        )
