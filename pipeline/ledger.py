@@ -332,3 +332,24 @@ class RecordFiles(beam.PTransform):
             | "JoinOutcomes" >> beam.CoGroupByKey()
             | "FileRecords" >> beam.FlatMap(_record, self.run_started)
         )
+
+
+def unchanged_listing_counts(files: Iterable[InputFile], records: Iterable[dict], identity=None) -> dict | None:
+    """The counters of a run that would read nothing: if every listed file is recorded
+    as exported with this very version (:func:`is_unchanged`), ``files_listed``,
+    ``files_matched`` and ``unchanged_files``; else None (as soon as one file differs).
+
+    ``identity`` (``transforms.match.file_identity``) makes two paths of one file one
+    match, as the pipeline's deduplication does; archives are the caller's to exclude.
+    """
+    recorded = {record["path"]: record for record in records}
+    listed, seen = 0, set()
+    for input_file in files:
+        listed += 1
+        key = identity(input_file) if identity is not None else input_file.path
+        if key in seen:
+            continue
+        seen.add(key)
+        if not is_unchanged(input_file, recorded.get(input_file.path)):
+            return None
+    return {counters.FILES_LISTED: listed, counters.FILES_MATCHED: len(seen), counters.UNCHANGED_FILES: len(seen)}

@@ -39,6 +39,7 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
+from pipeline import ledger
 from pipeline.ledger import check_incremental_options
 from pipeline.options import (
     COMMAND_FLAGS,
@@ -54,7 +55,18 @@ from pipeline.staging import SPOOL, read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
-from transforms.match import input_root, listing_units, looks_laid_out_by_uid, shard_listing_units, units_may_overlap
+from transforms.match import (
+    file_identity,
+    input_root,
+    iter_files,
+    listing_units,
+    looks_laid_out_by_uid,
+    shard_listing_units,
+    units_may_overlap,
+)
+from transforms import counters
+from transforms.counters import COUNTERS
+from transforms.sources.archives import is_archive
 from transforms.sources import dicomweb
 
 #: Runners that execute in (or next to) this process, so the launcher waits and loads.
@@ -222,6 +234,10 @@ def run(argv: list[str] | None = None) -> dict:
     read_ledger = destination.recorded_files(context) if context.incremental else None
     if read_ledger is not None and defaulted:  # an update reads few files: worker processes cost more than they save
         options.view_as(DirectOptions).direct_running_mode = "in_memory"
+    if read_ledger is not None and local:
+        unchanged = _nothing_changed(plan, destination, context, options)
+        if unchanged is not None:  # the scheduled run with nothing new: no pipeline at all
+            return _finish_summary(export, destination, disposition, plan, filter_file, started, unchanged, None)
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
@@ -240,9 +256,13 @@ def run(argv: list[str] | None = None) -> dict:
             context.counts = run_summary.counters(_run_to_completion(pipeline))
         destination.finish(context)
         lines_used = read_staged(context.staging).filter_lines_used
+    return _finish_summary(export, destination, disposition, plan, filter_file, started, context.counts, lines_used)
 
+
+def _finish_summary(export, destination, disposition, plan, filter_file, started, counts, lines_used) -> dict:
+    """Build, print (and with --summary-json write) the run's summary; return it."""
     summary = run_summary.build(
-        context.counts,
+        counts,
         duration=time.monotonic() - started,
         destination=str(destination),
         errors_table=destination.errors_uri(),
@@ -255,6 +275,41 @@ def run(argv: list[str] | None = None) -> dict:
     if export.summary_json:
         run_summary.write_json(summary, export.summary_json)
     return summary
+
+
+def _nothing_changed(plan: ExportPlan, destination, context: RunContext, options) -> dict | None:
+    """For a local ``--incremental`` run over plain files (no filter, no DICOMweb, no
+    archive among them, no ``--prune-missing``): list the input here and compare it with
+    the files table; if every file is recorded as exported with its current version, the
+    run's counters (nothing read, nothing written), else None and the pipeline runs as
+    usual (and lists again: one local or Cloud Storage listing more, no instance read).
+    A scheduled run with nothing new then costs a listing, not Beam's start-up."""
+    if plan.filter_uri or plan.uid_roots or plan.dicomweb_units or plan.prune_missing:
+        return None
+    records = destination.read_recorded_files(context)
+    if records is None:
+        return None
+    files = (input_file for unit in plan.listing_units for input_file in iter_files(unit, options))
+    if plan.expand_archives:
+        files = _no_archives(files)
+    try:
+        counts = ledger.unchanged_listing_counts(files, records, file_identity)
+    except _ArchiveListed:
+        return None
+    if counts is None:
+        return None
+    return {**dict.fromkeys(COUNTERS, 0), counters.ROWS_ADDED: 0, counters.ROWS_REPLACED: 0, **counts}
+
+
+class _ArchiveListed(Exception):
+    """An archive is among the inputs: whether it changed is the pipeline's to find out."""
+
+
+def _no_archives(files):
+    for input_file in files:
+        if is_archive(input_file.path):
+            raise _ArchiveListed
+        yield input_file
 
 
 def _usage(check, *args):

@@ -136,6 +136,37 @@ def test_a_second_incremental_run_with_no_change_reads_nothing_and_changes_nothi
     assert db.read_rows() == rows and files_table(db) == files
 
 
+def test_a_run_with_no_change_starts_no_pipeline_and_one_change_does(archive, db, monkeypatch):
+    import pipeline.main
+
+    incremental(archive, db)
+    built = []
+    build = pipeline.main.build_pipeline
+    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda *a, **k: built.append(1) or build(*a, **k))
+    unchanged = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert built == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
+    write_instance(archive / "f1", "1.2.3.4.5.1", 2)
+    changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert built == [1] and changed["succeeded"] == 1 and changed["unchanged_files"] == 4
+
+
+def test_an_archive_among_unchanged_files_is_left_to_the_pipeline(archive, db, monkeypatch):
+    import zipfile
+
+    import pipeline.main
+
+    with zipfile.ZipFile(archive / "more.zip", "w") as bundle:
+        write_instance(archive / "inner", "1.2.3.4.5.9", 1)
+        bundle.write(archive / "inner", "inner.dcm")
+    (archive / "inner").unlink()
+    incremental(archive, db)
+    built = []
+    build = pipeline.main.build_pipeline
+    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda *a, **k: built.append(1) or build(*a, **k))
+    second = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert built == [1] and second["bytes_read"] == 0 and second["succeeded"] == 0
+
+
 def test_new_and_rewritten_files_add_and_replace_rows(archive, db):
     incremental(archive, db)
     write_instance(archive / "f1", "1.2.3.4.5.1", 2)  # the same instance, new content
@@ -238,6 +269,20 @@ def test_a_file_is_unchanged_only_if_recorded_as_exported_with_the_same_version(
     assert not is_unchanged(listed, {"version": "5:10", "outcome": "not_selected"})
     assert not is_unchanged(listed, None)
     assert not is_unchanged(InputFile("/a", 10), {"version": None, "outcome": "row"})  # no version: always read
+
+
+def test_the_launcher_finds_nothing_changed_only_if_every_listed_file_is_unchanged():
+    from pipeline.ledger import unchanged_listing_counts
+    from transforms.storage import InputFile
+
+    records = [{"path": "/a", "version": "1", "outcome": "row"}, {"path": "/b", "version": "2", "outcome": "row"}]
+    a, b, link_to_a = InputFile("/a", 1, None, "1"), InputFile("/b", 1, None, "2"), InputFile("/c", 1, None, "1")
+    same_file = {"/a": "inode:1", "/b": "inode:2", "/c": "inode:1"}
+    counts = unchanged_listing_counts([a, b, link_to_a], records, lambda f: same_file[f.path])
+    assert counts == {"files_listed": 3, "files_matched": 2, "unchanged_files": 2}  # a link to a is one file
+    assert unchanged_listing_counts([a, InputFile("/b", 1, None, "3")], records) is None  # b changed
+    assert unchanged_listing_counts([a, b, InputFile("/new", 1, None, "1")], records) is None  # a new file
+    assert unchanged_listing_counts([], records) == {"files_listed": 0, "files_matched": 0, "unchanged_files": 0}
 
 
 def test_of_several_files_of_one_instance_the_greatest_path_gives_the_row():

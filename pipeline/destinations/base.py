@@ -94,6 +94,12 @@ class Destination(abc.ABC):
         do not support ``--incremental`` reject it in :meth:`check_options`."""
         return None
 
+    def read_recorded_files(self, context: RunContext):
+        """The same records as :meth:`recorded_files`, read here in the launcher (an
+        iterable), for a local run to find out before starting the pipeline that nothing
+        changed; None where that is not offered."""
+        return None
+
     def finish(self, context: RunContext) -> None:
         """After a local pipeline finished successfully: complete the write (one
         transaction). Nothing to do for destinations written inside the graph."""

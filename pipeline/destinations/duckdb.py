@@ -256,6 +256,11 @@ class DuckDBTable(Destination):
         reference = (self.path, files_table_name(self.table))
         return beam.Create([reference]) | "Records" >> beam.FlatMap(_read_files_table)
 
+    def read_recorded_files(self, context: RunContext):
+        if self.recorded_files(context) is None:
+            return None
+        return _read_files_table((self.path, files_table_name(self.table)))
+
     def schema(self) -> list[dict] | None:
         """The table's schema as BigQuery JSON, or None if it does not exist."""
         con = self._connect(read_only=True)

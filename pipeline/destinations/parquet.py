@@ -981,6 +981,12 @@ class ParquetTable(Destination):
         shards = [FileSystems.join(self.files_path, name) for name in sorted(self.existing_files_table)]
         return beam.Create(shards) | "Records" >> beam.FlatMap(read_file_records)
 
+    def read_recorded_files(self, context: RunContext):
+        if context.disposition.replaces or self.existing_files_table is None:
+            return None
+        shards = [FileSystems.join(self.files_path, name) for name in sorted(self.existing_files_table)]
+        return (record for shard in shards for record in read_file_records(shard))
+
     def attach(self, outputs, context: RunContext):
         """The Destination interface: see :meth:`attach_run`."""
         return self.attach_run(outputs, context.disposition, context.run_id, context.max_failures,
