@@ -23,7 +23,7 @@ from pipeline.spool import CompleteRows
 from schemas.merge import to_bigquery_schema
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
-from transforms.match import MatchInputs, units_may_overlap
+from transforms.match import CountMatched, MatchInputs, units_may_overlap
 from transforms.sources.archives import ExpandArchiveInputs
 from transforms.sources.dicomweb import ListDicomWebInputs, ReadDicomWebMetadataRows
 from transforms.storage import Opener
@@ -48,6 +48,10 @@ class ExportPlan:
     incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
     spool: str | None = None  # a folder of this run: rows complete through files there (pipeline/spool.py)
     prune_missing: bool = False  # find the recorded files no longer listed
+    # The files to read, when the launcher has listed the input and compared it with the
+    # files table (a local --incremental update of plain files): no listing, no comparison,
+    # no archive among them (pipeline.main._compare_before_pipeline).
+    changed_files: tuple | None = None
 
 
 class ExportOutputs(NamedTuple):
@@ -83,11 +87,18 @@ def build_pipeline(
         units = filter_file | "FilterLinesToPaths" >> beam.FlatMap(
             lambda parsed: [p for root in roots for line in parsed.lines for p in uid_layout_patterns(root, line)]
         )
-    else:
+    elif plan.changed_files is None:
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
-    deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
-    files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
+    if plan.changed_files is None:
+        deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
+        files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
+    else:
+        files = (
+            pipeline
+            | "ChangedFiles" >> beam.Create(list(plan.changed_files))
+            | "CountDistinct" >> beam.ParDo(CountMatched(reporter))
+        )
     web_files = None
     if plan.dicomweb_units:
         web_files = (
@@ -108,7 +119,7 @@ def build_pipeline(
     unread_inputs = []  # inputs recorded in the files table that do not pass the read step
     expanded = None  # the archives read whole
 
-    if plan.expand_archives:
+    if plan.expand_archives and plan.changed_files is None:
         archives = files | "Archives" >> ExpandArchiveInputs(
             opener, nested_archives=plan.nested_archives, run_started=plan.run_started, reporter=reporter,
             filter_side_inputs=side_inputs,

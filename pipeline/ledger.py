@@ -46,6 +46,7 @@ from apache_beam.pvalue import AsDict, AsMultiMap
 from pipeline.destinations import Disposition
 from transforms import counters
 from transforms.sources.archives import VERSION_SEPARATOR, is_archive, split_member_path
+from transforms.match import first_path
 from transforms.storage import InputFile
 
 #: Outcomes of a file in the files table.
@@ -334,22 +335,38 @@ class RecordFiles(beam.PTransform):
         )
 
 
-def unchanged_listing_counts(files: Iterable[InputFile], records: Iterable[dict], identity=None) -> dict | None:
-    """The counters of a run that would read nothing: if every listed file is recorded
-    as exported with this very version (:func:`is_unchanged`), ``files_listed``,
-    ``files_matched`` and ``unchanged_files``; else None (as soon as one file differs).
+def compare_listing(
+    files: Iterable[InputFile], records: Iterable[dict], identity=None, most_changed: int | None = None
+) -> tuple[dict, list[InputFile]] | None:
+    """Compare a listing with the files table, as :class:`CompareWithLedger` does, before
+    any pipeline: ``(counts, changed)``, the counters of the listing (``files_listed``;
+    ``files_matched`` and ``unchanged_files`` of the unchanged files, :func:`is_unchanged`)
+    and the files to read, in listing order; or None if more than ``most_changed`` files
+    must be read (the pipeline then lists and compares itself).
 
-    ``identity`` (``transforms.match.file_identity``) makes two paths of one file one
-    match, as the pipeline's deduplication does; archives are the caller's to exclude.
+    ``identity`` (``transforms.match.file_identity``; give it when the listing units may
+    overlap) makes the paths of one file one input, the first in path order, as
+    :class:`transforms.match.MatchInputs` deduplicates. Archives are the caller's to
+    exclude.
     """
     recorded = {record["path"]: record for record in records}
-    listed, seen = 0, set()
+    listed = 0
+    if identity is not None:
+        chosen: dict[str, InputFile] = {}
+        for input_file in files:
+            listed += 1
+            key = identity(input_file)
+            chosen[key] = first_path((chosen[key], input_file)) if key in chosen else input_file
+        files = chosen.values()
+    unchanged, changed = 0, []
     for input_file in files:
-        listed += 1
-        key = identity(input_file) if identity is not None else input_file.path
-        if key in seen:
+        if identity is None:
+            listed += 1
+        if is_unchanged(input_file, recorded.get(input_file.path)):
+            unchanged += 1
             continue
-        seen.add(key)
-        if not is_unchanged(input_file, recorded.get(input_file.path)):
+        changed.append(input_file)
+        if most_changed is not None and len(changed) > most_changed:
             return None
-    return {counters.FILES_LISTED: listed, counters.FILES_MATCHED: len(seen), counters.UNCHANGED_FILES: len(seen)}
+    counts = {counters.FILES_LISTED: listed, counters.FILES_MATCHED: unchanged, counters.UNCHANGED_FILES: unchanged}
+    return counts, changed

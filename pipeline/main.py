@@ -234,10 +234,16 @@ def run(argv: list[str] | None = None) -> dict:
     read_ledger = destination.recorded_files(context) if context.incremental else None
     if read_ledger is not None and defaulted:  # an update reads few files: worker processes cost more than they save
         options.view_as(DirectOptions).direct_running_mode = "in_memory"
+    listed_counts = {}  # what the launcher listed and found unchanged, when it compared
     if read_ledger is not None and local:
-        unchanged = _nothing_changed(plan, destination, context, options)
-        if unchanged is not None:  # the scheduled run with nothing new: no pipeline at all
-            return _finish_summary(export, destination, disposition, plan, filter_file, started, unchanged, None)
+        compared = _compare_before_pipeline(plan, destination, context, options)
+        if compared is not None:
+            listed_counts, changed = compared
+            if not changed:  # the scheduled run with nothing new: no pipeline at all
+                counts = {**dict.fromkeys(COUNTERS, 0), counters.ROWS_ADDED: 0, counters.ROWS_REPLACED: 0,
+                          **listed_counts}
+                return _finish_summary(export, destination, disposition, plan, filter_file, started, counts, None)
+            plan, read_ledger = dataclasses.replace(plan, changed_files=tuple(changed)), None
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
@@ -254,6 +260,8 @@ def run(argv: list[str] | None = None) -> dict:
         stage_summary(outputs, context.staging)
         with progress.display():
             context.counts = run_summary.counters(_run_to_completion(pipeline))
+        for name, value in listed_counts.items():
+            context.counts[name] = context.counts.get(name, 0) + value
         destination.finish(context)
         lines_used = read_staged(context.staging).filter_lines_used
     return _finish_summary(export, destination, disposition, plan, filter_file, started, context.counts, lines_used)
@@ -277,13 +285,22 @@ def _finish_summary(export, destination, disposition, plan, filter_file, started
     return summary
 
 
-def _nothing_changed(plan: ExportPlan, destination, context: RunContext, options) -> dict | None:
+#: A local --incremental update hands the pipeline at most this many changed files,
+#: found by the launcher's comparison; with more, the pipeline lists and compares itself
+#: (the list is part of the pipeline's graph).
+MOST_HANDED_FILES = 10_000
+
+
+def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext, options):
     """For a local ``--incremental`` run over plain files (no filter, no DICOMweb, no
     archive among them, no ``--prune-missing``): list the input here and compare it with
-    the files table; if every file is recorded as exported with its current version, the
-    run's counters (nothing read, nothing written), else None and the pipeline runs as
-    usual (and lists again: one local or Cloud Storage listing more, no instance read).
-    A scheduled run with nothing new then costs a listing, not Beam's start-up."""
+    the files table (:func:`pipeline.ledger.compare_listing`). Returns ``(counts,
+    changed)``: the counters of the listing and of the unchanged files, and the files to
+    read (none: the run ends without a pipeline; some: the pipeline reads just those,
+    without listing or comparing again). None if the pipeline must list and compare
+    itself (more than MOST_HANDED_FILES changed, or an input this check leaves to it).
+    A scheduled run with nothing new then costs a listing, not Beam's start-up, and a
+    small update only the pipeline's reading steps."""
     if plan.filter_uri or plan.uid_roots or plan.dicomweb_units or plan.prune_missing:
         return None
     records = destination.read_recorded_files(context)
@@ -292,13 +309,11 @@ def _nothing_changed(plan: ExportPlan, destination, context: RunContext, options
     files = (input_file for unit in plan.listing_units for input_file in iter_files(unit, options))
     if plan.expand_archives:
         files = _no_archives(files)
+    identity = file_identity if units_may_overlap(plan.listing_units) else None
     try:
-        counts = ledger.unchanged_listing_counts(files, records, file_identity)
+        return ledger.compare_listing(files, records, identity, MOST_HANDED_FILES)
     except _ArchiveListed:
         return None
-    if counts is None:
-        return None
-    return {**dict.fromkeys(COUNTERS, 0), counters.ROWS_ADDED: 0, counters.ROWS_REPLACED: 0, **counts}
 
 
 class _ArchiveListed(Exception):

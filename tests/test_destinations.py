@@ -203,6 +203,31 @@ def test_finish_with_too_many_failures_writes_nothing(tmp_path):
     assert not (tmp_path / "x.duckdb").exists()
 
 
+def test_two_runs_of_one_process_started_in_the_same_second_are_two_runs(tmp_path, monkeypatch):
+    """A destination takes a run with its own id for a retried step of itself (and then
+    writes nothing): two runs that start within one second must not share an id."""
+    import types
+
+    import pipeline.main
+
+    started = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    first, second = RunContext(Disposition.DEFAULT, started), RunContext(Disposition.DEFAULT, started)
+    assert first.run_id != second.run_id and first.run_id.endswith(f"-{os.getpid()}")  # staging cleanup reads the pid
+
+    class SameSecond(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return started
+
+    monkeypatch.setattr(pipeline.main, "dt", types.SimpleNamespace(datetime=SameSecond, timezone=dt.timezone))
+    table = f"parquet://{tmp_path / 'table'}"
+    count = export("--input", str(SAMPLES), f"--bq-table={table}")["succeeded"]
+    appended = export("--input", str(SAMPLES), f"--bq-table={table}", "--write-disposition=WRITE_APPEND")
+    with duckdb.connect() as con:
+        rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path / 'table'}/*.parquet')").fetchone()[0]
+    assert appended["instances_already_in_table"] == count and rows == 2 * count
+
+
 # -- SPEC §4: a REPEATED field is an empty list, never NULL -------------------------------------
 
 

@@ -136,18 +136,44 @@ def test_a_second_incremental_run_with_no_change_reads_nothing_and_changes_nothi
     assert db.read_rows() == rows and files_table(db) == files
 
 
-def test_a_run_with_no_change_starts_no_pipeline_and_one_change_does(archive, db, monkeypatch):
+def test_a_run_with_no_change_starts_no_pipeline_and_a_small_update_reads_only_the_changed_files(
+    archive, db, monkeypatch
+):
     import pipeline.main
 
     incremental(archive, db)
-    built = []
+    plans = []
     build = pipeline.main.build_pipeline
-    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda *a, **k: built.append(1) or build(*a, **k))
+    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda p, plan, *a, **k: plans.append(plan) or build(p, plan, *a, **k))
     unchanged = incremental(archive, db, "--write-disposition=WRITE_APPEND")
-    assert built == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
+    assert plans == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
     write_instance(archive / "f1", "1.2.3.4.5.1", 2)
+    (archive / "f3").unlink()
+    write_instance(archive / "f5", "1.2.3.4.5.5", 1)
     changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
-    assert built == [1] and changed["succeeded"] == 1 and changed["unchanged_files"] == 4
+    # the launcher listed and compared: the pipeline is handed the two files to read
+    assert [sorted(f.path for f in plan.changed_files) for plan in plans] == [[str(archive / "f1"), str(archive / "f5")]]
+    assert (changed["files_matched"], changed["unchanged_files"], changed["succeeded"]) == (5, 3, 2)
+    assert (changed["rows_added"], changed["rows_replaced"]) == (1, 1)
+    assert current_rows(db) == {f"1.2.3.4.5.{i}": 2 if i == 1 else 1 for i in range(6)}  # f3 kept: no --prune-missing
+    assert files_table(db)[str(archive / "f1")]["outcome"] == "row"
+    assert_consistent(db)
+
+
+def test_an_update_larger_than_the_launcher_hands_over_is_listed_by_the_pipeline(archive, db, monkeypatch):
+    import pipeline.main
+
+    incremental(archive, db)
+    monkeypatch.setattr(pipeline.main, "MOST_HANDED_FILES", 2)
+    plans = []
+    build = pipeline.main.build_pipeline
+    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda p, plan, *a, **k: plans.append(plan) or build(p, plan, *a, **k))
+    for index in (0, 1, 2):
+        write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 3)
+    changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    assert [plan.changed_files for plan in plans] == [None]
+    assert (changed["files_matched"], changed["unchanged_files"], changed["rows_replaced"]) == (5, 2, 3)
+    assert current_rows(db) == {f"1.2.3.4.5.{i}": 3 if i < 3 else 1 for i in range(5)}
 
 
 def test_an_archive_among_unchanged_files_is_left_to_the_pipeline(archive, db, monkeypatch):
@@ -271,18 +297,25 @@ def test_a_file_is_unchanged_only_if_recorded_as_exported_with_the_same_version(
     assert not is_unchanged(InputFile("/a", 10), {"version": None, "outcome": "row"})  # no version: always read
 
 
-def test_the_launcher_finds_nothing_changed_only_if_every_listed_file_is_unchanged():
-    from pipeline.ledger import unchanged_listing_counts
+def test_the_launchers_comparison_finds_the_files_to_read_as_the_pipeline_would():
+    from pipeline.ledger import compare_listing
     from transforms.storage import InputFile
 
-    records = [{"path": "/a", "version": "1", "outcome": "row"}, {"path": "/b", "version": "2", "outcome": "row"}]
+    records = [{"path": "/a", "version": "1", "outcome": "row"}, {"path": "/b", "version": "2", "outcome": "row"},
+               {"path": "/f", "version": "1", "outcome": "failed"}]
     a, b, link_to_a = InputFile("/a", 1, None, "1"), InputFile("/b", 1, None, "2"), InputFile("/c", 1, None, "1")
-    same_file = {"/a": "inode:1", "/b": "inode:2", "/c": "inode:1"}
-    counts = unchanged_listing_counts([a, b, link_to_a], records, lambda f: same_file[f.path])
-    assert counts == {"files_listed": 3, "files_matched": 2, "unchanged_files": 2}  # a link to a is one file
-    assert unchanged_listing_counts([a, InputFile("/b", 1, None, "3")], records) is None  # b changed
-    assert unchanged_listing_counts([a, b, InputFile("/new", 1, None, "1")], records) is None  # a new file
-    assert unchanged_listing_counts([], records) == {"files_listed": 0, "files_matched": 0, "unchanged_files": 0}
+    same_file = {"/a": "inode:1", "/b": "inode:2", "/c": "inode:1", "/0": "inode:1"}
+    counts = {"files_listed": 3, "files_matched": 2, "unchanged_files": 2}
+    assert compare_listing([a, b, link_to_a], records, lambda f: same_file[f.path]) == (counts, [])  # one file
+    # of a file's paths the first in path order is the input, as the pipeline deduplicates
+    link_first = InputFile("/0", 1, None, "1")
+    assert compare_listing([a, link_first], records, lambda f: same_file[f.path])[1] == [link_first]
+    changed_b, new, failed = InputFile("/b", 1, None, "3"), InputFile("/new", 1, None, "1"), InputFile("/f", 1, None, "1")
+    counts, changed = compare_listing([a, changed_b, new, failed], records)
+    assert changed == [changed_b, new, failed]  # changed, new, failed before: read again
+    assert counts == {"files_listed": 4, "files_matched": 1, "unchanged_files": 1}
+    assert compare_listing([a, changed_b, new, failed], records, most_changed=2) is None  # the pipeline lists
+    assert compare_listing([], records) == ({"files_listed": 0, "files_matched": 0, "unchanged_files": 0}, [])
 
 
 def test_of_several_files_of_one_instance_the_greatest_path_gives_the_row():

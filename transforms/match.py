@@ -442,10 +442,10 @@ class MatchInputs(beam.PTransform):
             files = (
                 files
                 | "KeyByFile" >> beam.Map(lambda f: (file_identity(f), f))
-                | "Deduplicate" >> beam.CombinePerKey(_first_path)
+                | "Deduplicate" >> beam.CombinePerKey(first_path)
                 | "AsInputFile" >> beam.Values()
             )
-        return files | "CountDistinct" >> beam.ParDo(_CountMatched())
+        return files | "CountDistinct" >> beam.ParDo(CountMatched())
 
 
 def file_identity(input_file: InputFile) -> str:
@@ -461,15 +461,26 @@ def file_identity(input_file: InputFile) -> str:
     return input_file.path
 
 
-def _first_path(files: Iterable[InputFile]) -> InputFile:
+def first_path(files: Iterable[InputFile]) -> InputFile:
     """Of the paths of one file, the first in path order (deterministic)."""
     return min(files, key=lambda f: (f.path, -f.size))
 
 
-class _CountMatched(beam.DoFn):
-    def __init__(self):
+class CountMatched(beam.DoFn):
+    """Each distinct input file → itself, counted as matched (``files_matched``); with a
+    ``reporter``, also shown as listed (files listed before the pipeline, see
+    ``pipeline.graph.ExportPlan.changed_files``)."""
+
+    def __init__(self, reporter=None):
         self.matched = Metrics.counter(NAMESPACE, "files_matched")
+        self._reporter = reporter
 
     def process(self, input_file: InputFile):
         self.matched.inc()
+        if self._reporter is not None:
+            self._reporter.listed(1)
         yield input_file
+
+    def finish_bundle(self):
+        if self._reporter is not None:
+            self._reporter.flush()

@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 import tempfile
+import uuid
 
 from pipeline.destinations import Disposition
 
@@ -46,6 +47,7 @@ class RunContext:
     counts: dict = dataclasses.field(default_factory=dict)
     incremental: bool = False  # one row per SOPInstanceUID, updated in place (pipeline/ledger.py)
     prune_missing: bool = False
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def run_started(self) -> str:
@@ -54,8 +56,10 @@ class RunContext:
 
     @property
     def run_id(self) -> str:
-        """A name for this run's staging objects: its start time and process."""
-        return f"{self.started_at:%Y%m%dT%H%M%S}-{os.getpid()}"
+        """A name for this run's staging objects, unique to the run: its start time, a
+        random token (two runs of one process may start within a second; a destination
+        takes a run with its own id for a retried step of itself) and its process."""
+        return f"{self.started_at:%Y%m%dT%H%M%S}-{self.token}-{os.getpid()}"
 
 
 class Destination(abc.ABC):
