@@ -231,11 +231,8 @@ def run(argv: list[str] | None = None) -> dict:
     plan = dataclasses.replace(
         plan, run_started=context.run_started, incremental=context.incremental, prune_missing=context.prune_missing
     )
-    read_ledger = destination.recorded_files(context) if context.incremental else None
-    if read_ledger is not None and defaulted:  # an update reads few files: worker processes cost more than they save
-        options.view_as(DirectOptions).direct_running_mode = "in_memory"
-    listed_counts = {}  # what the launcher listed and found unchanged, when it compared
-    if read_ledger is not None and local:
+    listed_counts, read_ledger = {}, None  # listed_counts: what the launcher listed, when it compared
+    if context.incremental and local:
         compared = _compare_before_pipeline(plan, destination, context, options)
         if compared is not None:
             listed_counts, changed = compared
@@ -243,7 +240,13 @@ def run(argv: list[str] | None = None) -> dict:
                 counts = {**dict.fromkeys(COUNTERS, 0), counters.ROWS_ADDED: 0, counters.ROWS_REPLACED: 0,
                           **listed_counts}
                 return _finish_summary(export, destination, disposition, plan, filter_file, started, counts, None)
-            plan, read_ledger = dataclasses.replace(plan, changed_files=tuple(changed)), None
+            plan = dataclasses.replace(plan, changed_files=tuple(changed))
+            if defaulted and len(changed) < MULTI_PROCESS_MIN_FILES:
+                options.view_as(DirectOptions).direct_running_mode = "in_memory"
+    if context.incremental and plan.changed_files is None:
+        read_ledger = destination.recorded_files(context)
+        if read_ledger is not None and defaulted:  # an update reads few files: worker processes cost more
+            options.view_as(DirectOptions).direct_running_mode = "in_memory"
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None

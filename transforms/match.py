@@ -131,7 +131,20 @@ def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
         return sorted(f"gs://{bucket}/{sub.rstrip('/')}" for sub in blobs.prefixes)
     if _is_remote(folder):
         return []
-    return sorted(path for path, st in _entries(folder) if st is not None and stat.S_ISDIR(st.st_mode))
+    try:  # a folder's type comes with its entry: no stat of each file (links are followed)
+        with os.scandir(folder or ".") as scan:
+            entries = list(scan)
+    except OSError:
+        return []
+    return sorted(os.path.join(folder, entry.name) if folder else entry.name
+                  for entry in entries if _is_folder(entry))
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop, a link to an unreadable place: not a folder to list
+        return False
 
 
 def _identity(path: str) -> tuple[int, int] | None:

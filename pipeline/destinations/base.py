@@ -100,8 +100,9 @@ class Destination(abc.ABC):
 
     def read_recorded_files(self, context: RunContext):
         """The same records as :meth:`recorded_files`, read here in the launcher (an
-        iterable), for a local run to find out before starting the pipeline that nothing
-        changed; None where that is not offered."""
+        iterable), for a local run to compare its listing before starting the pipeline
+        (``pipeline.main._compare_before_pipeline``); None where that is not offered or
+        there is no files table to compare with."""
         return None
 
     def finish(self, context: RunContext) -> None:

@@ -257,9 +257,17 @@ class DuckDBTable(Destination):
         return beam.Create([reference]) | "Records" >> beam.FlatMap(_read_files_table)
 
     def read_recorded_files(self, context: RunContext):
-        if self.recorded_files(context) is None:
+        if context.disposition.replaces:
             return None
-        return _read_files_table((self.path, files_table_name(self.table)))
+        con = self._connect(read_only=True)
+        if con is None:
+            return None
+        try:
+            if not self._exists(con, self.table) or not self._exists(con, files_table_name(self.table)):
+                return None
+            return list(_records(con, files_table_name(self.table)))
+        finally:
+            con.close()
 
     def schema(self) -> list[dict] | None:
         """The table's schema as BigQuery JSON, or None if it does not exist."""
@@ -443,10 +451,14 @@ def _read_files_table(reference: tuple[str, str]):
     """The records (path, version, outcome) of a files table in a DuckDB file."""
     path, table = reference
     with duckdb.connect(path, read_only=True) as con:
-        cursor = con.execute(f"SELECT path, version, outcome FROM {quote(table)}")
-        while batch := cursor.fetchmany(10_000):
-            for record_path, version, outcome in batch:
-                yield {"path": record_path, "version": version, "outcome": outcome}
+        yield from _records(con, table)
+
+
+def _records(con, table: str):
+    cursor = con.execute(f"SELECT path, version, outcome FROM {quote(table)}")
+    while batch := cursor.fetchmany(10_000):
+        for record_path, version, outcome in batch:
+            yield {"path": record_path, "version": version, "outcome": outcome}
 
 
 def _has_repeated(fields: list[dict]) -> bool:
