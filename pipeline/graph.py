@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.pvalue import AsSingleton, PCollection
 
 from pipeline import ledger
@@ -94,9 +95,10 @@ def build_pipeline(
         deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
         files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
     else:
+        # spread over workers only if there are several (a small update runs in one process)
         files = (
             pipeline
-            | "ChangedFiles" >> beam.Create(list(plan.changed_files))
+            | "ChangedFiles" >> beam.Create(list(plan.changed_files), reshuffle=_several_workers(pipeline_options))
             | "CountDistinct" >> beam.ParDo(CountMatched(reporter))
         )
     web_files = None
@@ -151,8 +153,7 @@ def build_pipeline(
     dead_letters = read_outputs[DEAD_LETTERS]
     if dead_letter_parts:
         dead_letters = [dead_letters, *dead_letter_parts] | "AllDeadLetters" >> beam.Flatten()
-    duplicates = pipeline | "NoDuplicates" >> beam.Create([])
-    kept_paths = None
+    duplicates = kept_paths = None
     if plan.incremental:
         one_each = tuple(parts) | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
         kept, duplicates = [one_each.kept], one_each[ledger.DUPLICATES]
@@ -188,6 +189,13 @@ def build_pipeline(
             parts, "FilterLines", "LinesThatSelected", lambda instance: instance.filter_lines, UnionOfLines
         )
     return ExportOutputs(rows, schema, dead_letters, lines_used, file_records, gone)
+
+
+def _several_workers(pipeline_options) -> bool:
+    """False for a local run in this process (Beam's ``in_memory`` mode), else True."""
+    if pipeline_options is None:
+        return True
+    return pipeline_options.view_as(DirectOptions).direct_running_mode != "in_memory"
 
 
 def _combine_each(parts: list, label: str, combine_label: str, value, combine_fn):

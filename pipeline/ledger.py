@@ -302,7 +302,8 @@ class RecordFiles(beam.PTransform):
     """The files table's records of the inputs of this run: the inputs joined by path
     with what each became (a row, a duplicate, a dead letter, an archive read whole;
     nothing: not selected). ``kept``: ``(path, uids)`` of the instances that became
-    rows, one PCollection or a list of them (:func:`path_and_uids`)."""
+    rows, one PCollection or a list of them (:func:`path_and_uids`); ``duplicates``:
+    ``(path, uids)`` of the others of an instance (``--incremental``; else None)."""
 
     def __init__(self, kept, duplicates, dead_letters, run_started: str | None, archives=None):
         super().__init__()
@@ -318,7 +319,10 @@ class RecordFiles(beam.PTransform):
                     part | f"RowOutcome{index or ''}" >> beam.Map(lambda kept: (kept[0], (ROW, kept[1])))
                     for index, part in enumerate(kept)
                 ),
-                self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1]))),
+                *(
+                    [self.duplicates | "DuplicateOutcome" >> beam.Map(lambda d: (d[0], (DUPLICATE, d[1])))]
+                    if self.duplicates is not None else []
+                ),
                 self.dead_letters | "FailedOutcome" >> beam.Map(lambda d: (d["path"], (FAILED, None))),
                 *(
                     [self.archives | "ArchiveOutcome" >> beam.Map(lambda f: (f.path, (ARCHIVE, None)))]
