@@ -15,6 +15,12 @@ writing alone (no reading or flattening; one process, no Beam):
 
 ``--sweep`` also measures row-group sizes and codecs: write time, bytes, and two DuckDB
 reads of the folder (a filter on one column; a scan of a nested repeated column).
+
+``--load-memory 100000,300000``: the launcher's DuckDB load alone (``DuckDBTable.write``,
+one transaction, the file closed) of that many rows staged as JSON lines (10,000 rows per
+file), each in a fresh process: its wall time and peak resident memory with the load
+connection's settings (``LOAD_ROW_GROUP_SIZE``, ``LOAD_THREADS``) and with DuckDB's defaults
+(122,880 rows per row group, one thread per core).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,11 +155,61 @@ def sweep(rows, schema, workdir: pathlib.Path) -> None:
             shutil.rmtree(folder)
 
 
+def load_memory(counts: list[int]) -> None:
+    from pipeline.destinations import duckdb as destination
+
+    rows, schema = sample_rows(10_000)
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="dicom-bench-load-"))
+    try:
+        staged = workdir / "rows.json"
+        with open(staged, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        (workdir / "schema.json").write_text(json.dumps(schema))
+        settings = {
+            "load connection": (destination.LOAD_ROW_GROUP_SIZE, destination.LOAD_THREADS),
+            "DuckDB's defaults": (122_880, os.cpu_count() or 1),
+        }
+        print(f"\nDuckDB load alone, rows of samples/dicom staged 10,000 per file ({staged.stat().st_size / 1e6:.0f} MB)")
+        for count in counts:
+            for name, (row_group_size, threads) in settings.items():
+                files = [str(staged)] * -(-count // len(rows))  # the same rows again: memory, not content
+                command = [sys.executable, __file__, "--load-once", str(workdir), str(row_group_size), str(threads),
+                           json.dumps(files)]
+                result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+                print(f"  {len(files) * len(rows):>9,} rows  {name:18} (row groups of {row_group_size:,}, "
+                      f"{threads} thread{'s' if threads > 1 else ''}): {result['seconds']:6.1f} s, "
+                      f"peak {result['peak_mib']:,} MiB")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def load_once(workdir: str, row_group_size: str, threads: str, files: str) -> None:
+    """In a fresh process: one DuckDBTable.write of ``files``; prints seconds and peak RSS."""
+    import resource
+
+    from pipeline.destinations import duckdb as destination
+
+    destination.LOAD_ROW_GROUP_SIZE, destination.LOAD_THREADS = int(row_group_size), int(threads)
+    schema = json.loads(pathlib.Path(workdir, "schema.json").read_text())
+    database = pathlib.Path(workdir, f"load-{row_group_size}-{threads}.duckdb")
+    seconds, _ = timed(DuckDBTable(str(database), "t").write, schema, json.loads(files), Disposition.WRITE_TRUNCATE)
+    database.unlink()
+    print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--load-once"]:
+        load_once(*sys.argv[2:6])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="3000", help="comma-separated row counts (default 3000)")
     parser.add_argument("--sweep", action="store_true", help="also compare row-group sizes and codecs")
+    parser.add_argument("--load-memory", default=None, help="comma-separated row counts: the DuckDB load alone")
     args = parser.parse_args()
+    if args.load_memory:
+        load_memory([int(c) for c in args.load_memory.split(",")])
+        return
     print(f"machine: {os.cpu_count()} cores; duckdb {duckdb.__version__}; "
           f"pyarrow {pyarrow.__version__}")
     for count in (int(c) for c in args.rows.split(",")):
