@@ -58,7 +58,7 @@ from transforms.header import silence_pydicom
 from transforms.match import (
     file_identity,
     input_root,
-    iter_files,
+    iter_units,
     listing_units,
     looks_laid_out_by_uid,
     shard_listing_units,
@@ -309,7 +309,7 @@ def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext,
     records = destination.read_recorded_files(context)
     if records is None:
         return None
-    files = (input_file for unit in plan.listing_units for input_file in iter_files(unit, options))
+    files = iter_units(plan.listing_units, options)
     if plan.expand_archives:
         files = _no_archives(files)
     identity = file_identity if units_may_overlap(plan.listing_units) else None

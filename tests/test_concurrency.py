@@ -189,3 +189,19 @@ def test_a_failing_remote_listing_fails_the_run(gcs_bucket, proxy):
     _upload(bucket, "ok", 1)
     with pytest.raises(Exception, match="NotFound|404|no-such-bucket"):
         _list_units([f"gs://{bucket.name}/ok/**", "gs://no-such-bucket-dicom-test/x/**"])
+
+
+def test_the_launcher_lists_remote_units_several_at_once_in_order(gcs_bucket, proxy):
+    """The launcher's listing (a local --incremental run compares it with the files table
+    before any pipeline) overlaps units as ListFiles does, and keeps the units' order."""
+    from transforms.match import iter_units
+
+    _client, bucket = gcs_bucket
+    names = [name for study in range(12) for name in _upload(bucket, f"studies/{study:02d}", 2)]
+    units = [f"gs://{bucket.name}/studies/{study:02d}/**" for study in range(12)]
+    proxy.max_in_flight = 0
+    assert [f.path for f in iter_units(units)] == [f"gs://{bucket.name}/{name}" for name in names]
+    assert proxy.max_in_flight > 2
+    listed = iter_units(units + ["gs://no-such-bucket-dicom-test/x/**"])
+    with pytest.raises(Exception, match="NotFound|404|no-such-bucket"):
+        list(listed)

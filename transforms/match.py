@@ -274,6 +274,24 @@ def iter_files(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
     return iter(match_files(pattern))
 
 
+def iter_units(units: Iterable[str], pipeline_options=None) -> Iterator[InputFile]:
+    """The files of several listing units, unit by unit in the order given; remote units
+    are listed LISTING_CONCURRENCY at a time on threads (each is a chain of requests that
+    mostly waits), as :class:`ListFiles` lists them in the pipeline. Closing the iterator
+    early cancels the units not yet started."""
+    units = list(units)
+    if len(units) < 2 or not any(_is_remote(unit) for unit in units):
+        for unit in units:
+            yield from iter_files(unit, pipeline_options)
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(LISTING_CONCURRENCY, thread_name_prefix="list")
+    try:
+        for files in pool.map(lambda unit: list(iter_files(unit, pipeline_options)), units):
+            yield from files
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def match_files(pattern: str) -> list[InputFile]:
     """Files matching one pattern (folders excluded); an absent path matches nothing."""
     if not _is_remote(pattern) or pattern.startswith("gs://"):
