@@ -339,14 +339,18 @@ class RecordFiles(beam.PTransform):
         )
 
 
+#: :func:`compare_listing`'s answer when more files changed than it may hand over.
+TOO_MANY_CHANGED = "too many changed"
+
+
 def compare_listing(
     files: Iterable[InputFile], records: Iterable[dict], identity=None, most_changed: int | None = None
-) -> tuple[dict, list[InputFile]] | None:
+) -> tuple[dict, list[InputFile]] | str:
     """Compare a listing with the files table, as :class:`CompareWithLedger` does, before
     any pipeline: ``(counts, changed)``, the counters of the listing (``files_listed``;
     ``files_matched`` and ``unchanged_files`` of the unchanged files, :func:`is_unchanged`)
-    and the files to read, in listing order; or None if more than ``most_changed`` files
-    must be read (the pipeline then lists and compares itself).
+    and the files to read, in listing order; or :data:`TOO_MANY_CHANGED` as soon as more
+    than ``most_changed`` files must be read (the pipeline then lists and compares itself).
 
     ``identity`` (``transforms.match.file_identity``; give it when the listing units may
     overlap) makes the paths of one file one input, the first in path order, as
@@ -371,6 +375,6 @@ def compare_listing(
             continue
         changed.append(input_file)
         if most_changed is not None and len(changed) > most_changed:
-            return None
+            return TOO_MANY_CHANGED
     counts = {counters.FILES_LISTED: listed, counters.FILES_MATCHED: unchanged, counters.UNCHANGED_FILES: unchanged}
     return counts, changed

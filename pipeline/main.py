@@ -232,9 +232,11 @@ def run(argv: list[str] | None = None) -> dict:
         plan, run_started=context.run_started, incremental=context.incremental, prune_missing=context.prune_missing
     )
     listed_counts, read_ledger = {}, None  # listed_counts: what the launcher listed, when it compared
+    too_many = False  # more changed files than the launcher hands over: a large update
     if context.incremental and local:
         compared = _compare_before_pipeline(plan, destination, context, options)
-        if compared is not None:
+        too_many = compared is ledger.TOO_MANY_CHANGED
+        if compared is not None and not too_many:
             listed_counts, changed = compared
             if not changed:  # the scheduled run with nothing new: no pipeline at all
                 counts = {**dict.fromkeys(COUNTERS, 0), counters.ROWS_ADDED: 0, counters.ROWS_REPLACED: 0,
@@ -245,8 +247,8 @@ def run(argv: list[str] | None = None) -> dict:
                 options.view_as(DirectOptions).direct_running_mode = "in_memory"
     if context.incremental and plan.changed_files is None:
         read_ledger = destination.recorded_files(context)
-        if read_ledger is not None and defaulted:  # an update reads few files: worker processes cost more
-            options.view_as(DirectOptions).direct_running_mode = "in_memory"
+        if read_ledger is not None and defaulted and not too_many:  # an update reads few files: worker
+            options.view_as(DirectOptions).direct_running_mode = "in_memory"  # processes cost more than they save
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
@@ -300,8 +302,10 @@ def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext,
     the files table (:func:`pipeline.ledger.compare_listing`). Returns ``(counts,
     changed)``: the counters of the listing and of the unchanged files, and the files to
     read (none: the run ends without a pipeline; some: the pipeline reads just those,
-    without listing or comparing again). None if the pipeline must list and compare
-    itself (more than MOST_HANDED_FILES changed, or an input this check leaves to it).
+    without listing or comparing again). :data:`pipeline.ledger.TOO_MANY_CHANGED` if more
+    than MOST_HANDED_FILES changed, None for an input this check leaves to the pipeline
+    (an archive among the files, even with ``--no-archives``: whether a recorded archive
+    changed is the pipeline's rule); the pipeline then lists and compares itself.
     A scheduled run with nothing new then costs a listing, not Beam's start-up, and a
     small update only the pipeline's reading steps."""
     if plan.filter_uri or plan.uid_roots or plan.dicomweb_units or plan.prune_missing:
@@ -309,9 +313,7 @@ def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext,
     records = destination.read_recorded_files(context)
     if records is None:
         return None
-    files = iter_units(plan.listing_units, options)
-    if plan.expand_archives:
-        files = _no_archives(files)
+    files = _no_archives(iter_units(plan.listing_units, options))
     identity = file_identity if units_may_overlap(plan.listing_units) else None
     try:
         return ledger.compare_listing(files, records, identity, MOST_HANDED_FILES)

@@ -203,6 +203,22 @@ def test_finish_with_too_many_failures_writes_nothing(tmp_path):
     assert not (tmp_path / "x.duckdb").exists()
 
 
+def test_the_load_connection_writes_small_row_groups_with_one_thread_and_spills_beside_the_file(tmp_path):
+    """What keeps DuckDB's load from holding every new row in memory (LOAD_ROW_GROUP_SIZE);
+    a name with a quote and a space reaches ATTACH intact."""
+    path = tmp_path / "it's a db.duckdb"
+    con = DuckDBTable(str(path), "t")._connect(load=True)
+    try:
+        settings = con.execute("SELECT current_setting('threads'), current_setting('temp_directory')").fetchone()
+        assert settings == (1, str(path) + ".tmp")
+        con.execute("CREATE TABLE t AS SELECT range AS n FROM range(20000)")
+    finally:
+        con.close()
+    with duckdb.connect(str(path), read_only=True) as check:
+        groups = check.execute("SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('t')").fetchone()[0]
+    assert groups == 3  # 20,000 rows in row groups of 8,192
+
+
 def test_two_runs_of_one_process_started_in_the_same_second_are_two_runs(tmp_path, monkeypatch):
     """A destination takes a run with its own id for a retried step of itself (and then
     writes nothing): two runs that start within one second must not share an id."""

@@ -136,23 +136,40 @@ def test_a_second_incremental_run_with_no_change_reads_nothing_and_changes_nothi
     assert db.read_rows() == rows and files_table(db) == files
 
 
+def record_builds(monkeypatch) -> list:
+    """``(plan, Beam's running mode)`` of each pipeline ``pipeline.main`` builds from now on."""
+    import pipeline.main
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    built = []
+    build = pipeline.main.build_pipeline
+
+    def recording(beam_pipeline, plan, options, *args, **kwargs):
+        built.append((plan, options.view_as(DirectOptions).direct_running_mode))
+        return build(beam_pipeline, plan, options, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.main, "build_pipeline", recording)
+    return built
+
+
 def test_a_run_with_no_change_starts_no_pipeline_and_a_small_update_reads_only_the_changed_files(
     archive, db, monkeypatch
 ):
     import pipeline.main
 
     incremental(archive, db)
-    plans = []
-    build = pipeline.main.build_pipeline
-    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda p, plan, *a, **k: plans.append(plan) or build(p, plan, *a, **k))
+    built = record_builds(monkeypatch)
+    monkeypatch.setattr(pipeline.main, "MULTI_PROCESS_MIN_FILES", 3)  # the input alone would take workers
     unchanged = incremental(archive, db, "--write-disposition=WRITE_APPEND")
-    assert plans == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
+    assert built == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
     write_instance(archive / "f1", "1.2.3.4.5.1", 2)
     (archive / "f3").unlink()
     write_instance(archive / "f5", "1.2.3.4.5.5", 1)
     changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
-    # the launcher listed and compared: the pipeline is handed the two files to read
-    assert [sorted(f.path for f in plan.changed_files) for plan in plans] == [[str(archive / "f1"), str(archive / "f5")]]
+    # the launcher listed and compared: the pipeline is handed the two files to read, in one process
+    [(plan, mode)] = built
+    assert sorted(f.path for f in plan.changed_files) == [str(archive / "f1"), str(archive / "f5")]
+    assert mode == "in_memory"
     assert (changed["files_matched"], changed["unchanged_files"], changed["succeeded"]) == (5, 3, 2)
     assert (changed["rows_added"], changed["rows_replaced"]) == (1, 1)
     assert current_rows(db) == {f"1.2.3.4.5.{i}": 2 if i == 1 else 1 for i in range(6)}  # f3 kept: no --prune-missing
@@ -165,13 +182,14 @@ def test_an_update_larger_than_the_launcher_hands_over_is_listed_by_the_pipeline
 
     incremental(archive, db)
     monkeypatch.setattr(pipeline.main, "MOST_HANDED_FILES", 2)
-    plans = []
-    build = pipeline.main.build_pipeline
-    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda p, plan, *a, **k: plans.append(plan) or build(p, plan, *a, **k))
+    monkeypatch.setattr(pipeline.main, "MULTI_PROCESS_MIN_FILES", 3)  # the input alone would take workers
+    built = record_builds(monkeypatch)
     for index in (0, 1, 2):
         write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 3)
     changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
-    assert [plan.changed_files for plan in plans] == [None]
+    [(plan, mode)] = built
+    assert plan.changed_files is None
+    assert mode == "multi_processing"  # a large update keeps the worker processes
     assert (changed["files_matched"], changed["unchanged_files"], changed["rows_replaced"]) == (5, 2, 3)
     assert current_rows(db) == {f"1.2.3.4.5.{i}": 3 if i < 3 else 1 for i in range(5)}
 
@@ -298,7 +316,7 @@ def test_a_file_is_unchanged_only_if_recorded_as_exported_with_the_same_version(
 
 
 def test_the_launchers_comparison_finds_the_files_to_read_as_the_pipeline_would():
-    from pipeline.ledger import compare_listing
+    from pipeline.ledger import TOO_MANY_CHANGED, compare_listing
     from transforms.storage import InputFile
 
     records = [{"path": "/a", "version": "1", "outcome": "row"}, {"path": "/b", "version": "2", "outcome": "row"},
@@ -314,7 +332,7 @@ def test_the_launchers_comparison_finds_the_files_to_read_as_the_pipeline_would(
     counts, changed = compare_listing([a, changed_b, new, failed], records)
     assert changed == [changed_b, new, failed]  # changed, new, failed before: read again
     assert counts == {"files_listed": 4, "files_matched": 1, "unchanged_files": 1}
-    assert compare_listing([a, changed_b, new, failed], records, most_changed=2) is None  # the pipeline lists
+    assert compare_listing([a, changed_b, new, failed], records, most_changed=2) == TOO_MANY_CHANGED  # pipeline lists
     assert compare_listing([], records) == ({"files_listed": 0, "files_matched": 0, "unchanged_files": 0}, [])
 
 

@@ -20,6 +20,7 @@ import os
 import queue
 import re
 import stat
+import threading
 from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
@@ -278,18 +279,30 @@ def iter_units(units: Iterable[str], pipeline_options=None) -> Iterator[InputFil
     """The files of several listing units, unit by unit in the order given; remote units
     are listed LISTING_CONCURRENCY at a time on threads (each is a chain of requests that
     mostly waits), as :class:`ListFiles` lists them in the pipeline. Closing the iterator
-    early cancels the units not yet started."""
+    early cancels the units not yet started and stops the others at their next page,
+    without waiting for them."""
     units = list(units)
     if len(units) < 2 or not any(_is_remote(unit) for unit in units):
         for unit in units:
             yield from iter_files(unit, pipeline_options)
         return
+    stop = threading.Event()
+
+    def list_unit(unit: str) -> list[InputFile]:
+        files = []
+        for input_file in iter_files(unit, pipeline_options):
+            if stop.is_set():
+                break
+            files.append(input_file)
+        return files
+
     pool = concurrent.futures.ThreadPoolExecutor(LISTING_CONCURRENCY, thread_name_prefix="list")
     try:
-        for files in pool.map(lambda unit: list(iter_files(unit, pipeline_options)), units):
+        for files in pool.map(list_unit, units):
             yield from files
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def match_files(pattern: str) -> list[InputFile]:

@@ -44,10 +44,11 @@ _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,1023}")
 
 #: How the launcher's load connection is set up. A transaction's new rows are written to
 #: the file ahead of the commit a whole row group at a time: with DuckDB's 122,880 rows per
-#: group and rows of this width (hundreds of columns), a 100,000-instance load held them all
-#: in memory. With smaller row groups and one thread (two made the checkpoint when the file
-#: is closed hold the whole load again), 300,000 rows of the bench's instances peaked at
-#: 807 MiB against 1,840 MiB, in 18.0 s against 19.2 s (``bench/pipeline.py`` for the run).
+#: group and rows of this width (hundreds of columns), a 100,000-row load held them all in
+#: memory. With smaller row groups and one thread (with two, the checkpoint when the file is
+#: closed held the whole load again) the load alone peaked at 695 MiB against 1,289 MiB for
+#: 100,000 rows (4.7 s against 4.8 s) and at 769 MiB against 1,782 MiB for 300,000 rows, at
+#: the price of time there (13.8 s against 9.3 s): ``bench/destinations.py --load-memory``.
 LOAD_ROW_GROUP_SIZE = 8192
 LOAD_THREADS = 1
 _ATTACHED = "export"  # the database file's name in a loading connection
@@ -165,7 +166,8 @@ class DuckDBTable(Destination):
         try:
             if not load:
                 return duckdb.connect(self.path, read_only=read_only)
-            con = duckdb.connect(config={"threads": LOAD_THREADS})
+            # spills go beside the database, as with a connection to the file itself
+            con = duckdb.connect(config={"threads": LOAD_THREADS, "temp_directory": self.path + ".tmp"})
             try:  # the row group size is an option of ATTACH only
                 con.execute(f"ATTACH {_sql_string(self.path)} AS {quote(_ATTACHED)} (ROW_GROUP_SIZE {LOAD_ROW_GROUP_SIZE})")
                 con.execute(f"USE {quote(_ATTACHED)}")
