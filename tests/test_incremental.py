@@ -136,6 +136,11 @@ def test_a_second_incremental_run_with_no_change_reads_nothing_and_changes_nothi
     assert db.read_rows() == rows and files_table(db) == files
 
 
+def incremental_without_runner(archive, db, *args):
+    """As a user runs it: without ``--runner`` the export chooses how to run locally."""
+    return run(["--progress-seconds=0", "--input", str(archive), f"--bq-table={db}", "--incremental", *args])
+
+
 def record_builds(monkeypatch) -> list:
     """``(plan, Beam's running mode)`` of each pipeline ``pipeline.main`` builds from now on."""
     import pipeline.main
@@ -160,12 +165,12 @@ def test_a_run_with_no_change_starts_no_pipeline_and_a_small_update_reads_only_t
     incremental(archive, db)
     built = record_builds(monkeypatch)
     monkeypatch.setattr(pipeline.main, "MULTI_PROCESS_MIN_FILES", 3)  # the input alone would take workers
-    unchanged = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    unchanged = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     assert built == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
     write_instance(archive / "f1", "1.2.3.4.5.1", 2)
     (archive / "f3").unlink()
     write_instance(archive / "f5", "1.2.3.4.5.5", 1)
-    changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    changed = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     # the launcher listed and compared: the pipeline is handed the two files to read, in one process
     [(plan, mode)] = built
     assert sorted(f.path for f in plan.changed_files) == [str(archive / "f1"), str(archive / "f5")]
@@ -186,7 +191,7 @@ def test_an_update_larger_than_the_launcher_hands_over_is_listed_by_the_pipeline
     built = record_builds(monkeypatch)
     for index in (0, 1, 2):
         write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 3)
-    changed = incremental(archive, db, "--write-disposition=WRITE_APPEND")
+    changed = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     [(plan, mode)] = built
     assert plan.changed_files is None
     assert mode == "multi_processing"  # a large update keeps the worker processes
