@@ -14,7 +14,9 @@ the ledger that keeps it current for the price of reading only what changed:
   :class:`CompareWithLedger` looks each path up in the files table, read once as a side
   input. A file recorded as exported (:data:`EXPORTED`) with the same version is
   *unchanged* and not read; a new or changed file, or one that failed or was not
-  selected before, is read again;
+  selected before, is read again. A local run over plain files makes the same
+  comparison in the launcher before any pipeline (:func:`compare_listing`) and hands the
+  pipeline only the files to read, or ends there when there are none;
 * an archive is the unit of change: its members (``ARCHIVE#member``) are versioned
   ``ARCHIVE_VERSION|MEMBER`` (:func:`transforms.sources.archives.member_version`), and an
   archive read whole has a record of its own (outcome ``archive``). An archive recorded
