@@ -266,29 +266,28 @@ class DuckDBTable(Destination):
         database is not open in the launcher meanwhile)."""
         import apache_beam as beam
 
-        if context.disposition.replaces:
+        if not self._read_ledger(context, lambda con, files_table: True):
             return None
-        con = self._connect(read_only=True)
-        if con is None:
-            return None
-        try:
-            if not self._exists(con, self.table) or not self._exists(con, files_table_name(self.table)):
-                return None  # a new table: every listed file is read
-        finally:
-            con.close()
         reference = (self.path, files_table_name(self.table))
         return beam.Create([reference]) | "Records" >> beam.FlatMap(_read_files_table)
 
     def read_recorded_files(self, context: RunContext):
+        return self._read_ledger(context, lambda con, files_table: list(_records(con, files_table)))
+
+    def _read_ledger(self, context: RunContext, read):
+        """``read(connection, files table)`` on a read-only connection; None if the run
+        rebuilds the table or there is no table with a files table to compare with (a new
+        table: every listed file is read)."""
         if context.disposition.replaces:
             return None
         con = self._connect(read_only=True)
         if con is None:
             return None
         try:
-            if not self._exists(con, self.table) or not self._exists(con, files_table_name(self.table)):
+            files_table = files_table_name(self.table)
+            if not self._exists(con, self.table) or not self._exists(con, files_table):
                 return None
-            return list(_records(con, files_table_name(self.table)))
+            return read(con, files_table)
         finally:
             con.close()
 
