@@ -53,6 +53,9 @@ class ExportPlan:
     # files table (a local --incremental update of plain files): no listing, no comparison,
     # no archive among them (pipeline.main._compare_before_pipeline).
     changed_files: tuple | None = None
+    # Local files are read on this many processes of this machine (a local run in one
+    # Beam process: transforms.read.ReadProcesses); 0 reads them in the calling thread.
+    read_processes: int = 0
 
 
 class ExportOutputs(NamedTuple):
@@ -143,7 +146,7 @@ def build_pipeline(
         else:  # instance mode: read like files, through the opener
             files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
 
-    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener)
+    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes)
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )

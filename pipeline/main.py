@@ -55,6 +55,7 @@ from pipeline.staging import SPOOL, read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
+from transforms.read import start_fork_server
 from transforms.match import (
     file_identity,
     input_root,
@@ -82,19 +83,22 @@ def _runner_name(options: PipelineOptions) -> str:
     return runner if isinstance(runner, str) else type(runner).__name__
 
 
-#: Below this many local input files the export runs in this process. Two worker
-#: processes cost about 3.5 s more CPU than one (each imports Beam; elements cross
-#: processes encoded) and about 2.5 s more wall time on three files; converting costs
-#: ~2.5 ms per instance in one process. At 2,000 instances two workers used 11.6-13 s
-#: of CPU against 7.1-7.5 s in one process, for about the same wall time on two free
-#: cores and much more on a busy machine (20-24 s against 14-15 s, bench/stages.py
-#: and bench/pipeline.py); a second core pays for itself only on larger inputs.
+#: A run whose input is remote (several Cloud Storage listing units, DICOMweb) is spread
+#: over one Beam worker process per core; an --incremental update of fewer files than
+#: this runs in the launcher's process instead. Two worker processes cost about 3.5 s
+#: more CPU than one (each imports Beam; elements cross processes encoded) and about
+#: 2.5 s more wall time on three files.
 MULTI_PROCESS_MIN_FILES = 3000
+
+#: A local run over at least this many local files reads them on one process per core
+#: (``transforms.read.ReadProcesses``): the processes start in ~0.3 s from a fork
+#: server that imports no Beam, then each file costs about half the wall time.
+READ_PROCESSES_MIN_FILES = 200
 
 
 def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
-    """Without ``--runner``: Beam's portable runner in this process, or, for an input of
-    at least MULTI_PROCESS_MIN_FILES files (or any remote input), one worker process
+    """Without ``--runner``: Beam's portable runner in this process, or, for a remote
+    input that several workers can share (:func:`_one_beam_process`), one worker process
     per core. (DirectRunner would first try to download the Prism runner from GitHub.)
     True if it chose worker processes.
     """
@@ -106,11 +110,26 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
     cores = os.cpu_count() or 1
     if _given(options, "direct_running_mode", "direct_num_workers"):
         return False  # the user chose how the local run is spread
-    if cores > 1 and direct.direct_running_mode == "in_memory" and not _small_local_input(plan):
+    if cores > 1 and direct.direct_running_mode == "in_memory" and not _one_beam_process(plan):
         direct.direct_running_mode = "multi_processing"
         direct.direct_num_workers = cores
         return True
     return False
+
+
+def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | None = None) -> int:
+    """How many processes read the local files of a local run in one Beam process: one per
+    core if the input is all local and holds at least READ_PROCESSES_MIN_FILES files
+    (``files``, when the launcher already knows how many it reads), else 0 (read in
+    Beam's own thread). 0 too when the user chose how the run is spread."""
+    cores = os.cpu_count() or 1
+    direct = options.view_as(DirectOptions)
+    if (cores < 2 or direct.direct_running_mode != "in_memory" or not _all_local(plan)
+            or _given(options, "runner", "direct_running_mode", "direct_num_workers")):
+        return 0
+    if files is None:
+        files = _count_local_files(plan, READ_PROCESSES_MIN_FILES)
+    return cores if files >= READ_PROCESSES_MIN_FILES else 0
 
 
 def _given(options: PipelineOptions, *names: str) -> bool:
@@ -120,18 +139,27 @@ def _given(options: PipelineOptions, *names: str) -> bool:
     return any(re.match(rf"--{name}(=|$)", flag) for flag in flags for name in names)
 
 
-def _small_local_input(plan: ExportPlan) -> bool:
-    """True if the input is local and has fewer than MULTI_PROCESS_MIN_FILES files, or is
-    one Cloud Storage listing unit (listed and read by one worker, its reads in parallel
-    threads: a second process would only cost its start-up).
+def _all_local(plan: ExportPlan) -> bool:
+    """True if every input is on this machine's disk (no Cloud Storage, no DICOMweb)."""
+    return not plan.dicomweb_units and not any("://" in unit for unit in plan.listing_units + plan.uid_roots)
 
-    With a filter file the files under the input count, whether listed by UID layout or
-    not: the filter can only select fewer of them.
-    """
+
+def _one_beam_process(plan: ExportPlan) -> bool:
+    """True if the run is best in one Beam process: a local input (its files are read on
+    processes of this machine, :func:`_read_processes`, which cost less than Beam's
+    workers), or one Cloud Storage listing unit (listed and read by one worker, its
+    reads in parallel threads: a second process would only cost its start-up)."""
     if plan.dicomweb_units:
         return False
     if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
         return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
+    return True
+
+
+def _count_local_files(plan: ExportPlan, at_most: int) -> int:
+    """The files under a local input's listing units, counted up to ``at_most``. With a
+    filter file the files under the input count, whether listed by UID layout or not:
+    the filter can only select fewer of them."""
     count = 0
     for unit in plan.listing_units:
         if unit.endswith("/*") and os.path.isdir(unit[:-2]):
@@ -139,13 +167,13 @@ def _small_local_input(plan: ExportPlan) -> bool:
         elif unit.endswith("/**") and os.path.isdir(unit[:-3]):
             for _root, _dirs, files in os.walk(unit[:-3]):
                 count += len(files)
-                if count >= MULTI_PROCESS_MIN_FILES:
-                    return False
+                if count >= at_most:
+                    return count
         else:
             count += len(glob.glob(unit, recursive=True))
-        if count >= MULTI_PROCESS_MIN_FILES:
-            return False
-    return True
+        if count >= at_most:
+            return count
+    return count
 
 
 def input_patterns(values: list[str]) -> list[str]:
@@ -218,6 +246,7 @@ def run(argv: list[str] | None = None) -> dict:
     destination = _usage(parse_destination, export.bq_table or DEFAULT_URI, options)
     plan, filter_file = plan_export(export, options)
     defaulted = _local_defaults(options, plan)
+    plan = dataclasses.replace(plan, read_processes=_read_processes(options, plan))
     runner = _runner_name(options)
     local = runner in LOCAL_RUNNERS
     _usage(destination.check_runner, local)
@@ -245,10 +274,13 @@ def run(argv: list[str] | None = None) -> dict:
             plan = dataclasses.replace(plan, changed_files=tuple(changed))
             if defaulted and len(changed) < MULTI_PROCESS_MIN_FILES:
                 options.view_as(DirectOptions).direct_running_mode = "in_memory"
+            plan = dataclasses.replace(plan, read_processes=_read_processes(options, plan, len(changed)))
     if context.incremental and plan.changed_files is None:
         read_ledger = destination.recorded_files(context)
         if read_ledger is not None and defaulted and not too_many:  # an update reads few files: worker
             options.view_as(DirectOptions).direct_running_mode = "in_memory"  # processes cost more than they save
+    if plan.read_processes and read_ledger is None:
+        start_fork_server()  # the read processes' server starts while the pipeline is built
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None

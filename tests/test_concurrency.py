@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.destinations.duckdb import DuckDBTable
 from pipeline.graph import ExportPlan
-from pipeline.main import _small_local_input, run
+from pipeline.main import _one_beam_process, run
 from tests.builders import instance, to_bytes
 from transforms.flatten import LIST, READ, Outcome, read_input
 from transforms.match import FileSystems, iter_files, units_may_overlap
@@ -157,7 +157,7 @@ def test_units_may_overlap(units, overlap):
     (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True),  # a small filter run
 ])
 def test_runs_that_stay_in_one_process(plan, one_process):
-    assert _small_local_input(plan) is one_process
+    assert _one_beam_process(plan) is one_process
 
 
 def _list_units(units: list[str], expected: list[str] | None = None) -> None:

@@ -7,149 +7,181 @@ record on the :data:`DEAD_LETTERS` tagged output, the way Beam's own sinks emit 
 rows: failures are values, never exceptions that stop a worker. Messages never quote tag
 values.
 
-The rule for one input is :func:`read_input`, a function of the input, an opener and the
-filter file; the DoFn only wires it. It reads ``opener.concurrency(input)`` inputs at
-once on a thread pool created with the DoFn: remote inputs (Cloud Storage, and every
-other kind ``Opener.open`` serves) wait on the network, not the CPU. Beam's metrics are
-bound to the DoFn's own thread, so the threads return what happened and the DoFn counts
-it.
+The rule for one input is :func:`transforms.read.read_input`, a function of the input,
+an opener and the filter file; the DoFn only wires it, and decides where it runs:
+
+* remote inputs (Cloud Storage, DICOMweb, every other kind ``Opener.open`` serves) wait
+  on the network, not the CPU: ``opener.concurrency(input)`` of them are read at once on
+  a thread pool created with the DoFn;
+* local inputs are read in the calling thread, or, with ``processes`` (a local run in
+  one Beam process), in chunks on that many processes of this machine
+  (:class:`transforms.read.ReadProcesses`), which is how a local run uses every core.
+
+Beam's metrics are bound to the DoFn's own thread, so threads and processes return what
+happened and the DoFn counts it, in input order.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import NamedTuple
+import concurrent.futures.process
+import logging
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from schemas.convert import BASE_FRAGMENT, flatten_instance
+from schemas.convert import BASE_FRAGMENT
 from schemas.merge import add_fragment, merge_fragments
 from transforms import counters
 from transforms.filter_file import FilterFile
-from transforms.header import describe_error, read_header, silence_pydicom
+from transforms.header import silence_pydicom
+from transforms.read import (  # noqa: F401 (the read step's values, named here too)
+    CHUNK_FILES,
+    CONVERT,
+    LIST,
+    READ,
+    Instance,
+    Outcome,
+    ReadProcesses,
+    dead_letter,
+    read_input,
+)
 from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener
 
 #: The tag of the dead-letter output of :class:`ReadInstances`.
 DEAD_LETTERS = "dead_letters"
-#: The stages a dead letter names: listing (set on the InputFile), reading, converting.
-LIST, READ, CONVERT = "list", "read", "convert"
-
-
-class Instance(NamedTuple):
-    """What one input file became."""
-
-    row: dict
-    fragment: frozenset
-    filter_lines: tuple
-    path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
-
-
-class Outcome(NamedTuple):
-    """What reading one input came to: an :class:`Instance`, a ``failure``
-    ``(stage, error_type, message)``, or neither (not selected by the filter file)."""
-
-    instance: Instance | None = None
-    failure: tuple[str, str, str] | None = None
-    bytes_read: int = 0
-    counts: dict | None = None
-    source_counts: dict | None = None  # a source's own counters (DICOMweb requests, retries)
-
-
-def read_input(input_file: InputFile, opener: Opener, filter_file: FilterFile | None = None) -> Outcome:
-    """Read, select and flatten one input; never raises for a bad input (its failure is
-    in the outcome). Safe to call from several threads with one ``opener``."""
-    if input_file.error is not None:
-        return Outcome(failure=(LIST, *input_file.error))
-    stage = READ
-    counting = None
-    try:
-        fileobj, counting = opener.open(input_file)
-        with fileobj:
-            header = read_header(fileobj)
-            lines: tuple = ()
-            if filter_file is not None:
-                lines = tuple(filter_file.selecting_lines(*header.uids))
-                if not lines:
-                    return Outcome(bytes_read=counting.bytes_read, source_counts=_source_counts(counting))
-            stage = CONVERT
-            flattened = flatten_instance(
-                header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred
-            )
-    except Exception as error:  # any failure of one input is that input's dead letter
-        bytes_read = counting.bytes_read if counting is not None else 0
-        return Outcome(failure=(stage, type(error).__name__, describe_error(error)), bytes_read=bytes_read,
-                       source_counts=_source_counts(counting))
-    instance = Instance(flattened.row, flattened.fragment, lines, input_file.path)
-    return Outcome(instance, None, counting.bytes_read, flattened.counts, _source_counts(counting))
-
-
-def _source_counts(counting) -> dict | None:
-    """The counters an opened input's source kept (a DICOMweb retrieve: requests, retries)."""
-    return getattr(counting, "counts", None) if counting is not None else None
-
-
-def dead_letter(path: str, stage: str, error_type: str, message: str, run_started: str | None = None) -> dict:
-    """The dead-letter record of one failed input (the ``TABLE_errors`` row)."""
-    return {"path": path, "stage": stage, "error_type": error_type, "message": message, "run_started": run_started}
 
 
 class ReadInstances(beam.DoFn):
     """An input file → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
 
-    Inputs are read ``opener.concurrency(input)`` at a time on a thread pool: each
-    ``process`` call submits its input and emits the outcomes already done, in input
-    order, keeping at most ``2 × concurrency`` in flight; ``finish_bundle`` emits the
-    rest. One at a time (local disk) reads in the calling thread. With a filter file
-    (side input), instances no line selects are counted as ``not_selected`` and
-    dropped: they are neither successes nor failures.
+    Remote inputs are read ``opener.concurrency(input)`` at a time on a thread pool;
+    local inputs in the calling thread, or with ``processes`` > 0 in chunks of
+    :data:`CHUNK_FILES` on that many processes. Each ``process`` call emits the
+    outcomes already done, in input order, keeping a bounded number in flight;
+    ``finish_bundle`` emits the rest. With a filter file (side input), instances no line
+    selects are counted as ``not_selected`` and dropped: they are neither successes nor
+    failures.
+
+    The processes are this machine's: ``processes`` is for a run whose Beam workers
+    share the launcher's process (a local ``in_memory`` run). Should a read process die,
+    its chunk is read again in this process and so is the rest of the run: no input is
+    lost.
     """
 
     def __init__(self, pipeline_options=None, run_started: str | None = None, reporter=None,
-                 opener: Opener | None = None):
+                 opener: Opener | None = None, processes: int = 0):
         self._options = pipeline_options
         self._opener_settings = opener  # an Opener with the archive options (else the default one)
         self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
         self._run_started = run_started
+        self._processes = processes
         self.counters = {name: Metrics.counter(counters.NAMESPACE, name) for name in counters.READ_COUNTERS}
         self.bytes_per_instance = Metrics.distribution(counters.NAMESPACE, counters.BYTES_READ_PER_INSTANCE)
 
     def setup(self):
         silence_pydicom()
         self._opener = self._opener_settings or Opener(self._options)
-        self._pool = None
+        self._threads = None
+        self._read_processes = None
+        self._use_processes = self._processes > 0
+        self._most_in_flight = max(2 * REMOTE_CONCURRENCY, 2 * self._processes * CHUNK_FILES)
 
     def teardown(self):
-        if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "_threads", None) is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "_read_processes", None) is not None:
+            self._read_processes.shutdown()
 
     def start_bundle(self):
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()  # (inputs, future of their outcomes)
+        self._in_flight = 0
+        self._chunk: list = []  # local inputs not yet handed to a read process
+        self._filter_file = None
 
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
-        concurrency = self._opener.concurrency(input_file)
-        if concurrency <= 1 and not self._pending:
+        self._filter_file = filter_file
+        local = self._opener.concurrency(input_file) <= 1
+        if local and self._use_processes:
+            self._chunk.append(input_file)
+            if len(self._chunk) >= CHUNK_FILES:
+                self._submit_chunk()
+        elif local and not self._pending and not self._chunk:
             yield from self._emit(input_file, read_input(input_file, self._opener, filter_file))
             return
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(REMOTE_CONCURRENCY, thread_name_prefix="read")
-        self._pending.append((input_file, self._pool.submit(read_input, input_file, self._opener, filter_file)))
-        while self._pending and (self._pending[0][1].done() or len(self._pending) > 2 * concurrency):
-            done_file, future = self._pending.popleft()
-            yield from self._emit(done_file, future.result())
+        else:
+            self._submit_chunk()  # inputs keep their order
+            if self._threads is None:
+                self._threads = concurrent.futures.ThreadPoolExecutor(REMOTE_CONCURRENCY, thread_name_prefix="read")
+            self._add_pending([input_file], self._threads.submit(_read_one, input_file, self._opener, filter_file))
+        while self._pending and (self._pending[0][1].done() or self._in_flight > self._most_in_flight):
+            yield from self._emit_next()
 
     def finish_bundle(self):
+        self._submit_chunk()
         while self._pending:
-            done_file, future = self._pending.popleft()
-            for output in self._emit(done_file, future.result()):
+            for output in self._emit_next():
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
                 else:
                     yield GlobalWindows.windowed_value(output)
         if self._reporter is not None:
             self._reporter.flush()
+
+    def _add_pending(self, inputs: list, future) -> None:
+        self._pending.append((inputs, future))
+        self._in_flight += len(inputs)
+
+    def _submit_chunk(self) -> None:
+        if not self._chunk:
+            return
+        chunk, self._chunk = self._chunk, []
+        pool, future = self._processes_for(self._filter_file), None
+        if pool is not None:
+            try:
+                future = pool.submit(chunk)
+            except (OSError, RuntimeError) as error:  # the processes could not start (BrokenProcessPool too)
+                self._stop_processes(f"could not start read processes ({type(error).__name__})")
+        if future is None:
+            future = concurrent.futures.Future()
+            future.set_result([read_input(input_file, self._opener, self._filter_file) for input_file in chunk])
+        self._add_pending(chunk, future)
+
+    def _processes_for(self, filter_file):
+        """The read processes (started on first use, with the run's filter file), or
+        None once they could not start or one died."""
+        if not self._use_processes:
+            return None
+        if self._read_processes is None or self._read_processes.filter_file is not filter_file:
+            if self._read_processes is not None:
+                self._read_processes.shutdown()
+            try:
+                self._read_processes = ReadProcesses(self._processes, self._opener, filter_file)
+            except (OSError, RuntimeError) as error:
+                self._stop_processes(f"could not start read processes ({type(error).__name__})")
+                return None
+        return self._read_processes
+
+    def _stop_processes(self, why: str) -> None:
+        if self._use_processes:
+            logging.warning("dicom-bq-export: %s; reading in the launcher's process instead", why)
+        self._use_processes = False
+        if self._read_processes is not None:
+            self._read_processes.shutdown()
+            self._read_processes = None
+
+    def _emit_next(self):
+        inputs, future = self._pending.popleft()
+        self._in_flight -= len(inputs)
+        try:
+            outcomes = future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            self._stop_processes("a read process ended unexpectedly")
+            outcomes = [read_input(input_file, self._opener, self._filter_file) for input_file in inputs]
+        for input_file, outcome in zip(inputs, outcomes):
+            yield from self._emit(input_file, outcome)
 
     def _emit(self, input_file: InputFile, outcome: Outcome):
         if self._reporter is not None:
@@ -210,3 +242,7 @@ class UnionOfLines(beam.CombineFn):
 
     def extract_output(self, accumulator):
         return sorted(accumulator)
+
+
+def _read_one(input_file: InputFile, opener: Opener, filter_file: FilterFile | None) -> list[Outcome]:
+    return [read_input(input_file, opener, filter_file)]

@@ -1,0 +1,165 @@
+"""A local run reads its local files on processes of this machine (transforms.read).
+
+Real files (pydicom's bundled test files: many vendors, broken and non-DICOM ones among
+them), the real Beam runner, real worker processes and a real DuckDB file. The rows,
+dead letters and counts must be exactly those of the same run read in one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import zipfile
+
+import duckdb
+import pytest
+
+import pipeline.main
+from pipeline.graph import ExportPlan
+from pipeline.options import parse_pipeline_options
+from tests.conftest import bundled_files
+from transforms.flatten import ReadInstances
+from transforms.read import CHUNK_FILES, ReadProcesses
+from transforms.storage import InputFile, Opener
+
+# not bytes_read: each read process opens the ZIP's directory for itself
+COUNTS = ("files_matched", "succeeded", "failed", "not_selected_by_filter", "tags_dropped_by_rule", "tags_dropped_not_fit",
+          "other_elements", "charset_fallbacks")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """pydicom's bundled files, flat, plus a ZIP of a few of them (members are read by the
+    read processes too) and a file that is not DICOM."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    files = bundled_files()
+    for index, path in enumerate(files):
+        shutil.copyfile(path, folder / f"{index:04d}_{os.path.basename(path)}")
+    with zipfile.ZipFile(folder / "some.zip", "w") as bundle:
+        for index, path in enumerate(files[:40:4]):
+            bundle.write(path, f"member{index}.dcm")
+    (folder / "notes.txt").write_text("not DICOM\n")
+    return folder
+
+
+def _export(folder, db, monkeypatch, *extra) -> tuple[dict, list, list, list]:
+    """Run the export; return its summary, the plans it built, its rows and its dead letters."""
+    plans = []
+    build = pipeline.main.build_pipeline
+    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda p, plan, *a, **k: plans.append(plan) or build(p, plan, *a, **k))
+    summary = pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{db}#t", *extra])
+    with duckdb.connect(str(db)) as con:
+        rows = sorted(json.dumps(row, sort_keys=True, default=str) for row in
+                      [dict(zip([c[0] for c in con.description], r)) for r in con.execute("SELECT * FROM t").fetchall()])
+        errors = sorted(con.execute("SELECT path, stage, error_type, message FROM t_errors").fetchall())
+    return summary, plans, rows, errors
+
+
+def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_of_one_thread(folder, tmp_path, monkeypatch):
+    if (os.cpu_count() or 1) < 2:
+        pytest.fail("this test needs two cores: read processes are one per core")
+    started = []
+    init = ReadProcesses.__init__
+    monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: started.append(a[0]) or init(self, *a, **k))
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch)
+    assert plan.read_processes == os.cpu_count() and started == [os.cpu_count()]
+    # the same input read in Beam's thread: the user chose the running mode
+    threaded, [plan], same_rows, same_errors = _export(
+        folder, tmp_path / "threaded.duckdb", monkeypatch, "--direct_running_mode=in_memory"
+    )
+    assert plan.read_processes == 0 and started == [os.cpu_count()]
+    assert pooled["succeeded"] > 150 and pooled["failed"] > 0  # the bundled files include broken ones
+    assert {name: pooled.get(name) for name in COUNTS} == {name: threaded.get(name) for name in COUNTS}
+    assert rows == same_rows
+    assert errors == same_errors
+    assert any(path.endswith("notes.txt") for path, *_ in errors)
+
+
+def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder, tmp_path, monkeypatch):
+    import pydicom
+
+    selected = []
+    for path in sorted(folder.iterdir())[:60]:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            selected.append(f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}")
+        except Exception:  # not every bundled file is an instance
+            continue
+    assert len(selected) > 20
+    filter_file = tmp_path / "filter.txt"
+    filter_file.write_text("\n".join(selected[::3]) + "\n")
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    args = ("--filter-config-gcs-uri", str(filter_file), "--input-layout", "any")
+    pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch, *args)
+    assert plan.read_processes >= 2
+    threaded, [plan], same_rows, same_errors = _export(
+        folder, tmp_path / "threaded.duckdb", monkeypatch, *args, "--direct_running_mode=in_memory"
+    )
+    assert plan.read_processes == 0
+    assert pooled["not_selected_by_filter"] > 0 and pooled["succeeded"] > 0
+    assert {name: pooled.get(name) for name in COUNTS} == {name: threaded.get(name) for name in COUNTS}
+    assert (rows, errors) == (same_rows, same_errors)
+
+
+def _drive(dofn: ReadInstances, inputs: list[InputFile], during=None) -> list:
+    """Run the DoFn's methods as Beam does for one bundle; ``during(dofn)`` after the
+    first chunks are handed over. Returns every output, in order."""
+    dofn.setup()
+    dofn.start_bundle()
+    outputs = []
+    for index, input_file in enumerate(inputs):
+        outputs += list(dofn.process(input_file))
+        if during is not None and index == 2 * CHUNK_FILES:
+            during(dofn)
+    outputs += [value.value for value in dofn.finish_bundle()]
+    dofn.teardown()
+    return outputs
+
+
+def _path(output) -> str:
+    return output.path if hasattr(output, "path") else output.value["path"]
+
+
+def test_no_input_is_lost_when_a_read_process_dies(folder):
+    """Killing the read processes mid-run: their chunks are read again in this process."""
+    inputs = [InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir())]
+    expected = _drive(ReadInstances(opener=Opener()), inputs)
+
+    def kill(dofn):
+        for process in list(dofn._read_processes._executor._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+
+    dofn = ReadInstances(opener=Opener(), processes=2)
+    outputs = _drive(dofn, inputs, during=kill)
+    assert dofn._read_processes is None and not dofn._use_processes  # it noticed, and read on in this process
+    assert [_path(output) for output in outputs] == [_path(output) for output in expected]
+    assert [getattr(output, "row", None) for output in outputs] == [getattr(output, "row", None) for output in expected]
+
+
+def test_outputs_keep_the_inputs_order_on_processes(folder):
+    inputs = [InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir())]
+    outputs = _drive(ReadInstances(opener=Opener(), processes=2), inputs)
+    expected = _drive(ReadInstances(opener=Opener()), inputs)
+    assert [_path(output) for output in outputs] == [_path(output) for output in expected]
+    assert len(outputs) == len(inputs)
+
+
+@pytest.mark.parametrize("units, files, processes", [
+    ((), 5000, os.cpu_count()),  # a large local input
+    ((), 10, 0),  # a few files: starting processes would cost more than it saves
+    (("gs://b/d/**",), 5000, 0),  # remote: read on threads
+])
+def test_which_runs_read_on_processes(tmp_path, units, files, processes):
+    if (os.cpu_count() or 1) < 2:
+        pytest.fail("this test needs two cores")
+    plan = ExportPlan(listing_units=units or (str(tmp_path) + "/**",))
+    options = parse_pipeline_options(["--input", str(tmp_path)])
+    pipeline.main._local_defaults(options, plan)
+    assert pipeline.main._read_processes(options, plan, files) == processes
+    chosen = parse_pipeline_options(["--input", str(tmp_path), "--direct_running_mode=in_memory"])
+    pipeline.main._local_defaults(chosen, plan)
+    assert pipeline.main._read_processes(chosen, plan, files) == 0  # the user chose how the run is spread

@@ -1,0 +1,168 @@
+"""Reading one input: its header read, selected by the filter file and flattened, as a value.
+
+Pure Python, no Beam: :class:`transforms.flatten.ReadInstances` wires these into the
+pipeline, and a local run's worker processes (:class:`ReadProcesses`) import this module
+alone, so that they start in a fraction of a second.
+
+:func:`read_input` is the rule for one input. A failure is part of its outcome, never an
+exception, and its message never quotes a tag value.
+
+:class:`ReadProcesses` reads local files on processes of this machine. Parsing a header
+is CPU-bound Python, so threads cannot use a second core; Beam's own local worker
+processes can, but each imports Beam again and every element then crosses processes
+encoded, which costs more than it gains below a few thousand files. A local run
+(``in_memory``) instead keeps Beam in its one process and hands the read step's files, in
+chunks, to a pool of processes started from a fork server (``forkserver``: they are
+forked from a process that has imported only this module, never from a process running
+Beam's threads).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import multiprocessing
+import sys
+from typing import NamedTuple
+
+from schemas.convert import flatten_instance
+from transforms.filter_file import FilterFile
+from transforms.header import describe_error, read_header, silence_pydicom
+from transforms.storage import InputFile, Opener
+
+#: The stages a dead letter names: listing (set on the InputFile), reading, converting.
+LIST, READ, CONVERT = "list", "read", "convert"
+
+
+class Instance(NamedTuple):
+    """What one input file became."""
+
+    row: dict
+    fragment: frozenset
+    filter_lines: tuple
+    path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
+
+
+class Outcome(NamedTuple):
+    """What reading one input came to: an :class:`Instance`, a ``failure``
+    ``(stage, error_type, message)``, or neither (not selected by the filter file)."""
+
+    instance: Instance | None = None
+    failure: tuple[str, str, str] | None = None
+    bytes_read: int = 0
+    counts: dict | None = None
+    source_counts: dict | None = None  # a source's own counters (DICOMweb requests, retries)
+
+
+def read_input(input_file: InputFile, opener: Opener, filter_file: FilterFile | None = None) -> Outcome:
+    """Read, select and flatten one input; never raises for a bad input (its failure is
+    in the outcome). Safe to call from several threads with one ``opener``."""
+    if input_file.error is not None:
+        return Outcome(failure=(LIST, *input_file.error))
+    stage = READ
+    counting = None
+    try:
+        fileobj, counting = opener.open(input_file)
+        with fileobj:
+            header = read_header(fileobj)
+            lines: tuple = ()
+            if filter_file is not None:
+                lines = tuple(filter_file.selecting_lines(*header.uids))
+                if not lines:
+                    return Outcome(bytes_read=counting.bytes_read, source_counts=_source_counts(counting))
+            stage = CONVERT
+            flattened = flatten_instance(
+                header.dataset, pixel_data_tag=header.pixel_data_tag, read_deferred=header.read_deferred
+            )
+    except Exception as error:  # any failure of one input is that input's dead letter
+        bytes_read = counting.bytes_read if counting is not None else 0
+        return Outcome(failure=(stage, type(error).__name__, describe_error(error)), bytes_read=bytes_read,
+                       source_counts=_source_counts(counting))
+    instance = Instance(flattened.row, flattened.fragment, lines, input_file.path)
+    return Outcome(instance, None, counting.bytes_read, flattened.counts, _source_counts(counting))
+
+
+def _source_counts(counting) -> dict | None:
+    """The counters an opened input's source kept (a DICOMweb retrieve: requests, retries)."""
+    return getattr(counting, "counts", None) if counting is not None else None
+
+
+def dead_letter(path: str, stage: str, error_type: str, message: str, run_started: str | None = None) -> dict:
+    """The dead-letter record of one failed input (the ``TABLE_errors`` row)."""
+    return {"path": path, "stage": stage, "error_type": error_type, "message": message, "run_started": run_started}
+
+
+#: Files handed to a read process at once: enough that the hand-over (two pickled
+#: messages) is small beside reading them, few enough that work stays spread evenly.
+CHUNK_FILES = 16
+_PRELOAD = ["transforms.read"]
+
+
+def start_fork_server() -> None:
+    """Start the fork server the read processes come from, with this module imported,
+    so that it starts while the launcher builds the pipeline. Idempotent."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
+class ReadProcesses:
+    """``processes`` worker processes reading local inputs in chunks with
+    :func:`read_input`, each with its own opener (``expand_archives``,
+    ``nested_archives``) and the run's filter file, given once per process."""
+
+    def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None):
+        start_fork_server()
+        self.filter_file = filter_file
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            processes,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_start_worker,
+            initargs=(opener.expand_archives, opener.nested_archives, filter_file),
+        )
+
+    def submit(self, inputs: list[InputFile]) -> concurrent.futures.Future:
+        """A future of the inputs' outcomes, in order. If a process dies (it never
+        should: every failure of an input is its outcome), the future raises
+        ``BrokenProcessPool``."""
+        with _main_module_hidden():  # a submit may start a process
+            return self._executor.submit(_read_chunk, inputs)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """While a read process starts: multiprocessing would have it run the launcher's
+    ``__main__`` again (a script that imports Beam, a test runner) before it reads
+    anything. The processes only run this module's functions, so they are told of no
+    main module (multiprocessing's ``spawn.get_preparation_data`` reads these two
+    attributes)."""
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main is not None and name in main.__dict__}
+    for name in saved:
+        if name == "__spec__":
+            main.__spec__ = None
+        else:
+            del main.__dict__[name]
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
+_worker: tuple | None = None  # (opener, filter file) of this read process
+
+
+def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: FilterFile | None) -> None:
+    global _worker
+    silence_pydicom()
+    _worker = (Opener(None, expand_archives=expand_archives, nested_archives=nested_archives), filter_file)
+
+
+def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
+    opener, filter_file = _worker
+    return [read_input(input_file, opener, filter_file) for input_file in inputs]
