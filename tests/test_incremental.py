@@ -164,7 +164,7 @@ def test_a_run_with_no_change_starts_no_pipeline_and_a_small_update_reads_only_t
 
     incremental(archive, db)
     built = record_builds(monkeypatch)
-    monkeypatch.setattr(pipeline.main, "MULTI_PROCESS_MIN_FILES", 3)  # the input alone would take workers
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 3)  # the input alone would take read processes
     unchanged = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     assert built == [] and unchanged["unchanged_files"] == 5 and unchanged["files_matched"] == 5
     write_instance(archive / "f1", "1.2.3.4.5.1", 2)
@@ -174,7 +174,7 @@ def test_a_run_with_no_change_starts_no_pipeline_and_a_small_update_reads_only_t
     # the launcher listed and compared: the pipeline is handed the two files to read, in one process
     [(plan, mode)] = built
     assert sorted(f.path for f in plan.changed_files) == [str(archive / "f1"), str(archive / "f5")]
-    assert mode == "in_memory"
+    assert mode == "in_memory" and plan.read_processes == 0  # two files: read in Beam's thread
     assert (changed["files_matched"], changed["unchanged_files"], changed["succeeded"]) == (5, 3, 2)
     assert (changed["rows_added"], changed["rows_replaced"]) == (1, 1)
     assert current_rows(db) == {f"1.2.3.4.5.{i}": 2 if i == 1 else 1 for i in range(6)}  # f3 kept: no --prune-missing
@@ -187,14 +187,15 @@ def test_an_update_larger_than_the_launcher_hands_over_is_listed_by_the_pipeline
 
     incremental(archive, db)
     monkeypatch.setattr(pipeline.main, "MOST_HANDED_FILES", 2)
-    monkeypatch.setattr(pipeline.main, "MULTI_PROCESS_MIN_FILES", 3)  # the input alone would take workers
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 3)  # the input alone would take read processes
     built = record_builds(monkeypatch)
     for index in (0, 1, 2):
         write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 3)
     changed = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     [(plan, mode)] = built
     assert plan.changed_files is None
-    assert mode == "multi_processing"  # a large update keeps the worker processes
+    cores = os.cpu_count() or 1
+    assert mode == "in_memory" and plan.read_processes == (cores if cores > 1 else 0)  # a large update keeps them
     assert (changed["files_matched"], changed["unchanged_files"], changed["rows_replaced"]) == (5, 2, 3)
     assert current_rows(db) == {f"1.2.3.4.5.{i}": 3 if i < 3 else 1 for i in range(5)}
 
