@@ -55,7 +55,7 @@ from pipeline.staging import SPOOL, read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
-from transforms.read import start_fork_server
+from transforms.read import kill_read_processes, start_fork_server
 from transforms.match import (
     file_identity,
     input_root,
@@ -524,6 +524,8 @@ def stop_worker_processes() -> None:
     elsewhere nothing."""
     import signal
 
+    kill_read_processes()  # a local run's read processes (transforms.read) go at once too
+
     parents: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
@@ -592,10 +594,10 @@ def interrupt_handling():
     try:
         previous = signal.signal(signal.SIGINT, on_interrupt)
     except ValueError:  # not the main thread: Python's own handling
-        yield
+        yield interrupted
         return
     try:
-        yield
+        yield interrupted
     finally:
         done.set()
         signal.signal(signal.SIGINT, previous)
@@ -636,11 +638,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         configure_logging(flags.log_level)
         argv = strict_argv(argv)
-        with workers_output_hidden(not flags.debug), interrupt_handling():
+        with workers_output_hidden(not flags.debug), interrupt_handling() as interrupted:
             try:
                 run(argv)
             except KeyboardInterrupt:
                 return _interrupted()
+            except Exception:
+                if interrupted.is_set():  # Beam wraps the KeyboardInterrupt of a step it was running
+                    return _interrupted()
+                raise
     except KeyboardInterrupt:  # before or after the run
         return _interrupted()
     except UsageError as error:

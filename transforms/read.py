@@ -22,7 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
+import signal
 import sys
+import weakref
 from typing import NamedTuple
 
 from schemas.convert import flatten_instance
@@ -122,6 +125,7 @@ class ReadProcesses:
             initializer=_start_worker,
             initargs=(opener.expand_archives, opener.nested_archives, filter_file),
         )
+        _running.add(self)
 
     def submit(self, inputs: list[InputFile]) -> concurrent.futures.Future:
         """A future of the inputs' outcomes, in order. If a process dies (it never
@@ -132,6 +136,25 @@ class ReadProcesses:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        _running.discard(self)
+
+    def kill(self) -> None:
+        """End the processes now, whatever they are reading (an interrupted run)."""
+        for process in list((getattr(self._executor, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGKILL)
+        self.shutdown()
+
+
+_running: "weakref.WeakSet[ReadProcesses]" = weakref.WeakSet()
+
+
+def kill_read_processes() -> None:
+    """End every read process of this process now (Ctrl-C, ``pipeline.main``: the read
+    processes ignore SIGINT, so that none prints a traceback, and are ended by the
+    launcher)."""
+    for processes in list(_running):
+        processes.kill()
 
 
 @contextlib.contextmanager
@@ -159,6 +182,7 @@ _worker: tuple | None = None  # (opener, filter file) of this read process
 
 def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: FilterFile | None) -> None:
     global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     silence_pydicom()
     _worker = (Opener(None, expand_archives=expand_archives, nested_archives=nested_archives), filter_file)
 
