@@ -49,6 +49,7 @@ from pipeline.destinations import Disposition
 from transforms import counters
 from transforms.sources.archives import VERSION_SEPARATOR, is_archive, split_member_path
 from transforms.match import first_path
+from transforms.read import UID_COLUMNS, instance_uids
 from transforms.storage import InputFile
 
 #: Outcomes of a file in the files table.
@@ -60,7 +61,6 @@ ARCHIVE = "archive"  # an archive read whole: its members are recorded as ARCHIV
 #: Outcomes an incremental run does not read again while the version is the same.
 EXPORTED = (ROW, DUPLICATE)
 
-UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 #: The files table ``TABLE_files``: one record per input path, the latest run's.
 FILES_SCHEMA = [
@@ -266,7 +266,7 @@ class _KeepOne(beam.DoFn):
 
 def path_and_uids(instance) -> tuple[str, dict]:
     """What the files table needs of an instance: its path and UIDs (not its row)."""
-    return instance.path, uids_of(instance.row)
+    return instance.path, instance_uids(instance)
 
 
 class KeepOnePerInstance(beam.PTransform):
@@ -279,7 +279,7 @@ class KeepOnePerInstance(beam.PTransform):
         parts = instances if isinstance(instances, (list, tuple)) else [instances]
         keyed = [
             part | f"KeyBySOPInstanceUID{index or ''}" >> beam.Map(
-                lambda instance: (instance.row.get("SOPInstanceUID"), path_and_uids(instance))
+                lambda instance: (instance_uids(instance)["SOPInstanceUID"], path_and_uids(instance))
             )
             for index, part in enumerate(parts)
         ]

@@ -16,6 +16,9 @@ spreads over the workers), and only the files' paths wait for the schema. The ne
 step reads each file back, one row at a time, and yields it completed to whatever
 writes it (fused with it), so a worker holds one row, not the table.
 
+A row read by a local run's read process arrives already pickled
+(:class:`transforms.read.PickledRow`) and is written as it is.
+
 The spool files are pickles this run wrote into its own staging folder (made 0700 by
 :mod:`pipeline.staging`) and read back; they are never read from anywhere else, and are
 removed with that folder.
@@ -33,6 +36,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.window import GlobalWindows
 
 from schemas.rows import with_empty_lists
+from transforms.read import PickledRow, as_row
 
 #: Rows per spool file: enough that a file's overhead is negligible, few enough that
 #: a 10,000-instance run gives the completion step work for every worker.
@@ -56,7 +60,10 @@ class _SpoolRows(beam.DoFn):
             self._path = FileSystems.join(self.directory, f"{uuid.uuid4().hex}{_SUFFIX}")
             self._handle = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
             self._rows = 0
-        pickle.dump(row, self._handle, protocol=pickle.HIGHEST_PROTOCOL)  # one pickle per row: its own memo
+        if type(row) is PickledRow:  # pickled by a read process: written as it is
+            self._handle.write(row)
+        else:
+            pickle.dump(row, self._handle, protocol=pickle.HIGHEST_PROTOCOL)  # one pickle per row: its own memo
         self._rows += 1
         if self._rows >= self.rows_per_file:
             yield self._close()
@@ -98,7 +105,7 @@ class _CompleteKept(beam.DoFn):
             self._kept_list, self._kept = kept_paths, set(kept_paths)
         for path, row in read_spooled(element) if self.spooled else [element]:
             if path in self._kept:
-                yield with_empty_lists(row, schema)
+                yield with_empty_lists(as_row(row), schema)
 
 
 class CompleteRows(beam.PTransform):
@@ -130,7 +137,7 @@ class CompleteRows(beam.PTransform):
             rows = parts[0] if len(parts) == 1 else parts | "AllRows" >> beam.Flatten()
             if self.kept_paths is not None:
                 return rows | "CompleteKept" >> beam.ParDo(_CompleteKept(False), schema, AsList(self.kept_paths))
-            return rows | "Complete" >> beam.Map(with_empty_lists, schema)
+            return rows | "Complete" >> beam.Map(lambda row, schema: with_empty_lists(as_row(row), schema), schema)
         spooled = [
             part | f"Spool{index}" >> beam.ParDo(_SpoolRows(self.directory, self.rows_per_file))
             for index, part in enumerate(parts)

@@ -21,7 +21,7 @@ from pipeline.graph import ExportPlan
 from pipeline.options import parse_pipeline_options
 from tests.conftest import bundled_files
 from transforms.flatten import ReadInstances
-from transforms.read import CHUNK_FILES, ReadProcesses
+from transforms.read import CHUNK_FILES, PickledRow, ReadProcesses, as_row, instance_uids
 from transforms.storage import InputFile, Opener
 
 # not bytes_read: each read process opens the ZIP's directory for itself
@@ -120,6 +120,10 @@ def _drive(dofn: ReadInstances, inputs: list[InputFile], during=None) -> list:
     return outputs
 
 
+def _row(output) -> dict | None:
+    return as_row(output.row) if hasattr(output, "row") else None
+
+
 def _path(output) -> str:
     return output.path if hasattr(output, "path") else output.value["path"]
 
@@ -137,7 +141,7 @@ def test_no_input_is_lost_when_a_read_process_dies(folder):
     outputs = _drive(dofn, inputs, during=kill)
     assert dofn._read_processes is None and not dofn._use_processes  # it noticed, and read on in this process
     assert [_path(output) for output in outputs] == [_path(output) for output in expected]
-    assert [getattr(output, "row", None) for output in outputs] == [getattr(output, "row", None) for output in expected]
+    assert [_row(output) for output in outputs] == [_row(output) for output in expected]
 
 
 def test_outputs_keep_the_inputs_order_on_processes(folder):
@@ -145,7 +149,11 @@ def test_outputs_keep_the_inputs_order_on_processes(folder):
     outputs = _drive(ReadInstances(opener=Opener(), processes=2), inputs)
     expected = _drive(ReadInstances(opener=Opener()), inputs)
     assert [_path(output) for output in outputs] == [_path(output) for output in expected]
+    assert [_row(output) for output in outputs] == [_row(output) for output in expected]
     assert len(outputs) == len(inputs)
+    assert all(type(output.row) is PickledRow for output in outputs if hasattr(output, "row"))  # pickled once, there
+    assert [instance_uids(output) for output in outputs if hasattr(output, "row")] == [
+        instance_uids(output) for output in expected if hasattr(output, "row")]
 
 
 @pytest.mark.parametrize("units, files, processes", [

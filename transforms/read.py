@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import weakref
@@ -37,13 +38,39 @@ from transforms.storage import InputFile, Opener
 LIST, READ, CONVERT = "list", "read", "convert"
 
 
+#: The columns that identify an instance: the files table keeps them, and --incremental
+#: keeps one row per SOPInstanceUID (pipeline/ledger.py).
+UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+class PickledRow(bytes):
+    """A row as a read process hands it over: its pickle. The spool writes it as it is
+    (``pipeline/spool.py``), so the launcher neither unpickles it nor pickles it again;
+    :func:`as_row` gives the row."""
+
+    __slots__ = ()
+
+
+def as_row(row) -> dict:
+    """The row of an :attr:`Instance.row`, whether a dict or a :class:`PickledRow`."""
+    return pickle.loads(row) if isinstance(row, PickledRow) else row
+
+
 class Instance(NamedTuple):
     """What one input file became."""
 
-    row: dict
+    row: dict  # or a PickledRow (from a read process; then ``uids`` is set)
     fragment: frozenset
     filter_lines: tuple
     path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
+    uids: dict | None = None  # the row's UID_COLUMNS, when the row is a PickledRow
+
+
+def instance_uids(instance: Instance) -> dict:
+    """``{column: value}`` of the instance's UID_COLUMNS (None where the row has none)."""
+    if instance.uids is not None:
+        return instance.uids
+    return {name: instance.row.get(name) for name in UID_COLUMNS}
 
 
 class Outcome(NamedTuple):
@@ -189,4 +216,14 @@ def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: Fil
 
 def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
     opener, filter_file = _worker
-    return [read_input(input_file, opener, filter_file) for input_file in inputs]
+    return [_handed_over(read_input(input_file, opener, filter_file)) for input_file in inputs]
+
+
+def _handed_over(outcome: Outcome) -> Outcome:
+    """The outcome with its row pickled here, once (see :class:`PickledRow`)."""
+    instance = outcome.instance
+    if instance is None:
+        return outcome
+    row = instance.row
+    pickled = PickledRow(pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+    return outcome._replace(instance=instance._replace(row=pickled, uids=instance_uids(instance)))
