@@ -219,6 +219,33 @@ def test_the_load_connection_writes_small_row_groups_with_one_thread_and_spills_
     assert groups == 3  # 20,000 rows in row groups of 8,192
 
 
+def test_a_load_that_needs_more_than_the_memory_limit_is_done_again_without_it(tmp_path, monkeypatch):
+    """The load connection's memory limit (LOAD_MEMORY_LIMIT) keeps a large load's cache
+    small; a load DuckDB cannot fit in it is rolled back and loaded whole without it."""
+    from pipeline.destinations import duckdb as destination
+
+    limits = []
+    write = DuckDBTable._write
+    monkeypatch.setattr(DuckDBTable, "_write", lambda self, *a, memory_limit: limits.append(memory_limit) or write(
+        self, *a, memory_limit=memory_limit))
+    normal = tmp_path / "normal.duckdb"
+    run(["--input", str(SAMPLES), "--bq-table", f"duckdb://{normal}#t"])
+    assert limits == [destination.LOAD_MEMORY_LIMIT]
+    con = DuckDBTable(str(normal), "t")._connect(load=True, memory_limit=destination.LOAD_MEMORY_LIMIT)
+    try:
+        limit = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+        assert limit.endswith(" MiB") and float(limit.split()[0]) < 1024  # not DuckDB's 80% of the machine
+    finally:
+        con.close()
+    monkeypatch.setattr(destination, "LOAD_MEMORY_LIMIT", "1MB")
+    limits.clear()
+    small = tmp_path / "small.duckdb"
+    run(["--input", str(SAMPLES), "--bq-table", f"duckdb://{small}#t"])
+    assert limits == ["1MB", None]
+    assert DuckDBTable(str(small), "t").read_rows() == DuckDBTable(str(normal), "t").read_rows()
+    assert DuckDBTable(str(small), "t").read_rows("t_files") != []
+
+
 def test_two_runs_of_one_process_started_in_the_same_second_are_two_runs(tmp_path, monkeypatch):
     """A destination takes a run with its own id for a retried step of itself (and then
     writes nothing): two runs that start within one second must not share an id."""
