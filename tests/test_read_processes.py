@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 import pipeline.main
+import transforms.read
 from pipeline.graph import ExportPlan
 from pipeline.options import parse_pipeline_options
 from tests.conftest import bundled_files
@@ -61,12 +62,14 @@ def _export(folder, db, monkeypatch, *extra) -> tuple[dict, list, list, list]:
 def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_of_one_thread(folder, tmp_path, monkeypatch):
     if (os.cpu_count() or 1) < 2:
         pytest.fail("this test needs two cores: read processes are one per core")
-    started = []
+    started, pools = [], []
     init = ReadProcesses.__init__
-    monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: started.append(a[0]) or init(self, *a, **k))
+    monkeypatch.setattr(ReadProcesses, "__init__",
+                        lambda self, *a, **k: started.append(a[0]) or pools.append(self) or init(self, *a, **k))
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
     pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch)
     assert plan.read_processes == os.cpu_count() and started == [os.cpu_count()]
+    assert pools[0]._executor._shutdown_thread and not transforms.read._running  # shut down with the step
     # the same input read in Beam's thread: the user chose the running mode
     threaded, [plan], same_rows, same_errors = _export(
         folder, tmp_path / "threaded.duckdb", monkeypatch, "--direct_running_mode=in_memory"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import concurrent.futures.process
 import logging
 
 import apache_beam as beam
@@ -177,8 +176,8 @@ class ReadInstances(beam.DoFn):
         self._in_flight -= len(inputs)
         try:
             outcomes = future.result()
-        except concurrent.futures.process.BrokenProcessPool:
-            self._stop_processes("a read process ended unexpectedly")
+        except Exception as error:  # a read process died (BrokenProcessPool): its inputs are read here
+            self._stop_processes(f"a read process failed ({type(error).__name__})")
             outcomes = [read_input(input_file, self._opener, self._filter_file) for input_file in inputs]
         for input_file, outcome in zip(inputs, outcomes):
             yield from self._emit(input_file, outcome)
