@@ -194,7 +194,7 @@ def _processes_marked(mark: str) -> list[int]:
 
 @pytest.mark.parametrize("when", ["after_a_second", "while_reading"])
 def test_ctrl_c_is_one_line_exit_130_and_nothing_written(tmp_path, table, when):
-    """A real run on 3,000 files (worker processes), interrupted as a terminal does:
+    """A real run on 3,000 files (read processes), interrupted as a terminal does:
     SIGINT to the whole process group."""
     inputs = copies_of_the_samples(tmp_path / "in", 3000)
     mark = uuid.uuid4().hex
@@ -203,6 +203,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_written(tmp_path, table, when):
         [sys.executable, "-m", "pipeline.cli", "--input", str(inputs), f"--bq-table=duckdb://{table}#instances",
          "--write-disposition=WRITE_TRUNCATE", "--progress-seconds=0.2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        # a terminal's foreground job: SIGINT not ignored, even if this test runs in the background
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     if when == "after_a_second":
         time.sleep(1)
