@@ -55,7 +55,7 @@ from pipeline.staging import SPOOL, read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
-from transforms.read import kill_read_processes, start_fork_server
+from transforms.read import kill_read_processes, processes_available, start_fork_server
 from transforms.match import (
     file_identity,
     input_root,
@@ -124,7 +124,7 @@ def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | Non
     Beam's own thread). 0 too when the user chose how the run is spread."""
     cores = os.cpu_count() or 1
     direct = options.view_as(DirectOptions)
-    if (cores < 2 or direct.direct_running_mode != "in_memory" or not _all_local(plan)
+    if (cores < 2 or direct.direct_running_mode != "in_memory" or not _all_local(plan) or not processes_available()
             or _given(options, "runner", "direct_running_mode", "direct_num_workers")):
         return 0
     if files is None:

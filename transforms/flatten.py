@@ -158,7 +158,7 @@ class ReadInstances(beam.DoFn):
                 self._read_processes.shutdown()
             try:
                 self._read_processes = ReadProcesses(self._processes, self._opener, filter_file)
-            except (OSError, RuntimeError) as error:
+            except (OSError, RuntimeError, ValueError) as error:  # ValueError: no fork server here
                 self._stop_processes(f"could not start read processes ({type(error).__name__})")
                 return None
         return self._read_processes

@@ -128,6 +128,11 @@ CHUNK_FILES = 16
 _PRELOAD = ["transforms.read"]
 
 
+def processes_available() -> bool:
+    """True where read processes can start: a fork server (Linux, macOS; not Windows)."""
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
 def start_fork_server() -> None:
     """Start the fork server the read processes come from, with this module imported,
     so that it starts while the launcher builds the pipeline. Idempotent."""
