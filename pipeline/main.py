@@ -107,7 +107,7 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
         return False
     standard.runner = "FnApiRunner"
     direct = options.view_as(DirectOptions)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if _given(options, "direct_running_mode", "direct_num_workers"):
         return False  # the user chose how the local run is spread
     if cores > 1 and direct.direct_running_mode == "in_memory" and not _one_beam_process(plan):
@@ -117,16 +117,25 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
     return False
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a
+    scheduler's share, not the whole host), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | None = None) -> int:
     """How many processes read the local files of a local run in one Beam process: one per
     core if the input is all local and holds at least READ_PROCESSES_MIN_FILES files
     (``files``, when the launcher already knows how many it reads), else 0 (read in
     Beam's own thread). 0 too when the user chose how the run is spread."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     direct = options.view_as(DirectOptions)
     if (cores < 2 or direct.direct_running_mode != "in_memory" or not _all_local(plan) or not processes_available()
             or _given(options, "runner", "direct_running_mode", "direct_num_workers")):
-        return 0
+        return 0  # (processes_available: not where a host runs us as a daemonic process, nor on Windows)
     if files is None:
         files = _count_local_files(plan, READ_PROCESSES_MIN_FILES)
     return cores if files >= READ_PROCESSES_MIN_FILES else 0
@@ -147,13 +156,17 @@ def _all_local(plan: ExportPlan) -> bool:
 def _one_beam_process(plan: ExportPlan) -> bool:
     """True if the run is best in one Beam process: a local input (its files are read on
     processes of this machine, :func:`_read_processes`, which cost less than Beam's
-    workers), or one Cloud Storage listing unit (listed and read by one worker, its
-    reads in parallel threads: a second process would only cost its start-up)."""
+    workers; where there are none, an input under MULTI_PROCESS_MIN_FILES files), or one
+    Cloud Storage listing unit (listed and read by one worker, its reads in parallel
+    threads: a second process would only cost its start-up)."""
     if plan.dicomweb_units:
         return False
     if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
         return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
-    return True
+    if processes_available():
+        return True
+    # no read processes here (Windows): Beam's workers, for an input large enough to pay their start
+    return _count_local_files(plan, MULTI_PROCESS_MIN_FILES) < MULTI_PROCESS_MIN_FILES
 
 
 def _count_local_files(plan: ExportPlan, at_most: int) -> int:
@@ -280,7 +293,12 @@ def run(argv: list[str] | None = None) -> dict:
         if read_ledger is not None and defaulted and not too_many:  # an update reads few files: worker
             options.view_as(DirectOptions).direct_running_mode = "in_memory"  # processes cost more than they save
     if plan.read_processes and read_ledger is None:
-        start_fork_server()  # the read processes' server starts while the pipeline is built
+        try:
+            start_fork_server()  # the read processes' server starts while the pipeline is built
+        except Exception as error:  # noqa: BLE001 — then the files are read in Beam's thread
+            logging.warning("dicom-bq-export: could not start read processes (%s); reading in one process",
+                            type(error).__name__)
+            plan = dataclasses.replace(plan, read_processes=0)
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None

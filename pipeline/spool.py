@@ -17,7 +17,9 @@ step reads each file back, one row at a time, and yields it completed to whateve
 writes it (fused with it), so a worker holds one row, not the table.
 
 A row read by a local run's read process arrives already pickled
-(:class:`transforms.read.PickledRow`) and is written as it is.
+(:class:`transforms.read.PickledRow`) and is written as it is (with ``--incremental``'s
+``(path, row)`` pairs, the pair's pickle holds those bytes, unpickled where the row is
+kept).
 
 The spool files are pickles this run wrote into its own staging folder (made 0700 by
 :mod:`pipeline.staging`) and read back; they are never read from anywhere else, and are

@@ -171,7 +171,7 @@ def test_a_running_mode_given_on_the_command_line_is_kept():
     assert command._local_defaults(chosen, plan) is False
     assert chosen.view_as(DirectOptions).direct_running_mode == "in_memory"
     defaulted = parse_pipeline_options(["--input", "gs://b/d"])
-    assert command._local_defaults(defaulted, plan) is ((os.cpu_count() or 1) > 1)
+    assert command._local_defaults(defaulted, plan) is (command.usable_cores() > 1)
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------

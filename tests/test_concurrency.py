@@ -154,7 +154,7 @@ def test_units_may_overlap(units, overlap):
     (ExportPlan(listing_units=("gs://b/d/**",)), True),  # one unit: one worker lists and reads it
     (ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**")), False),  # several: spread over workers
     (ExportPlan(listing_units=("gs://b/d/**",), uid_roots=("gs://b/d",)), False),
-    (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True),  # a small filter run
+    (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True),  # local: read processes
 ])
 def test_runs_that_stay_in_one_process(plan, one_process):
     assert _one_beam_process(plan) is one_process

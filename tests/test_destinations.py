@@ -244,6 +244,15 @@ def test_a_load_that_needs_more_than_the_memory_limit_is_done_again_without_it(t
     assert limits == ["1MB", None]
     assert DuckDBTable(str(small), "t").read_rows() == DuckDBTable(str(normal), "t").read_rows()
     assert DuckDBTable(str(small), "t").read_rows("t_files") != []
+    # an append that extends nothing, and one that must copy the table: each rolled back whole, then done
+    limits.clear()
+    run(["--input", str(SAMPLES), "--bq-table", f"duckdb://{small}#t", "--write-disposition=WRITE_APPEND"])
+    assert limits == ["1MB", None]
+    rows = DuckDBTable(str(small), "t").read_rows()
+    assert sorted(map(repr, rows)) == sorted(map(repr, DuckDBTable(str(normal), "t").read_rows() * 2))
+    with duckdb.connect(str(small), read_only=True) as con:
+        tables = {name for (name,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert tables == {"t", "t_errors", "t_files"}  # no staging table left by the rolled-back attempt
 
 
 def test_two_runs_of_one_process_started_in_the_same_second_are_two_runs(tmp_path, monkeypatch):

@@ -194,7 +194,7 @@ def test_an_update_larger_than_the_launcher_hands_over_is_listed_by_the_pipeline
     changed = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     [(plan, mode)] = built
     assert plan.changed_files is None
-    cores = os.cpu_count() or 1
+    cores = pipeline.main.usable_cores()
     assert mode == "in_memory" and plan.read_processes == (cores if cores > 1 else 0)  # a large update keeps them
     assert (changed["files_matched"], changed["unchanged_files"], changed["rows_replaced"]) == (5, 2, 3)
     assert current_rows(db) == {f"1.2.3.4.5.{i}": 3 if i < 3 else 1 for i in range(5)}

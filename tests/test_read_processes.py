@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import zipfile
+import zlib
 
 import duckdb
 import pytest
@@ -25,9 +26,9 @@ from transforms.flatten import ReadInstances
 from transforms.read import CHUNK_FILES, PickledRow, ReadProcesses, as_row, instance_uids
 from transforms.storage import InputFile, Opener
 
-# not bytes_read: each read process opens the ZIP's directory for itself
 COUNTS = ("files_matched", "succeeded", "failed", "not_selected_by_filter", "tags_dropped_by_rule", "tags_dropped_not_fit",
-          "other_elements", "charset_fallbacks")
+          "other_elements", "charset_fallbacks", "bytes_read")
+FELL_BACK = "reading in the launcher's process instead"
 
 
 @pytest.fixture
@@ -59,30 +60,32 @@ def _export(folder, db, monkeypatch, *extra) -> tuple[dict, list, list, list]:
     return summary, plans, rows, errors
 
 
-def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_of_one_thread(folder, tmp_path, monkeypatch):
-    if (os.cpu_count() or 1) < 2:
-        pytest.fail("this test needs two cores: read processes are one per core")
+def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_of_one_thread(
+    folder, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)  # one read process per core, whatever the machine
     started, pools = [], []
     init = ReadProcesses.__init__
     monkeypatch.setattr(ReadProcesses, "__init__",
                         lambda self, *a, **k: started.append(a[0]) or pools.append(self) or init(self, *a, **k))
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
     pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch)
-    assert plan.read_processes == os.cpu_count() and started == [os.cpu_count()]
+    assert plan.read_processes == 2 and started == [2]
     assert pools[0]._executor._shutdown_thread and not transforms.read._running  # shut down with the step
     # the same input read in Beam's thread: the user chose the running mode
     threaded, [plan], same_rows, same_errors = _export(
         folder, tmp_path / "threaded.duckdb", monkeypatch, "--direct_running_mode=in_memory"
     )
-    assert plan.read_processes == 0 and started == [os.cpu_count()]
+    assert plan.read_processes == 0 and started == [2]
     assert pooled["succeeded"] > 150 and pooled["failed"] > 0  # the bundled files include broken ones
     assert {name: pooled.get(name) for name in COUNTS} == {name: threaded.get(name) for name in COUNTS}
     assert rows == same_rows
     assert errors == same_errors
     assert any(path.endswith("notes.txt") for path, *_ in errors)
+    assert FELL_BACK not in caplog.text  # every chunk was read on the processes
 
 
-def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder, tmp_path, monkeypatch):
+def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder, tmp_path, monkeypatch, caplog):
     import pydicom
 
     selected = []
@@ -95,7 +98,11 @@ def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder
     assert len(selected) > 20
     filter_file = tmp_path / "filter.txt"
     filter_file.write_text("\n".join(selected[::3]) + "\n")
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    started = []
+    init = ReadProcesses.__init__
+    monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: started.append(a[2]) or init(self, *a, **k))
     args = ("--filter-config-gcs-uri", str(filter_file), "--input-layout", "any")
     pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch, *args)
     assert plan.read_processes >= 2
@@ -103,6 +110,8 @@ def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder
         folder, tmp_path / "threaded.duckdb", monkeypatch, *args, "--direct_running_mode=in_memory"
     )
     assert plan.read_processes == 0
+    assert len(started) == 1 and len(started[0]) == len(selected[::3])  # started once, with the filter file
+    assert FELL_BACK not in caplog.text
     assert pooled["not_selected_by_filter"] > 0 and pooled["succeeded"] > 0
     assert {name: pooled.get(name) for name in COUNTS} == {name: threaded.get(name) for name in COUNTS}
     assert (rows, errors) == (same_rows, same_errors)
@@ -116,7 +125,7 @@ def _drive(dofn: ReadInstances, inputs: list[InputFile], during=None) -> list:
     outputs = []
     for index, input_file in enumerate(inputs):
         outputs += list(dofn.process(input_file))
-        if during is not None and index == 2 * CHUNK_FILES:
+        if during is not None and index == 2 * CHUNK_FILES - 1:  # the second chunk was just handed over
             during(dofn)
     outputs += [value.value for value in dofn.finish_bundle()]
     dofn.teardown()
@@ -136,12 +145,16 @@ def test_no_input_is_lost_when_a_read_process_dies(folder):
     inputs = [InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir())]
     expected = _drive(ReadInstances(opener=Opener()), inputs)
 
+    in_flight = []
+
     def kill(dofn):
+        in_flight.append(sum(not future.done() for _inputs, future in dofn._pending))
         for process in list(dofn._read_processes._executor._processes.values()):
             os.kill(process.pid, signal.SIGKILL)
 
     dofn = ReadInstances(opener=Opener(), processes=2)
     outputs = _drive(dofn, inputs, during=kill)
+    assert in_flight[0] >= 1  # a chunk was being read when its process died
     assert dofn._read_processes is None and not dofn._use_processes  # it noticed, and read on in this process
     assert [_path(output) for output in outputs] == [_path(output) for output in expected]
     assert [_row(output) for output in outputs] == [_row(output) for output in expected]
@@ -159,14 +172,45 @@ def test_outputs_keep_the_inputs_order_on_processes(folder):
         instance_uids(output) for output in expected if hasattr(output, "row")]
 
 
+class _SomeRemote(Opener):
+    """The real opener, telling every third input to wait on threads as a remote one would:
+    local and remote inputs interleaved in one bundle."""
+
+    def concurrency(self, input_file):
+        return 16 if zlib.crc32(input_file.path.encode()) % 3 == 0 else 1
+
+
+def test_inputs_read_on_threads_and_on_processes_in_one_bundle_keep_their_order(folder):
+    inputs = [InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir())]
+    assert 0 < sum(_SomeRemote().concurrency(i) > 1 for i in inputs) < len(inputs)
+    outputs = _drive(ReadInstances(opener=_SomeRemote(), processes=2), inputs)
+    expected = _drive(ReadInstances(opener=Opener()), inputs)
+    assert [_path(output) for output in outputs] == [_path(output) for output in expected]
+    assert [_row(output) for output in outputs] == [_row(output) for output in expected]
+
+
+def test_without_read_processes_a_large_local_input_takes_beams_workers(tmp_path, monkeypatch):
+    """Where no fork server exists (Windows), the rule before read processes holds."""
+    monkeypatch.setattr(pipeline.main, "processes_available", lambda: False)
+    for index in range(5):
+        (tmp_path / f"f{index}").write_bytes(b"x")
+    plan = ExportPlan(listing_units=(str(tmp_path) + "/**",))
+    assert pipeline.main._one_beam_process(plan)
+    monkeypatch.setattr(pipeline.main, "MULTI_PROCESS_MIN_FILES", 3)
+    assert not pipeline.main._one_beam_process(plan)
+    options = parse_pipeline_options(["--input", str(tmp_path)])
+    assert pipeline.main._read_processes(options, plan, 5000) == 0
+    monkeypatch.setattr(pipeline.main, "processes_available", lambda: True)
+    assert pipeline.main._one_beam_process(plan)
+
+
 @pytest.mark.parametrize("units, files, processes", [
-    ((), 5000, os.cpu_count()),  # a large local input
+    ((), 5000, 2),  # a large local input: one process per core
     ((), 10, 0),  # a few files: starting processes would cost more than it saves
     (("gs://b/d/**",), 5000, 0),  # remote: read on threads
 ])
-def test_which_runs_read_on_processes(tmp_path, units, files, processes):
-    if (os.cpu_count() or 1) < 2:
-        pytest.fail("this test needs two cores")
+def test_which_runs_read_on_processes(tmp_path, monkeypatch, units, files, processes):
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
     plan = ExportPlan(listing_units=units or (str(tmp_path) + "/**",))
     options = parse_pipeline_options(["--input", str(tmp_path)])
     pipeline.main._local_defaults(options, plan)

@@ -57,7 +57,8 @@ class ReadInstances(beam.DoFn):
     """An input file → :class:`Instance` (main output) or a dead letter (``DEAD_LETTERS``).
 
     Remote inputs are read ``opener.concurrency(input)`` at a time on a thread pool;
-    local inputs in the calling thread, or with ``processes`` > 0 in chunks of
+    local inputs in the calling thread, or with ``processes`` > 0 (whole files; archive
+    members stay here, where their archive's index is) in chunks of
     :data:`CHUNK_FILES` on that many processes. Each ``process`` call emits the
     outcomes already done, in input order, keeping a bounded number in flight;
     ``finish_bundle`` emits the rest. With a filter file (side input), instances no line
@@ -103,7 +104,7 @@ class ReadInstances(beam.DoFn):
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
         self._filter_file = filter_file
         local = self._opener.concurrency(input_file) <= 1
-        if local and self._use_processes:
+        if local and self._use_processes and self._opener.is_local_file(input_file):
             self._chunk.append(input_file)
             if len(self._chunk) >= CHUNK_FILES:
                 self._submit_chunk()
@@ -141,7 +142,7 @@ class ReadInstances(beam.DoFn):
         if pool is not None:
             try:
                 future = pool.submit(chunk)
-            except (OSError, RuntimeError) as error:  # the processes could not start (BrokenProcessPool too)
+            except Exception as error:  # the processes could not start (BrokenProcessPool, a daemonic host…)
                 self._stop_processes(f"could not start read processes ({type(error).__name__})")
         if future is None:
             future = concurrent.futures.Future()
@@ -153,12 +154,12 @@ class ReadInstances(beam.DoFn):
         None once they could not start or one died."""
         if not self._use_processes:
             return None
-        if self._read_processes is None or self._read_processes.filter_file is not filter_file:
+        if self._read_processes is None or not _same_filter(self._read_processes.filter_file, filter_file):
             if self._read_processes is not None:
                 self._read_processes.shutdown()
             try:
                 self._read_processes = ReadProcesses(self._processes, self._opener, filter_file)
-            except (OSError, RuntimeError, ValueError) as error:  # ValueError: no fork server here
+            except Exception as error:  # no fork server here, no room for its socket…
                 self._stop_processes(f"could not start read processes ({type(error).__name__})")
                 return None
         return self._read_processes
@@ -245,3 +246,10 @@ class UnionOfLines(beam.CombineFn):
 
 def _read_one(input_file: InputFile, opener: Opener, filter_file: FilterFile | None) -> list[Outcome]:
     return [read_input(input_file, opener, filter_file)]
+
+
+def _same_filter(first: FilterFile | None, second: FilterFile | None) -> bool:
+    """The same filter file (a side input may be decoded again for another bundle)."""
+    if first is None or second is None:
+        return first is second
+    return first is second or first.lines == second.lines

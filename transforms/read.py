@@ -26,6 +26,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import weakref
 from typing import NamedTuple
 
@@ -129,8 +130,9 @@ _PRELOAD = ["transforms.read"]
 
 
 def processes_available() -> bool:
-    """True where read processes can start: a fork server (Linux, macOS; not Windows)."""
-    return "forkserver" in multiprocessing.get_all_start_methods()
+    """True where read processes can start: a fork server (Linux, macOS; not Windows),
+    and this process is not a daemonic one (which may have no child processes)."""
+    return "forkserver" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
 
 
 def start_fork_server() -> None:
@@ -171,11 +173,16 @@ class ReadProcesses:
         _running.discard(self)
 
     def kill(self) -> None:
-        """End the processes now, whatever they are reading (an interrupted run)."""
-        for process in list((getattr(self._executor, "_processes", None) or {}).values()):
+        """End the processes now, whatever they are reading (an interrupted run). Safe in
+        a signal handler: it takes no lock (the executor's own are not reentrant), so the
+        executor is shut down when the step is torn down, or with this process."""
+        try:
+            pids = [process.pid for process in (getattr(self._executor, "_processes", None) or {}).values()]
+        except RuntimeError:  # the executor's thread changed its table meanwhile
+            pids = []
+        for pid in pids:
             with contextlib.suppress(OSError):
-                os.kill(process.pid, signal.SIGKILL)
-        self.shutdown()
+                os.kill(pid, signal.SIGKILL)
 
 
 _running: "weakref.WeakSet[ReadProcesses]" = weakref.WeakSet()
@@ -197,16 +204,23 @@ def _main_module_hidden():
     main module (multiprocessing's ``spawn.get_preparation_data`` reads these two
     attributes)."""
     main = sys.modules.get("__main__")
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main is not None and name in main.__dict__}
-    for name in saved:
-        if name == "__spec__":
-            main.__spec__ = None
-        else:
-            del main.__dict__[name]
-    try:
+    if main is None:
         yield
-    finally:
-        main.__dict__.update(saved)
+        return
+    with _main_module_lock:
+        saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+        for name in saved:
+            if name == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__dict__[name]
+        try:
+            yield
+        finally:
+            main.__dict__.update(saved)
+
+
+_main_module_lock = threading.Lock()
 
 
 _worker: tuple | None = None  # (opener, filter file) of this read process

@@ -193,6 +193,18 @@ class Opener:
         """How many inputs like this one to read at once."""
         return REMOTE_CONCURRENCY if is_remote(input_file.path) else LOCAL_CONCURRENCY
 
+    def is_local_file(self, input_file: InputFile) -> bool:
+        """True for a whole file on this machine's disk (not an archive member: the
+        launcher has that archive's index, a read process would list it again)."""
+        path = input_file.path
+        if is_remote(path):
+            return False
+        if self.expand_archives and "#" in path:
+            from transforms.sources import archives
+
+            return archives.split_member_path(path) is None
+        return True
+
     def open(self, input_file: InputFile):
         """``(file object, counter)``; ``counter.bytes_read`` is what came from storage
         (for a DICOMweb instance, the bytes received; its ``counts`` are the requests and

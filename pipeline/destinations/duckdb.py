@@ -16,6 +16,7 @@ is read, and reported in one line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -359,14 +360,22 @@ class DuckDBTable(Destination):
                      prune_missing)
         try:
             return self._write(*arguments, memory_limit=LOAD_MEMORY_LIMIT)
-        except duckdb.OutOfMemoryException:  # rolled back: nothing was written
+        except _OutOfMemoryBeforeCommit:  # rolled back: nothing was written
             logging.getLogger(__name__).info("DuckDB's load needs more than %s; loading without a limit",
                                              LOAD_MEMORY_LIMIT)
+        try:
             return self._write(*arguments, memory_limit=None)
+        except _OutOfMemoryBeforeCommit:
+            raise DestinationError(
+                f"DuckDB ran out of memory loading the export; nothing was written to {self}"
+            ) from None
 
     def _write(self, schema, row_files, disposition, error_files, file_record_files, gone_files, incremental,
                prune_missing, memory_limit: str | None) -> dict:
-        con = self._connect(load=True, memory_limit=memory_limit)
+        try:
+            con = self._connect(load=True, memory_limit=memory_limit)
+        except duckdb.OutOfMemoryException:
+            raise _OutOfMemoryBeforeCommit() from None
         try:
             con.execute("BEGIN TRANSACTION")
             exists, count = self._state(con)
@@ -448,6 +457,10 @@ class DuckDBTable(Destination):
                     f"(SELECT SOPInstanceUID FROM {files} WHERE outcome IN ({exported}) AND SOPInstanceUID IS NOT NULL)"
                 ).fetchone()[0]
             con.execute("COMMIT")
+        except duckdb.OutOfMemoryException:  # COMMIT included: a failed commit is rolled back
+            with contextlib.suppress(duckdb.Error):  # DuckDB may have rolled back already
+                con.execute("ROLLBACK")
+            raise _OutOfMemoryBeforeCommit() from None
         except BaseException:
             con.execute("ROLLBACK")
             raise
@@ -543,6 +556,10 @@ def _fill_empty_lists(con, table: str, schema: list[dict]) -> None:
     ]
     if assignments:
         con.execute(f"UPDATE {quote(table)} SET " + ", ".join(assignments))
+
+
+class _OutOfMemoryBeforeCommit(Exception):
+    """DuckDB ran out of memory before the load committed: nothing was written."""
 
 
 def _sql_string(text: str) -> str:
