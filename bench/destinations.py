@@ -19,8 +19,8 @@ reads of the folder (a filter on one column; a scan of a nested repeated column)
 ``--load-memory 100000,300000``: the launcher's DuckDB load alone (``DuckDBTable.write``,
 one transaction, the file closed) of that many rows staged as JSON lines (10,000 rows per
 file), each in a fresh process: its wall time and peak resident memory with the load
-connection's settings (``LOAD_ROW_GROUP_SIZE``, ``LOAD_THREADS``) and with DuckDB's defaults
-(122,880 rows per row group, one thread per core).
+connection's settings (``LOAD_ROW_GROUP_SIZE``, ``LOAD_THREADS``, ``LOAD_MEMORY_LIMIT``) and
+with DuckDB's defaults (122,880 rows per row group, one thread per core, no memory limit).
 """
 
 from __future__ import annotations
@@ -167,30 +167,32 @@ def load_memory(counts: list[int]) -> None:
                 handle.write(json.dumps(row) + "\n")
         (workdir / "schema.json").write_text(json.dumps(schema))
         settings = {
-            "load connection": (destination.LOAD_ROW_GROUP_SIZE, destination.LOAD_THREADS),
-            "DuckDB's defaults": (122_880, os.cpu_count() or 1),
+            "load connection": (destination.LOAD_ROW_GROUP_SIZE, destination.LOAD_THREADS,
+                                destination.LOAD_MEMORY_LIMIT),
+            "DuckDB's defaults": (122_880, os.cpu_count() or 1, ""),
         }
         print(f"\nDuckDB load alone, rows of samples/dicom staged 10,000 per file ({staged.stat().st_size / 1e6:.0f} MB)")
         for count in counts:
-            for name, (row_group_size, threads) in settings.items():
+            for name, (row_group_size, threads, memory_limit) in settings.items():
                 files = [str(staged)] * -(-count // len(rows))  # the same rows again: memory, not content
                 command = [sys.executable, __file__, "--load-once", str(workdir), str(row_group_size), str(threads),
-                           json.dumps(files)]
+                           json.dumps(files), memory_limit]
                 result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
                 print(f"  {len(files) * len(rows):>9,} rows  {name:18} (row groups of {row_group_size:,}, "
-                      f"{threads} thread{'s' if threads > 1 else ''}): {result['seconds']:6.1f} s, "
-                      f"peak {result['peak_mib']:,} MiB")
+                      f"{threads} thread{'s' if threads > 1 else ''}, memory limit {memory_limit or 'none'}): "
+                      f"{result['seconds']:6.1f} s, peak {result['peak_mib']:,} MiB")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def load_once(workdir: str, row_group_size: str, threads: str, files: str) -> None:
+def load_once(workdir: str, row_group_size: str, threads: str, files: str, memory_limit: str) -> None:
     """In a fresh process: one DuckDBTable.write of ``files``; prints seconds and peak RSS."""
     import resource
 
     from pipeline.destinations import duckdb as destination
 
     destination.LOAD_ROW_GROUP_SIZE, destination.LOAD_THREADS = int(row_group_size), int(threads)
+    destination.LOAD_MEMORY_LIMIT = memory_limit or None
     schema = json.loads(pathlib.Path(workdir, "schema.json").read_text())
     database = pathlib.Path(workdir, f"load-{row_group_size}-{threads}.duckdb")
     seconds, _ = timed(DuckDBTable(str(database), "t").write, schema, json.loads(files), Disposition.WRITE_TRUNCATE)
@@ -200,7 +202,7 @@ def load_once(workdir: str, row_group_size: str, threads: str, files: str) -> No
 
 def main() -> None:
     if sys.argv[1:2] == ["--load-once"]:
-        load_once(*sys.argv[2:6])
+        load_once(*sys.argv[2:7])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="3000", help="comma-separated row counts (default 3000)")
