@@ -7,8 +7,9 @@
 read) → build the graph → attach the destination's writing → run → finish the
 destination's write (local runs) → print the summary.
 
-Locally, without ``--runner``, it runs on Beam's portable runner (FnApiRunner) with one
-worker process per core, or in this process for a small local input. Examples:
+Locally, without ``--runner``, it runs on Beam's portable runner (FnApiRunner) in this
+process, its local files read on one process per core (``transforms.read``), or, for a
+remote input several workers can share, with one Beam worker process per core. Examples:
 
     dicom-bq-export --input samples/ --bq-table duckdb://dicom.duckdb#instances
     dicom-bq-export --input 'gs://bucket/dicom/**' --bq-table bq://proj.ds.instances \\
