@@ -149,10 +149,6 @@ def choose_instance(paths: Iterable[str]) -> str:
     return max(paths)
 
 
-def uids_of(row: dict) -> dict:
-    return {name: row.get(name) for name in UID_COLUMNS}
-
-
 def file_record(input_file: InputFile, outcome: str, uids: dict | None, run_started: str | None) -> dict:
     """One record of the files table."""
     record = {"path": input_file.path, "version": input_file.version, "size": input_file.size}

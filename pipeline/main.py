@@ -162,7 +162,7 @@ def _one_beam_process(plan: ExportPlan) -> bool:
     threads: a second process would only cost its start-up)."""
     if plan.dicomweb_units:
         return False
-    if any("://" in unit for unit in plan.listing_units + plan.uid_roots):
+    if not _all_local(plan):
         return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
     if processes_available():
         return True
