@@ -49,10 +49,10 @@ class ExportPlan:
     incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
     spool: str | None = None  # a folder of this run: rows complete through files there (pipeline/spool.py)
     prune_missing: bool = False  # find the recorded files no longer listed
-    # The files to read, when the launcher has listed the input and compared it with the
-    # files table (a local --incremental update of plain files): no listing, no comparison,
-    # no archive among them (pipeline.main._compare_before_pipeline).
-    changed_files: tuple | None = None
+    # The files to read, when the launcher has listed a local input of plain files (no
+    # archive among them; with --incremental, compared with the files table, only the
+    # changed ones): the pipeline neither lists nor compares (pipeline.main._list_here).
+    listed_files: tuple | None = None
     # Local files are read on this many processes of this machine (a local run in one
     # Beam process: transforms.read.ReadProcesses); 0 reads them in the calling thread.
     read_processes: int = 0
@@ -91,17 +91,17 @@ def build_pipeline(
         units = filter_file | "FilterLinesToPaths" >> beam.FlatMap(
             lambda parsed: [p for root in roots for line in parsed.lines for p in uid_layout_patterns(root, line)]
         )
-    elif plan.changed_files is None:
+    elif plan.listed_files is None:
         units = pipeline | "ListingUnits" >> beam.Create(list(plan.listing_units))
 
-    if plan.changed_files is None:
+    if plan.listed_files is None:
         deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
         files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
     else:
         # spread over workers only if there are several (a small update runs in one process)
         files = (
             pipeline
-            | "ChangedFiles" >> beam.Create(list(plan.changed_files), reshuffle=_several_workers(pipeline_options))
+            | "ListedFiles" >> beam.Create(list(plan.listed_files), reshuffle=_several_workers(pipeline_options))
             | "CountDistinct" >> beam.ParDo(CountMatched(reporter))
         )
     web_files = None
@@ -124,7 +124,7 @@ def build_pipeline(
     unread_inputs = []  # inputs recorded in the files table that do not pass the read step
     expanded = None  # the archives read whole
 
-    if plan.expand_archives and plan.changed_files is None:
+    if plan.expand_archives and plan.listed_files is None:
         archives = files | "Archives" >> ExpandArchiveInputs(
             opener, nested_archives=plan.nested_archives, run_started=plan.run_started, reporter=reporter,
             filter_side_inputs=side_inputs,

@@ -173,7 +173,7 @@ def test_a_run_with_no_change_starts_no_pipeline_and_a_small_update_reads_only_t
     changed = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     # the launcher listed and compared: the pipeline is handed the two files to read, in one process
     [(plan, mode)] = built
-    assert sorted(f.path for f in plan.changed_files) == [str(archive / "f1"), str(archive / "f5")]
+    assert sorted(f.path for f in plan.listed_files) == [str(archive / "f1"), str(archive / "f5")]
     assert mode == "in_memory" and plan.read_processes == 0  # two files: read in Beam's thread
     assert (changed["files_matched"], changed["unchanged_files"], changed["succeeded"]) == (5, 3, 2)
     assert (changed["rows_added"], changed["rows_replaced"]) == (1, 1)
@@ -193,7 +193,7 @@ def test_an_update_larger_than_the_launcher_hands_over_is_listed_by_the_pipeline
         write_instance(archive / f"f{index}", f"1.2.3.4.5.{index}", 3)
     changed = incremental_without_runner(archive, db, "--write-disposition=WRITE_APPEND")
     [(plan, mode)] = built
-    assert plan.changed_files is None
+    assert plan.listed_files is None
     cores = pipeline.main.usable_cores()
     assert mode == "in_memory" and plan.read_processes == (cores if cores > 1 else 0)  # a large update keeps them
     assert (changed["files_matched"], changed["unchanged_files"], changed["rows_replaced"]) == (5, 2, 3)

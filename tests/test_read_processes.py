@@ -71,6 +71,7 @@ def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_o
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
     pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch)
     assert plan.read_processes == 2 and started == [2]
+    assert plan.listed_files is None  # an archive among the files: the pipeline lists the input
     assert pools[0]._executor._shutdown_thread and not transforms.read._running  # shut down with the step
     # the same input read in Beam's thread: the user chose the running mode
     threaded, [plan], same_rows, same_errors = _export(
@@ -83,6 +84,31 @@ def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_o
     assert errors == same_errors
     assert any(path.endswith("notes.txt") for path, *_ in errors)
     assert FELL_BACK not in caplog.text  # every chunk was read on the processes
+
+
+@pytest.mark.parametrize("archives", ["expanded", "--no-archives"])
+def test_a_local_run_over_plain_files_is_listed_by_the_launcher_with_what_the_pipeline_would_list(
+    folder, tmp_path, monkeypatch, archives
+):
+    """The launcher lists (pipeline.main._list_here) and the pipeline only reads: the same
+    rows, dead letters and counts as the pipeline's own listing, overlapping inputs read
+    once. An archive is a plain file under --no-archives; otherwise the pipeline lists."""
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    if archives == "expanded":
+        (folder / "some.zip").unlink()
+    extra = ["--input", str(folder / "000*"), *(["--no-archives"] if archives != "expanded" else [])]
+    handed, [plan], rows, errors = _export(folder, tmp_path / "handed.duckdb", monkeypatch, *extra)
+    files = sorted(os.listdir(folder))
+    assert sorted(os.path.basename(f.path) for f in plan.listed_files) == files  # each file once
+    assert plan.read_processes == pipeline.main._read_processes(parse_pipeline_options([]), plan, len(files))
+    monkeypatch.setattr(pipeline.main, "MOST_HANDED_FILES", len(files) - 1)  # too many to hand over
+    listed, [plan], same_rows, same_errors = _export(folder, tmp_path / "listed.duckdb", monkeypatch, *extra)
+    assert plan.listed_files is None
+    assert {name: handed.get(name) for name in COUNTS} == {name: listed.get(name) for name in COUNTS}
+    assert handed["files_matched"] == len(files)  # 0000…0009 were listed twice
+    assert (rows, errors) == (same_rows, same_errors)
+    zipped = [error for error in errors if error[0].endswith("some.zip")]
+    assert len(zipped) == (archives != "expanded")  # under --no-archives a ZIP is a file that is not DICOM
 
 
 def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder, tmp_path, monkeypatch, caplog):

@@ -513,7 +513,7 @@ def first_path(files: Iterable[InputFile]) -> InputFile:
 class CountMatched(beam.DoFn):
     """Each distinct input file → itself, counted as matched (``files_matched``); with a
     ``reporter``, also shown as listed (files listed before the pipeline, see
-    ``pipeline.graph.ExportPlan.changed_files``)."""
+    ``pipeline.graph.ExportPlan.listed_files``)."""
 
     def __init__(self, reporter=None):
         self.matched = Metrics.counter(NAMESPACE, "files_matched")
