@@ -25,6 +25,7 @@ from schemas.merge import to_bigquery_schema
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.match import CountMatched, MatchInputs, units_may_overlap
+from transforms.read import JSON, PICKLE
 from transforms.sources.archives import ExpandArchiveInputs
 from transforms.sources.dicomweb import ListDicomWebInputs, ReadDicomWebMetadataRows
 from transforms.storage import Opener
@@ -56,10 +57,18 @@ class ExportPlan:
     # Local files are read on this many processes of this machine (a local run in one
     # Beam process: transforms.read.ReadProcesses); 0 reads them in the calling thread.
     read_processes: int = 0
+    # The destination takes the rows as read and completes them as it loads them (DuckDB
+    # fills the REPEATED fields in SQL): no spool and no completion step, and the read
+    # processes hand rows over as JSON text. Not with --incremental, whose choice of one
+    # row per instance is made where rows are completed (pipeline/spool.py).
+    rows_as_read: bool = False
 
 
 class ExportOutputs(NamedTuple):
-    rows: PCollection  # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields
+    # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields; with
+    # ExportPlan.rows_as_read, the rows as read (no [] filled in; a dict or a
+    # transforms.read.JsonRow), as a tuple of PCollections, one per source of instances
+    rows: PCollection | tuple
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
@@ -146,7 +155,9 @@ def build_pipeline(
         else:  # instance mode: read like files, through the opener
             files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
 
-    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes)
+    as_read = plan.rows_as_read and not plan.incremental
+    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes,
+                         JSON if as_read else PICKLE)
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )
@@ -184,7 +195,8 @@ def build_pipeline(
             part | f"PathsAndRows{index or ''}" >> beam.Map(lambda instance: (instance.path, instance.row))
             for index, part in enumerate(parts)
         )
-    rows = rows | "CompleteRows" >> CompleteRows(schema, plan.spool, kept_paths)
+    if not as_read:
+        rows = rows | "CompleteRows" >> CompleteRows(schema, plan.spool, kept_paths)
 
     lines_used = None
     if filter_file is not None:

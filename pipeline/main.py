@@ -271,7 +271,8 @@ def run(argv: list[str] | None = None) -> dict:
     context = RunContext(disposition, dt.datetime.now(dt.timezone.utc), export.max_failures, local)
     context.incremental, context.prune_missing = bool(export.incremental), bool(export.prune_missing)
     plan = dataclasses.replace(
-        plan, run_started=context.run_started, incremental=context.incremental, prune_missing=context.prune_missing
+        plan, run_started=context.run_started, incremental=context.incremental, prune_missing=context.prune_missing,
+        rows_as_read=local and destination.takes_rows_as_read,
     )
     listed_counts, read_ledger = {}, None  # listed_counts: what the launcher listed, when it compared
     too_many = False  # more changed files than the launcher hands over: a large update

@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple
 import apache_beam as beam
 
 from pipeline.graph import ExportOutputs
+from transforms.read import JsonRow
 
 _STAGING = ".staging-"
 _PID = re.compile(r"-(\d+)$")
@@ -91,8 +92,11 @@ class _WriteJsonLines(beam.DoFn):
     def process(self, element):
         if self._handle is None:
             path = os.path.join(self.directory, f"{self.name}-{uuid.uuid4().hex}.json.partial")
-            self._handle = open(path, "w", encoding="utf-8")
-        self._handle.write(json.dumps(element) + "\n")
+            self._handle = open(path, "wb")
+        if type(element) is JsonRow:  # encoded by a read process: written as it is
+            self._handle.write(element + b"\n")
+        else:
+            self._handle.write(json.dumps(element).encode("ascii") + b"\n")  # ASCII: non-ASCII is escaped
 
     def finish_bundle(self):
         if self._handle is not None:
@@ -102,7 +106,10 @@ class _WriteJsonLines(beam.DoFn):
 
 
 def _stage(pcoll, directory: str, name: str) -> None:
-    pcoll | f"Stage_{name}" >> beam.ParDo(_WriteJsonLines(directory, name))
+    """Stage ``pcoll`` (or each PCollection of a tuple, on its own: never flattened,
+    which Beam's local runner would keep whole) as ``name`` files."""
+    for index, part in enumerate(pcoll if isinstance(pcoll, tuple) else (pcoll,)):
+        part | f"Stage_{name}{index or ''}" >> beam.ParDo(_WriteJsonLines(directory, name))
 
 
 def stage_table(outputs: ExportOutputs, directory: str) -> None:

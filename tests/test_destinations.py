@@ -299,6 +299,49 @@ def test_repeated_fields_are_empty_lists_so_averages_count_every_row(tmp_path):
         assert_no_null_lists(row, schema)
 
 
+def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_path):
+    """Rows reach DuckDB as read (pipeline.graph.ExportPlan.rows_as_read): the load fills
+    in absent and null REPEATED fields at every level exactly as schemas.rows does."""
+    import json
+
+    from schemas.rows import with_empty_lists
+
+    schema = [
+        {"name": "SOPInstanceUID", "type": "STRING", "mode": "NULLABLE"},
+        {"name": "L", "type": "STRING", "mode": "REPEATED"},
+        {"name": "R", "type": "RECORD", "mode": "NULLABLE", "fields": [
+            {"name": "X", "type": "STRING", "mode": "REPEATED"}, {"name": "Y", "type": "STRING", "mode": "NULLABLE"}]},
+        {"name": "S", "type": "RECORD", "mode": "REPEATED", "fields": [
+            {"name": "Z", "type": "INTEGER", "mode": "REPEATED"},
+            {"name": "T", "type": "RECORD", "mode": "REPEATED", "fields": [
+                {"name": "W", "type": "STRING", "mode": "REPEATED"}, {"name": "V", "type": "STRING", "mode": "NULLABLE"}]}]},
+    ]
+    rows = [
+        {"SOPInstanceUID": "1"},
+        {"SOPInstanceUID": "2", "L": None, "R": {"Y": "a"}, "S": [{"T": [{"V": "b"}, {"W": ["c"]}]}, {"Z": [1, 2]}]},
+        {"SOPInstanceUID": "3", "L": ["d"], "R": None, "S": []},
+        {"SOPInstanceUID": "4", "R": {"X": None}, "S": None},
+    ]
+    staged = tmp_path / "rows.json"
+    staged.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = DuckDBTable(str(tmp_path / "t.duckdb"), "t")
+    table.write(schema, [str(staged)], Disposition.DEFAULT)
+
+    def with_nulls(record, fields):  # what DuckDB gives for an absent NULLABLE field
+        out = {}
+        for field in fields:
+            value = record.get(field["name"])
+            if field["type"] == "RECORD" and value is not None:
+                value = ([with_nulls(item, field["fields"]) for item in value] if field["mode"] == "REPEATED"
+                         else with_nulls(value, field["fields"]))
+            out[field["name"]] = value
+        return out
+
+    expected = [with_nulls(with_empty_lists(row, schema), schema) for row in rows]
+    assert sorted(table.read_rows(), key=lambda r: r["SOPInstanceUID"]) == expected
+    assert expected[1]["S"][0] == {"Z": [], "T": [{"W": [], "V": "b"}, {"W": ["c"], "V": None}]}  # the test's own premise
+
+
 def assert_no_null_lists(record: dict, fields: list[dict], where: str = "") -> None:
     for field in fields:
         value = record.get(field["name"])

@@ -111,6 +111,30 @@ def test_a_local_run_over_plain_files_is_listed_by_the_launcher_with_what_the_pi
     assert len(zipped) == (archives != "expanded")  # under --no-archives a ZIP is a file that is not DICOM
 
 
+def test_rows_handed_over_as_json_load_as_the_rows_python_completes(folder, tmp_path, monkeypatch):
+    """A plain run into DuckDB takes the rows as read (JSON text from the read processes,
+    lists filled in as DuckDB loads them); an --incremental run completes them in Python
+    (pipeline/spool.py). Every instance's row is the same."""
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    forms = []
+    init = ReadProcesses.__init__
+    monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: forms.append(a[3]) or init(self, *a, **k))
+    as_read, [plan], rows, errors = _export(folder, tmp_path / "as_read.duckdb", monkeypatch)
+    assert plan.rows_as_read and plan.read_processes == 2
+    completed, [plan], same_rows, same_errors = _export(folder, tmp_path / "completed.duckdb", monkeypatch,
+                                                        "--incremental")
+    assert plan.read_processes == 2 and forms == [transforms.read.JSON, transforms.read.PICKLE]
+    by_sop = {}
+    for row in map(json.loads, rows):
+        by_sop.setdefault(row["SOPInstanceUID"], []).append(row)
+    once = {sop: found[0] for sop, found in by_sop.items() if len(found) == 1}
+    assert len(once) > 100
+    kept = {row["SOPInstanceUID"]: row for row in map(json.loads, same_rows) if row["SOPInstanceUID"] in once}
+    assert kept == once
+    assert errors == same_errors and as_read["failed"] == completed["failed"] > 0
+
+
 def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder, tmp_path, monkeypatch, caplog):
     import pydicom
 

@@ -40,6 +40,7 @@ from transforms.read import (  # noqa: F401 (the read step's values, named here 
     CHUNK_FILES,
     CONVERT,
     LIST,
+    PICKLE,
     READ,
     Instance,
     Outcome,
@@ -68,16 +69,18 @@ class ReadInstances(beam.DoFn):
     The processes are this machine's: ``processes`` is for a run whose Beam workers
     share the launcher's process (a local ``in_memory`` run). Should a read process die,
     its chunk is read again in this process and so is the rest of the run: no input is
-    lost.
+    lost. Rows read there arrive encoded (``row_form``: :class:`transforms.read.PickledRow`
+    or :class:`transforms.read.JsonRow`), rows read here as dicts.
     """
 
     def __init__(self, pipeline_options=None, run_started: str | None = None, reporter=None,
-                 opener: Opener | None = None, processes: int = 0):
+                 opener: Opener | None = None, processes: int = 0, row_form: str = PICKLE):
         self._options = pipeline_options
         self._opener_settings = opener  # an Opener with the archive options (else the default one)
         self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
         self._run_started = run_started
         self._processes = processes
+        self._row_form = row_form  # how the processes hand rows over (transforms.read.PICKLE, JSON)
         self.counters = {name: Metrics.counter(counters.NAMESPACE, name) for name in counters.READ_COUNTERS}
         self.bytes_per_instance = Metrics.distribution(counters.NAMESPACE, counters.BYTES_READ_PER_INSTANCE)
 
@@ -158,7 +161,7 @@ class ReadInstances(beam.DoFn):
             if self._read_processes is not None:
                 self._read_processes.shutdown()
             try:
-                self._read_processes = ReadProcesses(self._processes, self._opener, filter_file)
+                self._read_processes = ReadProcesses(self._processes, self._opener, filter_file, self._row_form)
             except Exception as error:  # no fork server here, no room for its socket…
                 self._stop_processes(f"could not start read processes ({type(error).__name__})")
                 return None

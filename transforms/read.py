@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import multiprocessing
 import os
 import pickle
@@ -52,19 +53,35 @@ class PickledRow(bytes):
     __slots__ = ()
 
 
+class JsonRow(bytes):
+    """A row as a read process hands it over for a destination that takes rows as read,
+    as JSON lines (DuckDB: :attr:`pipeline.graph.ExportPlan.rows_as_read`): its JSON text,
+    ASCII, encoded where it was read. The staging step writes it as it is."""
+
+    __slots__ = ()
+
+
+#: How a read process hands rows over: pickled, or as JSON text (:class:`JsonRow`).
+PICKLE, JSON = "pickle", "json"
+
+
 def as_row(row) -> dict:
-    """The row of an :attr:`Instance.row`, whether a dict or a :class:`PickledRow`."""
-    return pickle.loads(row) if isinstance(row, PickledRow) else row
+    """The row of an :attr:`Instance.row`: a dict, a :class:`PickledRow` or a :class:`JsonRow`."""
+    if isinstance(row, PickledRow):
+        return pickle.loads(row)
+    if isinstance(row, JsonRow):
+        return json.loads(row)
+    return row
 
 
 class Instance(NamedTuple):
     """What one input file became."""
 
-    row: dict  # or a PickledRow (from a read process; then ``uids`` is set)
+    row: dict  # or a PickledRow or JsonRow (from a read process; then ``uids`` is set)
     fragment: frozenset
     filter_lines: tuple
     path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
-    uids: dict | None = None  # the row's UID_COLUMNS, when the row is a PickledRow
+    uids: dict | None = None  # the row's UID_COLUMNS, when the row is encoded
 
 
 def instance_uids(instance: Instance) -> dict:
@@ -148,16 +165,19 @@ def start_fork_server() -> None:
 class ReadProcesses:
     """``processes`` worker processes reading local inputs in chunks with
     :func:`read_input`, each with its own opener (``expand_archives``,
-    ``nested_archives``) and the run's filter file, given once per process."""
+    ``nested_archives``) and the run's filter file, given once per process. Rows come
+    back in ``row_form``: :data:`PICKLE` (:class:`PickledRow`) or :data:`JSON`
+    (:class:`JsonRow`)."""
 
-    def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None):
+    def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str = PICKLE):
         start_fork_server()
         self.filter_file = filter_file
+        self.row_form = row_form
         self._executor = concurrent.futures.ProcessPoolExecutor(
             processes,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_start_worker,
-            initargs=(opener.expand_archives, opener.nested_archives, filter_file),
+            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form),
         )
         _running.add(self)
 
@@ -223,26 +243,30 @@ def _main_module_hidden():
 _main_module_lock = threading.Lock()
 
 
-_worker: tuple | None = None  # (opener, filter file) of this read process
+_worker: tuple | None = None  # (opener, filter file, row form) of this read process
 
 
-def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: FilterFile | None) -> None:
+def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: FilterFile | None,
+                  row_form: str) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     silence_pydicom()
-    _worker = (Opener(None, expand_archives=expand_archives, nested_archives=nested_archives), filter_file)
+    _worker = (Opener(None, expand_archives=expand_archives, nested_archives=nested_archives), filter_file, row_form)
 
 
 def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
-    opener, filter_file = _worker
-    return [_handed_over(read_input(input_file, opener, filter_file)) for input_file in inputs]
+    opener, filter_file, row_form = _worker
+    return [_handed_over(read_input(input_file, opener, filter_file), row_form) for input_file in inputs]
 
 
-def _handed_over(outcome: Outcome) -> Outcome:
-    """The outcome with its row pickled here, once (see :class:`PickledRow`)."""
+def _handed_over(outcome: Outcome, row_form: str = PICKLE) -> Outcome:
+    """The outcome with its row encoded here, once (:class:`PickledRow`, :class:`JsonRow`)."""
     instance = outcome.instance
     if instance is None:
         return outcome
     row = instance.row
-    pickled = PickledRow(pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
-    return outcome._replace(instance=instance._replace(row=pickled, uids=instance_uids(instance)))
+    if row_form == JSON:
+        encoded = JsonRow(json.dumps(row).encode("ascii"))
+    else:
+        encoded = PickledRow(pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+    return outcome._replace(instance=instance._replace(row=encoded, uids=instance_uids(instance)))

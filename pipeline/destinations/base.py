@@ -65,6 +65,11 @@ class RunContext:
 class Destination(abc.ABC):
     """Where an export's rows and dead letters go (``--bq-table URI``)."""
 
+    #: True for a destination that takes the rows as read and fills in their absent
+    #: REPEATED fields itself as it loads them (``pipeline.graph.ExportPlan.rows_as_read``):
+    #: the pipeline then neither spools nor completes them.
+    takes_rows_as_read = False
+
     @classmethod
     @abc.abstractmethod
     def parse(cls, uri: str, pipeline_options=None) -> "Destination":

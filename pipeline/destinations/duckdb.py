@@ -111,6 +111,8 @@ def _bigquery_field(name: str, duck_type) -> dict:
 class DuckDBTable(Destination):
     """A table in a DuckDB database file."""
 
+    takes_rows_as_read = True  # staged as JSON lines; their lists are filled in SQL as they load
+
     def __init__(self, path: str, table: str):
         self.path, self.table = path, table
         self.incremental = False
@@ -407,14 +409,8 @@ class DuckDBTable(Destination):
                     f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} "
                     f"WHERE SOPInstanceUID IN ({new_sops})"
                 ).fetchone()[0]
-            # On an append without new fields only the new rows can lack the table's other
-            # REPEATED fields: they are completed in a temporary table, not the whole table.
-            only_new = appended and not extended
-            target = "__dicom_bq_export_new_rows" if only_new else self.table
-            if only_new:
-                self._replace(con, target, schema, copy_rows=False, temporary=True)
-            try:
-                inserted = self._insert(con, target, schema, row_files)
+            try:  # the rows come as read: their lists are filled in as they are inserted
+                inserted = self._insert(con, self.table, schema, row_files, fill_lists=True)
             except duckdb.OutOfMemoryException:
                 raise
             except duckdb.Error as error:
@@ -422,11 +418,7 @@ class DuckDBTable(Destination):
                     f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
                     f"{self}. The message is withheld: it may quote a value."
                 ) from None
-            if appended and inserted:  # rows of either side may lack REPEATED fields the other added
-                _fill_empty_lists(con, target, schema)
-            if only_new and inserted:
-                con.execute(f"INSERT INTO {quote(self.table)} BY NAME SELECT * FROM {quote(target)}")
-            elif extended and not inserted:
+            if extended:  # the table's own rows lack the REPEATED fields this run added
                 _fill_empty_lists(con, self.table, schema)
             if incremental:
                 written[counters.ROWS_ADDED] = inserted - replaced
@@ -483,14 +475,22 @@ class DuckDBTable(Destination):
         con.execute(f"ALTER TABLE {staging} RENAME TO {quote(table)}")
 
     @staticmethod
-    def _insert(con, table: str, schema: list[dict], files: list[str]) -> int:
-        """Insert the rows of NDJSON ``files``; return how many."""
+    def _insert(con, table: str, schema: list[dict], files: list[str], fill_lists: bool = False) -> int:
+        """Insert the rows of NDJSON ``files``; return how many. With ``fill_lists``,
+        absent or null REPEATED fields become ``[]`` at every level (rows as read, see
+        :func:`_lists_filled`)."""
         files = [f for f in files if os.path.getsize(f)]
         if not files:
             return 0
         columns = "{" + ", ".join(f"{_sql_string(f['name'])}: {_sql_string(duckdb_type(f))}" for f in schema) + "}"
+        select = "*"
+        if fill_lists and _has_repeated(schema):
+            select = ", ".join(
+                f"{_lists_filled(quote(f['name']), f)} AS {quote(f['name'])}" if _has_repeated([f]) else quote(f["name"])
+                for f in schema
+            )
         return con.execute(
-            f"INSERT INTO {quote(table)} BY NAME SELECT * FROM read_json(?, format='newline_delimited', "
+            f"INSERT INTO {quote(table)} BY NAME SELECT {select} FROM read_json(?, format='newline_delimited', "
             f"columns={columns}, maximum_object_size={_MAX_ROW_BYTES})",
             [list(files)],
         ).fetchone()[0]
@@ -526,8 +526,8 @@ def _has_repeated(fields: list[dict]) -> bool:
 
 def _lists_filled(expr: str, field: dict, depth: int = 0) -> str:
     """A SQL expression for ``expr`` (of ``field``'s type) with NULL lists as ``[]`` at
-    every level, the SQL twin of :func:`schemas.rows.with_empty_lists` for rows already
-    in a table."""
+    every level, the SQL twin of :func:`schemas.rows.with_empty_lists`: for rows as they
+    are loaded, and for rows already in a table that gains REPEATED fields."""
     repeated = field.get("mode") == "REPEATED"
     if field["type"] not in (RECORD, "STRUCT"):
         return f"coalesce({expr}, CAST([] AS {duckdb_type(field)}))" if repeated else expr
