@@ -51,7 +51,7 @@ destination = DESTINATIONS["duckdb"]
 
 def export(workdir: pathlib.Path, folder: pathlib.Path, table: str, name: str, *flags: str) -> dict:
     summary_path = workdir / f"summary-{name}.json"
-    command = [sys.executable, "-m", "pipeline.main", "--input", str(folder),
+    command = [sys.executable, "-m", "pipeline.cli", "--input", str(folder),
                f"--bq-table={destination(workdir, table)}", "--progress-seconds=0",
                f"--summary-json={summary_path}", *flags]
     started = time.perf_counter()

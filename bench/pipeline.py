@@ -99,7 +99,7 @@ def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None,
     or another one to compare with, e.g. the main branch)."""
     run = time.monotonic_ns()
     summary_path = workdir / f"summary-{destination}-{run}.json"
-    command = [sys.executable, "-m", "pipeline.main", "--input", str(folder),
+    command = [sys.executable, "-m", "pipeline.cli", "--input", str(folder),
                f"--bq-table={DESTINATIONS[destination](workdir, run)}", "--progress-seconds=0",
                f"--summary-json={summary_path}"]
     if workers:

@@ -102,7 +102,7 @@ google.auth.default = lambda *args, **kwargs: (AnonymousCredentials(), "bench")
 def export(input_: str, workdir: pathlib.Path, env: dict, source: pathlib.Path = ROOT) -> dict:
     db = workdir / f"bench-{time.monotonic_ns()}.duckdb"
     summary_path = workdir / f"summary-{time.monotonic_ns()}.json"
-    command = [sys.executable, "-m", "pipeline.main", "--input", input_, f"--bq-table=duckdb://{db}#instances",
+    command = [sys.executable, "-m", "pipeline.cli", "--input", input_, f"--bq-table=duckdb://{db}#instances",
                "--progress-seconds=0", f"--summary-json={summary_path}"]
     started = time.perf_counter()
     env = dict(env, PYTHONPATH=env["PYTHONPATH"].replace(str(ROOT), str(source)))

@@ -52,7 +52,7 @@ def _clock(label: str, seconds: float, count: int | None, results: list) -> None
 
 def _export(folder: pathlib.Path, workdir: pathlib.Path, extra: list[str] = ()) -> float:
     db = workdir / f"profile-{time.monotonic_ns()}.duckdb"
-    command = [sys.executable, "-m", "pipeline.main", "--input", str(folder), f"--bq-table=duckdb://{db}#instances",
+    command = [sys.executable, "-m", "pipeline.cli", "--input", str(folder), f"--bq-table=duckdb://{db}#instances",
                "--progress-seconds=0", *extra]
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

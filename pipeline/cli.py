@@ -1,8 +1,9 @@
 """The ``dicom-bq-export`` command's entry point (also ``python -m pipeline.cli``).
 
 A thin shell around :func:`pipeline.main.main` for what only a process can decide: Ctrl-C
-while Beam is still being imported (a second or more) is one line too, and an interrupted
-run leaves at once, with exit status 130, without waiting for Beam's threads.
+while Beam is still being imported (a second or more) is one line too, an interrupted
+run leaves at once, with exit status 130, without waiting for Beam's threads, and the
+read processes' fork server starts while Beam is imported.
 """
 
 from __future__ import annotations
@@ -16,11 +17,28 @@ INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        _start_read_server()
         from pipeline.main import main as command
     except KeyboardInterrupt:
         print("dicom-bq-export: error: interrupted; nothing was written", file=sys.stderr, flush=True)
         return INTERRUPTED
     return command(argv)
+
+
+def _start_read_server() -> None:
+    """Start the fork server of a local run's read processes (``transforms.read``) now,
+    so that it imports its reading code on another core while this process imports
+    Beam (a second or more): the processes are then ready as soon as the launcher has
+    listed the files. Where the run reads no local files on processes (a remote input,
+    few files) the server only costs its own start, on a core this process leaves
+    idle. Nothing here is an error: the run decides and reports for itself."""
+    try:
+        from transforms.read import processes_available, start_fork_server, usable_cores
+
+        if usable_cores() > 1 and processes_available():
+            start_fork_server()
+    except Exception:  # noqa: BLE001 — the run starts it again, or reads in one process, and says so
+        pass
 
 
 def _exit(code: int) -> None:

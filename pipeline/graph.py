@@ -63,6 +63,11 @@ class ExportPlan:
     # row per instance is made where rows are completed (pipeline/spool.py).
     rows_as_read: bool = False
 
+    @property
+    def row_form(self) -> str:
+        """How read processes hand rows over (transforms.read.PICKLE or JSON)."""
+        return JSON if self.rows_as_read and not self.incremental else PICKLE
+
 
 class ExportOutputs(NamedTuple):
     # dict per instance, in the BigQuery JSON row form, [] for absent REPEATED fields; with
@@ -155,9 +160,8 @@ def build_pipeline(
         else:  # instance mode: read like files, through the opener
             files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
 
-    as_read = plan.rows_as_read and not plan.incremental
-    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes,
-                         JSON if as_read else PICKLE)
+    as_read = plan.row_form == JSON
+    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes, plan.row_form)
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
         DEAD_LETTERS, main="instances"
     )

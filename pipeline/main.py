@@ -56,7 +56,15 @@ from pipeline.staging import SPOOL, read_staged, stage_summary, staging_folder
 from pipeline.usage import check_inputs_exist
 from transforms.filter_file import FilterFileError, read_filter_file
 from transforms.header import silence_pydicom
-from transforms.read import kill_read_processes, processes_available, start_fork_server
+from transforms.read import (
+    ReadProcesses,
+    kill_read_processes,
+    offer,
+    processes_available,
+    start_fork_server,
+    usable_cores,
+)
+from transforms.storage import Opener
 from transforms.match import (
     file_identity,
     input_root,
@@ -116,15 +124,6 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
         direct.direct_num_workers = cores
         return True
     return False
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or a
-    scheduler's share, not the whole host), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | None = None) -> int:
@@ -299,13 +298,41 @@ def run(argv: list[str] | None = None) -> dict:
         read_ledger = destination.recorded_files(context)
         if read_ledger is not None and defaulted and not too_many:  # an update reads few files: worker
             options.view_as(DirectOptions).direct_running_mode = "in_memory"  # processes cost more than they save
+    ahead = None  # read processes the launcher starts on the files it listed
     if plan.read_processes and read_ledger is None:
         try:
             start_fork_server()  # the read processes' server starts while the pipeline is built
+            if plan.listed_files:
+                ahead = _read_ahead(plan, filter_file)
         except Exception as error:  # noqa: BLE001 — then the files are read in Beam's thread
             logging.warning("dicom-bq-export: could not start read processes (%s); reading in one process",
                             type(error).__name__)
             plan = dataclasses.replace(plan, read_processes=0)
+    try:
+        return _run_pipeline(options, export, destination, disposition, plan, filter_file, context, runner, local,
+                             started, listed_counts, read_ledger)
+    finally:
+        if ahead is not None:
+            ahead.shutdown()
+
+
+def _read_ahead(plan: ExportPlan, filter_file) -> ReadProcesses:
+    """Start the read processes on the first files the launcher listed, for the read
+    step to take (``transforms.read.ReadProcesses.read_ahead``): they read while Beam
+    builds and starts the pipeline."""
+    opener = Opener(None, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
+    ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form)
+    try:
+        ahead.read_ahead(plan.listed_files)
+    except BaseException:
+        ahead.shutdown()
+        raise
+    offer(ahead)
+    return ahead
+
+
+def _run_pipeline(options, export, destination, disposition, plan, filter_file, context, runner, local, started,
+                  listed_counts, read_ledger) -> dict:
     progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None

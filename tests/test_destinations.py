@@ -299,10 +299,14 @@ def test_repeated_fields_are_empty_lists_so_averages_count_every_row(tmp_path):
         assert_no_null_lists(row, schema)
 
 
-def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_path):
+@pytest.mark.parametrize("in_sql", [True, False])
+def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_path, monkeypatch, in_sql):
     """Rows reach DuckDB as read (pipeline.graph.ExportPlan.rows_as_read): the load fills
-    in absent and null REPEATED fields at every level exactly as schemas.rows does."""
+    in absent and null REPEATED fields at every level exactly as schemas.rows does, in
+    SQL, or, for a schema nested deeper than MOST_SQL_FILL_DEPTH, in Python first."""
     import json
+
+    from pipeline.destinations import duckdb as destination
 
     from schemas.rows import with_empty_lists
 
@@ -324,8 +328,17 @@ def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_
     ]
     staged = tmp_path / "rows.json"
     staged.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert destination._fill_depth(schema) == 2  # S, then S.T
+    if not in_sql:
+        monkeypatch.setattr(destination, "MOST_SQL_FILL_DEPTH", 1)
+    filled_in_sql = []
+    insert = DuckDBTable._insert
+    monkeypatch.setattr(DuckDBTable, "_insert", staticmethod(
+        lambda con, table, fields, files, fill_lists=False: (
+            filled_in_sql.append(fill_lists) if table == "t" else None) or insert(con, table, fields, files, fill_lists)))
     table = DuckDBTable(str(tmp_path / "t.duckdb"), "t")
     table.write(schema, [str(staged)], Disposition.DEFAULT)
+    assert filled_in_sql == [in_sql]
 
     def with_nulls(record, fields):  # what DuckDB gives for an absent NULLABLE field
         out = {}

@@ -268,3 +268,75 @@ def test_which_runs_read_on_processes(tmp_path, monkeypatch, units, files, proce
     chosen = parse_pipeline_options(["--input", str(tmp_path), "--direct_running_mode=in_memory"])
     pipeline.main._local_defaults(chosen, plan)
     assert pipeline.main._read_processes(chosen, plan, files) == 0  # the user chose how the run is spread
+
+
+def test_the_read_step_takes_the_chunks_the_launcher_read_ahead(folder, tmp_path, monkeypatch, caplog):
+    """The launcher starts the read processes on the files it listed while Beam starts
+    (pipeline.main._read_ahead); the read step takes those processes and every chunk
+    read ahead, and reads the rest itself: the same rows as one thread."""
+    (folder / "some.zip").unlink()  # plain files: the launcher lists them
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    monkeypatch.setattr(transforms.read, "READ_AHEAD_FILES", 5 * CHUNK_FILES + 3)  # not a whole number of chunks
+    pools, ahead, left = [], [], []
+    init, read_ahead, shutdown = ReadProcesses.__init__, ReadProcesses.read_ahead, ReadProcesses.shutdown
+    monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: pools.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(ReadProcesses, "read_ahead",
+                        lambda self, *a, **k: ahead.append(read_ahead(self, *a, **k)) or ahead[-1])
+    monkeypatch.setattr(ReadProcesses, "shutdown", lambda self: left.append(self.unclaimed()) or shutdown(self))
+    pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch)
+    assert plan.listed_files and plan.read_processes == 2
+    assert len(pools) == 1 and ahead == [5 * CHUNK_FILES + 3]  # one pool: the launcher's, taken by the read step
+    assert left and set(left) == {0}  # every chunk read ahead was taken
+    assert not transforms.read._offered and not transforms.read._running
+    threaded, [plan], same_rows, same_errors = _export(
+        folder, tmp_path / "threaded.duckdb", monkeypatch, "--direct_running_mode=in_memory"
+    )
+    assert plan.read_processes == 0 and len(pools) == 1
+    assert {name: pooled.get(name) for name in COUNTS} == {name: threaded.get(name) for name in COUNTS}
+    assert (rows, errors) == (same_rows, same_errors)
+    assert FELL_BACK not in caplog.text
+
+
+def test_read_processes_are_taken_only_with_the_same_settings_and_chunks_only_when_identical(folder):
+    from transforms.filter_file import parse_filter_file
+
+    inputs = [InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir())][:3 * CHUNK_FILES]
+    lines = parse_filter_file("/studies/1.2.3\n")
+    pool = ReadProcesses(2, Opener(), lines, transforms.read.JSON)
+    try:
+        assert pool.read_ahead(inputs, most=2 * CHUNK_FILES) == 2 * CHUNK_FILES and pool.unclaimed() == 2
+        transforms.read.offer(pool)
+        assert transforms.read.take(2, Opener(), lines, transforms.read.PICKLE) is None  # another row form
+        assert transforms.read.take(2, Opener(expand_archives=False), lines, transforms.read.JSON) is None
+        assert transforms.read.take(2, Opener(), None, transforms.read.JSON) is None  # no filter file
+        assert transforms.read.take(2, Opener(), parse_filter_file("/studies/1.2.3\n"), transforms.read.JSON) is pool
+        assert transforms.read.take(2, Opener(), lines, transforms.read.JSON) is None  # taken once
+        first = pool._ahead[tuple(inputs[:CHUNK_FILES])]
+        assert pool.submit(inputs[:CHUNK_FILES]) is first and pool.unclaimed() == 1
+        shifted = pool.submit(inputs[1:CHUNK_FILES + 1])  # not a chunk read ahead: read now
+        assert shifted is not pool._ahead.get(tuple(inputs[CHUNK_FILES:2 * CHUNK_FILES])) and pool.unclaimed() == 1
+        outcomes = shifted.result(timeout=60)
+        assert [outcome.instance is None for outcome in outcomes] == [True] * CHUNK_FILES  # the filter selects none
+    finally:
+        pool.shutdown()
+    assert pool.unclaimed() == 0 and pool not in transforms.read._offered
+
+
+def test_the_command_starts_the_read_server_before_beam_is_imported():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from pipeline import cli\n"
+        "cli._start_read_server()\n"
+        "from multiprocessing import forkserver\n"
+        "print(forkserver._forkserver._forkserver_pid is not None, 'apache_beam' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    started, beam = done.stdout.split()
+    assert beam == "False"
+    assert started == str(transforms.read.usable_cores() > 1 and transforms.read.processes_available())

@@ -47,6 +47,8 @@ from transforms.read import (  # noqa: F401 (the read step's values, named here 
     ReadProcesses,
     dead_letter,
     read_input,
+    same_filter,
+    take,
 )
 from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener
 
@@ -153,13 +155,17 @@ class ReadInstances(beam.DoFn):
         self._add_pending(chunk, future)
 
     def _processes_for(self, filter_file):
-        """The read processes (started on first use, with the run's filter file), or
-        None once they could not start or one died."""
+        """The read processes (those the launcher started reading ahead, or started on
+        first use, with the run's filter file), or None once they could not start or one
+        died."""
         if not self._use_processes:
             return None
-        if self._read_processes is None or not _same_filter(self._read_processes.filter_file, filter_file):
+        if self._read_processes is None or not same_filter(self._read_processes.filter_file, filter_file):
             if self._read_processes is not None:
                 self._read_processes.shutdown()
+            self._read_processes = take(self._processes, self._opener, filter_file, self._row_form)
+            if self._read_processes is not None:  # started by the launcher, reading ahead
+                return self._read_processes
             try:
                 self._read_processes = ReadProcesses(self._processes, self._opener, filter_file, self._row_form)
             except Exception as error:  # no fork server here, no room for its socket…
@@ -250,9 +256,3 @@ class UnionOfLines(beam.CombineFn):
 def _read_one(input_file: InputFile, opener: Opener, filter_file: FilterFile | None) -> list[Outcome]:
     return [read_input(input_file, opener, filter_file)]
 
-
-def _same_filter(first: FilterFile | None, second: FilterFile | None) -> bool:
-    """The same filter file (a side input may be decoded again for another bundle)."""
-    if first is None or second is None:
-        return first is second
-    return first is second or first.lines == second.lines

@@ -143,6 +143,9 @@ def dead_letter(path: str, stage: str, error_type: str, message: str, run_starte
 #: Files handed to a read process at once: enough that the hand-over (two pickled
 #: messages) is small beside reading them, few enough that work stays spread evenly.
 CHUNK_FILES = 16
+#: Files the launcher starts reading before the pipeline's read step runs (ReadProcesses.read_ahead):
+#: more than two cores read in the half second Beam takes to start; their rows wait in memory.
+READ_AHEAD_FILES = 1024
 _PRELOAD = ["transforms.read"]
 
 
@@ -150,6 +153,15 @@ def processes_available() -> bool:
     """True where read processes can start: a fork server (Linux, macOS; not Windows),
     and this process is not a daemonic one (which may have no child processes)."""
     return "forkserver" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a
+    scheduler's share, not the whole host), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def start_fork_server() -> None:
@@ -173,6 +185,8 @@ class ReadProcesses:
         start_fork_server()
         self.filter_file = filter_file
         self.row_form = row_form
+        self.settings = (processes, opener.expand_archives, opener.nested_archives, row_form)
+        self._ahead: dict[tuple, concurrent.futures.Future] = {}  # chunk -> its outcomes, read ahead
         self._executor = concurrent.futures.ProcessPoolExecutor(
             processes,
             mp_context=multiprocessing.get_context("forkserver"),
@@ -182,15 +196,41 @@ class ReadProcesses:
         _running.add(self)
 
     def submit(self, inputs: list[InputFile]) -> concurrent.futures.Future:
-        """A future of the inputs' outcomes, in order. If a process dies (it never
-        should: every failure of an input is its outcome), the future raises
-        ``BrokenProcessPool``."""
+        """A future of the inputs' outcomes, in order (the one :meth:`read_ahead` started
+        for this very chunk, if any). If a process dies (it never should: every failure
+        of an input is its outcome), the future raises ``BrokenProcessPool``."""
+        if self._ahead:
+            ahead = self._ahead.pop(tuple(inputs), None)
+            if ahead is not None:
+                return ahead
         with _main_module_hidden():  # a submit may start a process
             return self._executor.submit(_read_chunk, inputs)
 
+    def read_ahead(self, inputs, most: int | None = None) -> int:
+        """Start reading the first ``most`` (:data:`READ_AHEAD_FILES`) of ``inputs`` now, in
+        chunks of :data:`CHUNK_FILES`, before the read step asks for them: the launcher
+        does so for the files it listed while Beam builds and starts the pipeline (about
+        half a second on one core). The read step hands over its inputs in the same
+        chunks, in the same order, and :meth:`submit` gives it the futures already
+        started; a chunk it never asks for is cancelled or dropped at :meth:`shutdown`.
+        Returns the number of inputs started."""
+        count = min(len(inputs), READ_AHEAD_FILES if most is None else most)
+        for start in range(0, count, CHUNK_FILES):
+            chunk = list(inputs[start:min(start + CHUNK_FILES, len(inputs))])
+            with _main_module_hidden():
+                self._ahead[tuple(chunk)] = self._executor.submit(_read_chunk, chunk)
+        return count
+
+    def unclaimed(self) -> int:
+        """Chunks read ahead that the read step has not asked for (yet)."""
+        return len(self._ahead)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._ahead.clear()
         _running.discard(self)
+        with contextlib.suppress(ValueError):
+            _offered.remove(self)
 
     def kill(self) -> None:
         """End the processes now, whatever they are reading (an interrupted run). Safe in
@@ -206,6 +246,31 @@ class ReadProcesses:
 
 
 _running: "weakref.WeakSet[ReadProcesses]" = weakref.WeakSet()
+_offered: list[ReadProcesses] = []  # started by the launcher, for the read step to take
+
+
+def offer(processes: ReadProcesses) -> None:
+    """Leave started read processes (reading ahead) for the read step of this process's
+    pipeline to :func:`take`. The launcher shuts them down after the run either way."""
+    _offered.append(processes)
+
+
+def take(processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str) -> ReadProcesses | None:
+    """The offered read processes with these settings and the same filter file, now the
+    caller's; None if there are none (the caller starts its own)."""
+    settings = (processes, opener.expand_archives, opener.nested_archives, row_form)
+    for offered in _offered:
+        if offered.settings == settings and same_filter(offered.filter_file, filter_file):
+            _offered.remove(offered)
+            return offered
+    return None
+
+
+def same_filter(first: FilterFile | None, second: FilterFile | None) -> bool:
+    """The same filter file (a side input may be decoded again for another bundle)."""
+    if first is None or second is None:
+        return first is second
+    return first is second or first.lines == second.lines
 
 
 def kill_read_processes() -> None:

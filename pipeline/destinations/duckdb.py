@@ -17,6 +17,7 @@ is read, and reported in one line.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from pipeline.destinations.base import DEFAULT_URI, Destination, RunContext
 from pipeline.ledger import EXPORTED, FILES_SCHEMA, ROW, files_table_name
 from pipeline.staging import read_staged, stage_table
 from transforms import counters
+from schemas.rows import with_empty_lists
 from schemas.vr_types import RECORD
 
 SCHEME = "duckdb://"
@@ -82,6 +84,12 @@ _BIGQUERY_TYPES = {
 }
 #: BigQuery's limit on a row; DuckDB's JSON reader defaults to 16 MB per object.
 _MAX_ROW_BYTES = 100 * 1024 * 1024
+#: Rows come as read, their absent REPEATED fields filled in as they load
+#: (:func:`_lists_filled`), for a schema whose lists of records nest at most this deep.
+#: DuckDB's memory for nested list_transform grows about twofold per level (a 12-deep
+#: chain: ~130 MiB more, 15 deep: ~2.9 GiB; SR documents nest ContentSequence 15 deep),
+#: so deeper schemas have their rows completed in Python first (schemas.rows).
+MOST_SQL_FILL_DEPTH = 6
 
 
 def quote(identifier: str) -> str:
@@ -358,8 +366,11 @@ class DuckDBTable(Destination):
         table is updated by path and, with ``prune_missing``, the gone files' records and
         the rows no exported file records any more are deleted — in the same transaction.
         """
+        fill_lists = _fill_depth(schema) <= MOST_SQL_FILL_DEPTH
+        if not fill_lists:
+            row_files = _completed_copies(row_files, schema)
         arguments = (schema, row_files, disposition, error_files, file_record_files, gone_files, incremental,
-                     prune_missing)
+                     prune_missing, fill_lists)
         try:
             return self._write(*arguments, memory_limit=LOAD_MEMORY_LIMIT)
         except _OutOfMemoryBeforeCommit:  # rolled back: nothing was written
@@ -373,7 +384,7 @@ class DuckDBTable(Destination):
             ) from None
 
     def _write(self, schema, row_files, disposition, error_files, file_record_files, gone_files, incremental,
-               prune_missing, memory_limit: str | None) -> dict:
+               prune_missing, fill_lists, memory_limit: str | None) -> dict:
         try:
             con = self._connect(load=True, memory_limit=memory_limit)
         except duckdb.OutOfMemoryException:
@@ -409,8 +420,8 @@ class DuckDBTable(Destination):
                     f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} "
                     f"WHERE SOPInstanceUID IN ({new_sops})"
                 ).fetchone()[0]
-            try:  # the rows come as read: their lists are filled in as they are inserted
-                inserted = self._insert(con, self.table, schema, row_files, fill_lists=True)
+            try:  # rows as read: their lists are filled in as they are inserted (or were, _completed_copies)
+                inserted = self._insert(con, self.table, schema, row_files, fill_lists=fill_lists)
             except duckdb.OutOfMemoryException:
                 raise
             except duckdb.Error as error:
@@ -520,6 +531,30 @@ def _records(con, table: str):
             yield {"path": record_path, "version": version, "outcome": outcome}
 
 
+def _fill_depth(fields: list[dict]) -> int:
+    """How deep :func:`_lists_filled` nests list_transform for ``fields``: lists of
+    records with REPEATED fields inside, counted along the deepest path."""
+    depth = 0
+    for field in fields:
+        members = field.get("fields") or []
+        if members and _has_repeated(members):
+            depth = max(depth, _fill_depth(members) + (field.get("mode") == "REPEATED"))
+    return depth
+
+
+def _completed_copies(files: list[str], schema: list[dict]) -> list[str]:
+    """Each NDJSON file of rows as read copied beside it with every row completed
+    (:func:`schemas.rows.with_empty_lists`), one row at a time; the copies' paths."""
+    completed = []
+    for path in files:
+        copy = path[: -len(".json")] + ".completed"  # not a staged file name (pipeline.staging.read_staged)
+        with open(path, encoding="ascii") as rows, open(copy, "w", encoding="ascii") as out:
+            for line in rows:
+                out.write(json.dumps(with_empty_lists(json.loads(line), schema)) + "\n")
+        completed.append(copy)
+    return completed
+
+
 def _has_repeated(fields: list[dict]) -> bool:
     return any(f.get("mode") == "REPEATED" or _has_repeated(f.get("fields") or []) for f in fields)
 
@@ -534,9 +569,14 @@ def _lists_filled(expr: str, field: dict, depth: int = 0) -> str:
     members = field["fields"]
     if not repeated:
         return _struct_filled(expr, members, depth) if _has_repeated(members) else expr
+    listed = f"coalesce({expr}, CAST([] AS {duckdb_type(field)}))"
+    if not _has_repeated(members):
+        return listed
+    # The NULL list is replaced before its items are transformed, never after: coalesce()
+    # around the transform would repeat it, twice per level (2^depth: SR documents nest
+    # ContentSequence 15 deep), where around a field reference it repeats only that.
     item = f"item{depth}"
-    filled = _struct_filled(item, members, depth + 1) if _has_repeated(members) else item
-    return f"coalesce(list_transform({expr}, lambda {item}: {filled}), CAST([] AS {duckdb_type(field)}))"
+    return f"list_transform({listed}, lambda {item}: {_struct_filled(item, members, depth + 1)})"
 
 
 def _struct_filled(expr: str, members: list[dict], depth: int) -> str:
