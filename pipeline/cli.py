@@ -17,7 +17,7 @@ INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        _start_read_server()
+        _start_read_server(sys.argv[1:] if argv is None else argv)
         from pipeline.main import main as command
     except KeyboardInterrupt:
         print("dicom-bq-export: error: interrupted; nothing was written", file=sys.stderr, flush=True)
@@ -25,13 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     return command(argv)
 
 
-def _start_read_server() -> None:
-    """Start the fork server of a local run's read processes (``transforms.read``) now,
-    so that it imports its reading code on another core while this process imports
-    Beam (a second or more): the processes are then ready as soon as the launcher has
-    listed the files. Where the run reads no local files on processes (a remote input,
-    few files) the server only costs its own start, on a core this process leaves
-    idle. Nothing here is an error: the run decides and reports for itself."""
+def _start_read_server(argv: list[str]) -> None:
+    """For an export, start the fork server of a local run's read processes
+    (``transforms.read``) now, so that it imports its reading code on another core while
+    this process imports Beam (a second or more): the processes are then ready as soon
+    as the launcher has listed the files. Where the run reads no local files on
+    processes (a remote input, few files) the server only costs its own start, on a core
+    this process leaves idle. Nothing here is an error: the run decides and reports for
+    itself."""
+    if not argv or argv[0] in ("inspect", "report") or {"-h", "--help", "--version"} & set(argv):
+        return
     try:
         from transforms.read import processes_available, start_fork_server, usable_cores
 

@@ -363,6 +363,8 @@ def compare_listing(
             listed += 1
             key = identity(input_file)
             chosen[key] = first_path((chosen[key], input_file)) if key in chosen else input_file
+            if most_changed is not None and not recorded and len(chosen) > most_changed:
+                return TOO_MANY_CHANGED  # with no records every file is to be read
         files = chosen.values()
     unchanged, changed = 0, []
     for input_file in files:

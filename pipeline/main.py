@@ -271,7 +271,7 @@ def run(argv: list[str] | None = None) -> dict:
     context.incremental, context.prune_missing = bool(export.incremental), bool(export.prune_missing)
     plan = dataclasses.replace(
         plan, run_started=context.run_started, incremental=context.incremental, prune_missing=context.prune_missing,
-        rows_as_read=local and destination.takes_rows_as_read,
+        rows_as_read=local and destination.takes_rows_as_read and not context.incremental,
     )
     listed_counts, read_ledger = {}, None  # listed_counts: what the launcher listed, when it compared
     too_many = False  # more changed files than the launcher hands over: a large update
@@ -323,7 +323,7 @@ def _read_ahead(plan: ExportPlan, filter_file) -> ReadProcesses:
     opener = Opener(None, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
     ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form)
     try:
-        ahead.read_ahead(plan.listed_files)
+        ahead.read_ahead(plan.listed_files, lambda input_file: opener.is_local_file(input_file))
     except BaseException:
         ahead.shutdown()
         raise

@@ -330,7 +330,7 @@ def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_
     staged.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert destination._fill_depth(schema) == 2  # S, then S.T
     if not in_sql:
-        monkeypatch.setattr(destination, "MOST_SQL_FILL_DEPTH", 1)
+        monkeypatch.setattr(destination, "MOST_SQL_FILL_DEPTH", 0)
     filled_in_sql = []
     insert = DuckDBTable._insert
     monkeypatch.setattr(DuckDBTable, "_insert", staticmethod(
@@ -353,6 +353,17 @@ def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_
     expected = [with_nulls(with_empty_lists(row, schema), schema) for row in rows]
     assert sorted(table.read_rows(), key=lambda r: r["SOPInstanceUID"]) == expected
     assert expected[1]["S"][0] == {"Z": [], "T": [{"W": [], "V": "b"}, {"W": ["c"], "V": None}]}  # the test's own premise
+
+    # An append of rows whose own schema lacks fields the table has (L, S.Z, S.T.W): the
+    # table's REPEATED fields are filled in too.
+    narrower = [schema[0], schema[2], {**schema[3], "fields": [
+        {**schema[3]["fields"][1], "fields": [schema[3]["fields"][1]["fields"][1]]}]}]
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps({"SOPInstanceUID": "5", "S": [{"T": [{"V": "e"}]}]}) + "\n")
+    table.write(narrower, [str(more)], Disposition.WRITE_APPEND)
+    [appended] = [row for row in table.read_rows() if row["SOPInstanceUID"] == "5"]
+    assert appended == {"SOPInstanceUID": "5", "L": [], "R": None, "S": [{"Z": [], "T": [{"W": [], "V": "e"}]}]}
+    assert filled_in_sql == [in_sql, in_sql]
 
 
 def assert_no_null_lists(record: dict, fields: list[dict], where: str = "") -> None:

@@ -93,6 +93,7 @@ def test_a_local_run_over_plain_files_is_listed_by_the_launcher_with_what_the_pi
     """The launcher lists (pipeline.main._list_here) and the pipeline only reads: the same
     rows, dead letters and counts as the pipeline's own listing, overlapping inputs read
     once. An archive is a plain file under --no-archives; otherwise the pipeline lists."""
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
     if archives == "expanded":
         (folder / "some.zip").unlink()
@@ -100,7 +101,7 @@ def test_a_local_run_over_plain_files_is_listed_by_the_launcher_with_what_the_pi
     handed, [plan], rows, errors = _export(folder, tmp_path / "handed.duckdb", monkeypatch, *extra)
     files = sorted(os.listdir(folder))
     assert sorted(os.path.basename(f.path) for f in plan.listed_files) == files  # each file once
-    assert plan.read_processes == pipeline.main._read_processes(parse_pipeline_options([]), plan, len(files))
+    assert plan.read_processes == 2  # the count the launcher listed, not a second walk
     monkeypatch.setattr(pipeline.main, "MOST_HANDED_FILES", len(files) - 1)  # too many to hand over
     listed, [plan], same_rows, same_errors = _export(folder, tmp_path / "listed.duckdb", monkeypatch, *extra)
     assert plan.listed_files is None
@@ -277,7 +278,7 @@ def test_the_read_step_takes_the_chunks_the_launcher_read_ahead(folder, tmp_path
     (folder / "some.zip").unlink()  # plain files: the launcher lists them
     monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
-    monkeypatch.setattr(transforms.read, "READ_AHEAD_FILES", 5 * CHUNK_FILES + 3)  # not a whole number of chunks
+    monkeypatch.setattr(transforms.read, "READ_AHEAD_FILES", 5 * CHUNK_FILES + 3)  # rounded up to 6 chunks
     pools, ahead, left = [], [], []
     init, read_ahead, shutdown = ReadProcesses.__init__, ReadProcesses.read_ahead, ReadProcesses.shutdown
     monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: pools.append(self) or init(self, *a, **k))
@@ -286,7 +287,7 @@ def test_the_read_step_takes_the_chunks_the_launcher_read_ahead(folder, tmp_path
     monkeypatch.setattr(ReadProcesses, "shutdown", lambda self: left.append(self.unclaimed()) or shutdown(self))
     pooled, [plan], rows, errors = _export(folder, tmp_path / "pooled.duckdb", monkeypatch)
     assert plan.listed_files and plan.read_processes == 2
-    assert len(pools) == 1 and ahead == [5 * CHUNK_FILES + 3]  # one pool: the launcher's, taken by the read step
+    assert len(pools) == 1 and ahead == [6 * CHUNK_FILES]  # one pool: the launcher's, taken by the read step
     assert left and set(left) == {0}  # every chunk read ahead was taken
     assert not transforms.read._offered and not transforms.read._running
     threaded, [plan], same_rows, same_errors = _export(
@@ -305,7 +306,7 @@ def test_read_processes_are_taken_only_with_the_same_settings_and_chunks_only_wh
     lines = parse_filter_file("/studies/1.2.3\n")
     pool = ReadProcesses(2, Opener(), lines, transforms.read.JSON)
     try:
-        assert pool.read_ahead(inputs, most=2 * CHUNK_FILES) == 2 * CHUNK_FILES and pool.unclaimed() == 2
+        assert pool.read_ahead(inputs, most=2 * CHUNK_FILES - 1) == 2 * CHUNK_FILES and pool.unclaimed() == 2
         transforms.read.offer(pool)
         assert transforms.read.take(2, Opener(), lines, transforms.read.PICKLE) is None  # another row form
         assert transforms.read.take(2, Opener(expand_archives=False), lines, transforms.read.JSON) is None
@@ -318,25 +319,64 @@ def test_read_processes_are_taken_only_with_the_same_settings_and_chunks_only_wh
         assert shifted is not pool._ahead.get(tuple(inputs[CHUNK_FILES:2 * CHUNK_FILES])) and pool.unclaimed() == 1
         outcomes = shifted.result(timeout=60)
         assert [outcome.instance is None for outcome in outcomes] == [True] * CHUNK_FILES  # the filter selects none
+        transforms.read.offer(pool)  # offered again, then shut down (the launcher, after the run)
     finally:
         pool.shutdown()
-    assert pool.unclaimed() == 0 and pool not in transforms.read._offered
+    assert pool.unclaimed() == 0 and pool not in transforms.read._offered and pool not in transforms.read._running
 
 
-def test_the_command_starts_the_read_server_before_beam_is_imported():
+def test_read_ahead_chunks_as_the_read_step_does(folder):
+    """An input the read step does not hand to the processes ends its chunk there: the
+    chunks read ahead are the read step's, even then."""
+    inputs = [InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir())][:40]
+    pool = ReadProcesses(2, Opener(), None)
+    try:
+        odd = {inputs[5].path}
+        assert pool.read_ahead(inputs, lambda f: f.path not in odd, most=30) == 37  # 5, then 16, 16
+        assert set(pool._ahead) == {tuple(inputs[:5]), tuple(inputs[6:22]), tuple(inputs[22:38])}
+        dofn = ReadInstances(opener=Opener(), processes=2)
+        dofn.setup()
+        dofn._read_processes = pool  # as if taken
+        dofn._opener.is_local_file = lambda f: f.path not in odd
+        dofn.start_bundle()
+        for input_file in inputs:
+            list(dofn.process(input_file))
+        list(dofn.finish_bundle())
+        assert pool.unclaimed() == 0  # the read step asked for every chunk read ahead
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("argv, starts", [(["--input", "/no/such/folder"], True), (["--help"], False),
+                                           (["inspect", "x.dcm"], False)])
+def test_the_command_starts_the_read_server_before_it_imports_beam(argv, starts):
+    """pipeline.cli.main: for an export, the fork server starts before Beam is imported."""
     import subprocess
     import sys
 
     script = (
         "import sys\n"
+        "import transforms.read as read\n"
+        "start = read.start_fork_server\n"
+        "read.start_fork_server = lambda: print('beam imported:', 'apache_beam' in sys.modules) or start()\n"
         "from pipeline import cli\n"
-        "cli._start_read_server()\n"
-        "from multiprocessing import forkserver\n"
-        "print(forkserver._forkserver._forkserver_pid is not None, 'apache_beam' in sys.modules)\n"
+        f"cli.main({argv!r})\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr
-    started, beam = done.stdout.split()
-    assert beam == "False"
-    assert started == str(transforms.read.usable_cores() > 1 and transforms.read.processes_available())
+    assert "Traceback" not in done.stderr, done.stderr
+    can_start = transforms.read.usable_cores() > 1 and transforms.read.processes_available()
+    started = [line for line in done.stdout.splitlines() if line.startswith("beam imported:")]
+    assert started[:1] == (["beam imported: False"] if starts and can_start else [])
+
+
+def test_read_processes_write_nothing_to_the_terminal_when_the_launcher_hides_its_workers_output():
+    """The fork server may start before pipeline.main hides descriptor 2 (pipeline.cli):
+    the read processes follow the launcher's descriptor 2 as it is when they start."""
+    with pipeline.main.workers_output_hidden():
+        pool = ReadProcesses(1, Opener(), None)
+        try:
+            target = pool._executor.submit(os.readlink, "/proc/self/fd/2").result(timeout=60)
+        finally:
+            pool.shutdown()
+    assert target == os.devnull

@@ -191,7 +191,7 @@ class ReadProcesses:
             processes,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_start_worker,
-            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form),
+            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form, _stderr_hidden()),
         )
         _running.add(self)
 
@@ -206,20 +206,36 @@ class ReadProcesses:
         with _main_module_hidden():  # a submit may start a process
             return self._executor.submit(_read_chunk, inputs)
 
-    def read_ahead(self, inputs, most: int | None = None) -> int:
-        """Start reading the first ``most`` (:data:`READ_AHEAD_FILES`) of ``inputs`` now, in
-        chunks of :data:`CHUNK_FILES`, before the read step asks for them: the launcher
+    def read_ahead(self, inputs, chunked=None, most: int | None = None) -> int:
+        """Start reading the first ``most`` (:data:`READ_AHEAD_FILES`, rounded up to whole
+        chunks) of ``inputs`` now, in chunks of :data:`CHUNK_FILES`, before the read step asks for them: the launcher
         does so for the files it listed while Beam builds and starts the pipeline (about
         half a second on one core). The read step hands over its inputs in the same
         chunks, in the same order, and :meth:`submit` gives it the futures already
         started; a chunk it never asks for is cancelled or dropped at :meth:`shutdown`.
-        Returns the number of inputs started."""
-        count = min(len(inputs), READ_AHEAD_FILES if most is None else most)
-        for start in range(0, count, CHUNK_FILES):
-            chunk = list(inputs[start:min(start + CHUNK_FILES, len(inputs))])
+        ``chunked(input)`` is the read step's own rule for an input it hands to the
+        processes (the others end a chunk early, and are not read ahead). Returns the
+        number of inputs started."""
+        most = READ_AHEAD_FILES if most is None else most
+        count, chunk = 0, []
+        for input_file in inputs:
+            if chunked is not None and not chunked(input_file):
+                count += self._ahead_chunk(chunk)  # the read step ends its chunk here too
+                chunk = []
+            else:
+                chunk.append(input_file)
+                if len(chunk) == CHUNK_FILES:
+                    count += self._ahead_chunk(chunk)
+                    chunk = []
+            if count >= most:
+                return count
+        return count + self._ahead_chunk(chunk)  # the last chunk, which ends with the inputs
+
+    def _ahead_chunk(self, chunk: list) -> int:
+        if chunk:
             with _main_module_hidden():
                 self._ahead[tuple(chunk)] = self._executor.submit(_read_chunk, chunk)
-        return count
+        return len(chunk)
 
     def unclaimed(self) -> int:
         """Chunks read ahead that the read step has not asked for (yet)."""
@@ -311,10 +327,23 @@ _main_module_lock = threading.Lock()
 _worker: tuple | None = None  # (opener, filter file, row form) of this read process
 
 
+def _stderr_hidden() -> bool:
+    """True if this process's descriptor 2 is /dev/null (``pipeline.main.workers_output_hidden``)."""
+    try:
+        ours, devnull = os.fstat(2), os.stat(os.devnull)
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) == (devnull.st_dev, devnull.st_ino)
+
+
 def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: FilterFile | None,
-                  row_form: str) -> None:
+                  row_form: str, stderr_hidden: bool) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    if stderr_hidden:  # as the launcher's: the fork server may have started before it was hidden
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     silence_pydicom()
     _worker = (Opener(None, expand_archives=expand_archives, nested_archives=nested_archives), filter_file, row_form)
 

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import uuid
 
 import duckdb
 
@@ -366,11 +367,8 @@ class DuckDBTable(Destination):
         table is updated by path and, with ``prune_missing``, the gone files' records and
         the rows no exported file records any more are deleted — in the same transaction.
         """
-        fill_lists = _fill_depth(schema) <= MOST_SQL_FILL_DEPTH
-        if not fill_lists:
-            row_files = _completed_copies(row_files, schema)
         arguments = (schema, row_files, disposition, error_files, file_record_files, gone_files, incremental,
-                     prune_missing, fill_lists)
+                     prune_missing)
         try:
             return self._write(*arguments, memory_limit=LOAD_MEMORY_LIMIT)
         except _OutOfMemoryBeforeCommit:  # rolled back: nothing was written
@@ -384,7 +382,7 @@ class DuckDBTable(Destination):
             ) from None
 
     def _write(self, schema, row_files, disposition, error_files, file_record_files, gone_files, incremental,
-               prune_missing, fill_lists, memory_limit: str | None) -> dict:
+               prune_missing, memory_limit: str | None) -> dict:
         try:
             con = self._connect(load=True, memory_limit=memory_limit)
         except duckdb.OutOfMemoryException:
@@ -420,7 +418,12 @@ class DuckDBTable(Destination):
                     f"SELECT count(DISTINCT SOPInstanceUID) FROM {quote(self.table)} "
                     f"WHERE SOPInstanceUID IN ({new_sops})"
                 ).fetchone()[0]
-            try:  # rows as read: their lists are filled in as they are inserted (or were, _completed_copies)
+            # Rows as read: their lists (the table's too, on an append) are filled in as they
+            # are inserted, or, for a deep schema, in Python first (MOST_SQL_FILL_DEPTH).
+            fill_lists = _fill_depth(schema) <= MOST_SQL_FILL_DEPTH
+            if not fill_lists:
+                row_files = _completed_copies(row_files, schema)
+            try:
                 inserted = self._insert(con, self.table, schema, row_files, fill_lists=fill_lists)
             except duckdb.OutOfMemoryException:
                 raise
@@ -544,13 +547,17 @@ def _fill_depth(fields: list[dict]) -> int:
 
 def _completed_copies(files: list[str], schema: list[dict]) -> list[str]:
     """Each NDJSON file of rows as read copied beside it with every row completed
-    (:func:`schemas.rows.with_empty_lists`), one row at a time; the copies' paths."""
+    (:func:`schemas.rows.with_empty_lists`), one row at a time; the copies' paths. A copy
+    made for the same schema (a load done again without the memory limit) is reused."""
+    key = uuid.uuid5(uuid.NAMESPACE_OID, json.dumps(schema, sort_keys=True)).hex[:12]
     completed = []
     for path in files:
-        copy = path[: -len(".json")] + ".completed"  # not a staged file name (pipeline.staging.read_staged)
-        with open(path, encoding="ascii") as rows, open(copy, "w", encoding="ascii") as out:
-            for line in rows:
-                out.write(json.dumps(with_empty_lists(json.loads(line), schema)) + "\n")
+        copy = f"{path[: -len('.json')]}.completed-{key}"  # not a staged file name (pipeline.staging.read_staged)
+        if not os.path.exists(copy):
+            with open(path, encoding="ascii") as rows, open(copy + ".partial", "w", encoding="ascii") as out:
+                for line in rows:
+                    out.write(json.dumps(with_empty_lists(json.loads(line), schema)) + "\n")
+            os.replace(copy + ".partial", copy)
         completed.append(copy)
     return completed
 
