@@ -112,11 +112,12 @@ def build_pipeline(
         deduplicate = bool(plan.uid_roots) or units_may_overlap(plan.listing_units)
         files = units | "MatchInputs" >> MatchInputs(reporter, deduplicate, pipeline_options)
     else:
-        # spread over workers only if there are several (a small update runs in one process)
+        # spread over workers only if there are several (a small update runs in one process);
+        # the launcher shows them as listed before the run (the bar's total from the start)
         files = (
             pipeline
             | "ListedFiles" >> beam.Create(list(plan.listed_files), reshuffle=_several_workers(pipeline_options))
-            | "CountDistinct" >> beam.ParDo(CountMatched(reporter))
+            | "CountDistinct" >> beam.ParDo(CountMatched())
         )
     web_files = None
     if plan.dicomweb_units:

@@ -344,6 +344,9 @@ def _run_pipeline(options, export, destination, disposition, plan, filter_file, 
         return {"submitted": True, "destination": str(destination)}
     with progress, staging_folder(destination.staging_prefix(), context.run_id) as context.staging:
         plan = dataclasses.replace(plan, spool=os.path.join(context.staging, SPOOL))  # rows never all in memory
+        if plan.listed_files is not None:  # listed here: the progress bar's total from the start
+            progress.reporter.listed(len(plan.listed_files))
+            progress.reporter.flush()
         outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)
         destination.attach(outputs, context)
         stage_summary(outputs, context.staging)

@@ -511,20 +511,11 @@ def first_path(files: Iterable[InputFile]) -> InputFile:
 
 
 class CountMatched(beam.DoFn):
-    """Each distinct input file → itself, counted as matched (``files_matched``); with a
-    ``reporter``, also shown as listed (files listed before the pipeline, see
-    ``pipeline.graph.ExportPlan.listed_files``)."""
+    """Each distinct input file → itself, counted as matched (``files_matched``)."""
 
-    def __init__(self, reporter=None):
+    def __init__(self):
         self.matched = Metrics.counter(NAMESPACE, "files_matched")
-        self._reporter = reporter
 
     def process(self, input_file: InputFile):
         self.matched.inc()
-        if self._reporter is not None:
-            self._reporter.listed(1)
         yield input_file
-
-    def finish_bundle(self):
-        if self._reporter is not None:
-            self._reporter.flush()
