@@ -66,7 +66,7 @@ class ExportPlan:
     @property
     def row_form(self) -> str:
         """How read processes hand rows over (transforms.read.PICKLE or JSON)."""
-        return JSON if self.rows_as_read and not self.incremental else PICKLE
+        return JSON if self.rows_as_read else PICKLE
 
 
 class ExportOutputs(NamedTuple):

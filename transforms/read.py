@@ -185,7 +185,7 @@ class ReadProcesses:
         start_fork_server()
         self.filter_file = filter_file
         self.row_form = row_form
-        self.settings = (processes, opener.expand_archives, opener.nested_archives, row_form)
+        self.settings = _settings(processes, opener, row_form)
         self._ahead: dict[tuple, concurrent.futures.Future] = {}  # chunk -> its outcomes, read ahead
         self._executor = concurrent.futures.ProcessPoolExecutor(
             processes,
@@ -274,12 +274,16 @@ def offer(processes: ReadProcesses) -> None:
 def take(processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str) -> ReadProcesses | None:
     """The offered read processes with these settings and the same filter file, now the
     caller's; None if there are none (the caller starts its own)."""
-    settings = (processes, opener.expand_archives, opener.nested_archives, row_form)
     for offered in _offered:
-        if offered.settings == settings and same_filter(offered.filter_file, filter_file):
+        if offered.settings == _settings(processes, opener, row_form) and same_filter(offered.filter_file, filter_file):
             _offered.remove(offered)
             return offered
     return None
+
+
+def _settings(processes: int, opener: Opener, row_form: str) -> tuple:
+    """What read processes must share to be taken for another's (besides the filter file)."""
+    return (processes, opener.expand_archives, opener.nested_archives, row_form)
 
 
 def same_filter(first: FilterFile | None, second: FilterFile | None) -> bool:
