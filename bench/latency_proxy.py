@@ -124,10 +124,17 @@ def make_handler(upstream: str, delay: float, stats: _Stats):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a client opening many connections at once
+    # (each read process its own pool) would have its connection attempts dropped and
+    # retried a second later, a wait no storage service imposes
+    request_queue_size = 1024
+
+
 def start(upstream: str, delay_ms: float, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
     """Start the proxy in a daemon thread; returns (server, its URL)."""
     stats = _Stats()
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(upstream, delay_ms / 1000.0, stats))
+    server = _Server(("127.0.0.1", port), make_handler(upstream, delay_ms / 1000.0, stats))
     server.daemon_threads = True
     server.stats = stats
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -42,6 +42,7 @@ _THREADED_EMULATOR = """
 import sys, time
 from http import server
 server.HTTPServer = server.ThreadingHTTPServer  # serve requests concurrently
+server.ThreadingHTTPServer.request_queue_size = 1024  # (socketserver's backlog of 5 drops connection attempts)
 import threading
 from gcp_storage_emulator import server as emulator
 _lock = threading.Lock()  # its in-memory store is not thread-safe: the work is serial, the waiting is not

@@ -39,7 +39,7 @@ def _start_read_server(argv: list[str]) -> None:
         from transforms.read import processes_available, start_fork_server, usable_cores
 
         if usable_cores() > 1 and processes_available():
-            start_fork_server()
+            start_fork_server(cloud_storage=any("gs://" in arg for arg in argv))
     except Exception:  # noqa: BLE001 — the run starts it again, or reads in one process, and says so
         pass
 

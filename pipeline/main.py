@@ -64,7 +64,7 @@ from transforms.read import (
     start_fork_server,
     usable_cores,
 )
-from transforms.storage import Opener
+from transforms.storage import Opener, client_settings
 from transforms.match import (
     file_identity,
     input_root,
@@ -133,9 +133,13 @@ def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | Non
     Beam's own thread). 0 too when the user chose how the run is spread."""
     cores = usable_cores()
     direct = options.view_as(DirectOptions)
-    if (cores < 2 or direct.direct_running_mode != "in_memory" or not _all_local(plan) or not processes_available()
+    if (cores < 2 or direct.direct_running_mode != "in_memory" or not processes_available()
             or _given(options, "runner", "direct_running_mode", "direct_num_workers")):
         return 0  # (processes_available: not where a host runs us as a daemonic process, nor on Windows)
+    if not _all_local(plan):  # Cloud Storage: fetched on threads, parsed on the processes
+        if not _all_cloud_storage(plan):
+            return 0
+        return cores if files is None or files >= READ_PROCESSES_MIN_FILES else 0
     if files is None:
         files = _count_local_files(plan, READ_PROCESSES_MIN_FILES)
     return cores if files >= READ_PROCESSES_MIN_FILES else 0
@@ -151,6 +155,12 @@ def _given(options: PipelineOptions, *names: str) -> bool:
 def _all_local(plan: ExportPlan) -> bool:
     """True if every input is on this machine's disk (no Cloud Storage, no DICOMweb)."""
     return not plan.dicomweb_units and not any("://" in unit for unit in plan.listing_units + plan.uid_roots)
+
+
+def _all_cloud_storage(plan: ExportPlan) -> bool:
+    """True if every input is on Cloud Storage (``gs://``)."""
+    units = plan.listing_units + plan.uid_roots
+    return bool(units) and not plan.dicomweb_units and all(unit.startswith("gs://") for unit in units)
 
 
 def _one_beam_process(plan: ExportPlan) -> bool:
@@ -303,7 +313,7 @@ def run(argv: list[str] | None = None) -> dict:
         try:
             start_fork_server()  # the read processes' server starts while the pipeline is built
             if plan.listed_files:
-                ahead = _read_ahead(plan, filter_file)
+                ahead = _read_ahead(plan, filter_file, options)
         except Exception as error:  # noqa: BLE001 — then the files are read in Beam's thread
             logging.warning("dicom-bq-export: could not start read processes (%s); reading in one process",
                             type(error).__name__)
@@ -316,14 +326,15 @@ def run(argv: list[str] | None = None) -> dict:
             ahead.shutdown()
 
 
-def _read_ahead(plan: ExportPlan, filter_file) -> ReadProcesses:
+def _read_ahead(plan: ExportPlan, filter_file, options) -> ReadProcesses:
     """Start the read processes on the first files the launcher listed, for the read
-    step to take (``transforms.read.ReadProcesses.read_ahead``): they read while Beam
-    builds and starts the pipeline."""
-    opener = Opener(None, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
-    ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form)
+    step to take (``transforms.read.ReadProcesses.read_ahead``): they read (Cloud
+    Storage objects: are fetched and read) while Beam builds and starts the pipeline."""
+    opener = Opener(options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
+    client = client_settings(options) if _all_cloud_storage(plan) else None
+    ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form, client)
     try:
-        ahead.read_ahead(plan.listed_files, lambda input_file: opener.is_local_file(input_file))
+        ahead.read_ahead(plan.listed_files)
     except BaseException:
         ahead.shutdown()
         raise
@@ -413,11 +424,17 @@ def _list_here(plan: ExportPlan, options):
     :class:`transforms.match.MatchInputs` would (one input per file, its first path),
     and hand the files to the pipeline (:attr:`pipeline.graph.ExportPlan.listed_files`).
     Its graph then has neither listing nor archive steps, which every local run paid
-    for even with nothing to expand (~0.3 s of Beam's start-up and stages). Returns
-    ``(counts, files)``; None where the pipeline lists: a remote input, a filter file's
-    UID layout, an archive among the files (unless ``--no-archives``), or more than
-    MOST_HANDED_FILES files (the list becomes part of the graph)."""
-    if plan.uid_roots or plan.dicomweb_units or not plan.listing_units or not _all_local(plan):
+    for even with nothing to expand (~0.3 s of Beam's start-up and stages), and the
+    files can be read ahead while Beam starts (:func:`_read_ahead`). Cloud Storage is
+    listed here too when the run is in one Beam process. Returns ``(counts, files)``;
+    None where the pipeline lists: another remote input (or a listing that failed here:
+    the pipeline lists again and reports it), a filter file's UID layout, an archive
+    among the files (unless ``--no-archives``), or more than MOST_HANDED_FILES files
+    (the list becomes part of the graph)."""
+    if plan.uid_roots or plan.dicomweb_units or not plan.listing_units:
+        return None
+    remote = not _all_local(plan)
+    if remote and not (_all_cloud_storage(plan) and options.view_as(DirectOptions).direct_running_mode == "in_memory"):
         return None
     files = iter_units(plan.listing_units, options)
     if plan.expand_archives:
@@ -426,6 +443,10 @@ def _list_here(plan: ExportPlan, options):
     try:
         listed = ledger.compare_listing(files, (), identity, MOST_HANDED_FILES)
     except _ArchiveListed:
+        return None
+    except Exception:  # noqa: BLE001 — a remote listing that failed: the pipeline's listing reports it
+        if not remote:
+            raise
         return None
     if listed is ledger.TOO_MANY_CHANGED:
         return None

@@ -205,3 +205,92 @@ def test_the_launcher_lists_remote_units_several_at_once_in_order(gcs_bucket, pr
     listed = iter_units(units + ["gs://no-such-bucket-dicom-test/x/**"])
     with pytest.raises(Exception, match="NotFound|404|no-such-bucket"):
         list(listed)
+
+
+def _rows_and_errors(db) -> tuple[list, list]:
+    import json
+
+    with duckdb.connect(str(db)) as con:
+        cursor = con.execute("SELECT * FROM t")
+        columns = [c[0] for c in cursor.description]
+        rows = sorted(json.dumps(dict(zip(columns, row)), sort_keys=True, default=str) for row in cursor.fetchall())
+        errors = sorted(con.execute("SELECT path, stage, error_type, message FROM t_errors").fetchall())
+    return rows, errors
+
+
+def test_gs_objects_are_read_on_the_read_processes_with_the_rows_of_one_thread(gcs_bucket, proxy, tmp_path,
+                                                                               monkeypatch):
+    """A local run over Cloud Storage lists in the launcher and reads on the read
+    processes (each with the launcher's client settings, many objects in flight): the
+    same requests, and exactly the rows, dead letters and counts of the same run read on
+    the launcher's threads."""
+    import pipeline.main
+    from tests.conftest import bundled_files
+    from transforms.read import ReadProcesses
+
+    _client, bucket = gcs_bucket
+    names = []
+    for index, path in enumerate(bundled_files()[:70]):  # many vendors, odd and broken files among them
+        name = f"mixed/f{index:03d}"
+        bucket.blob(name).upload_from_filename(path)
+        names.append(name)
+    names += _upload(bucket, "mixed", 3, broken={0, 2})  # (one folder: one listing unit, one Beam process)
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    pools, plans, left = [], [], []
+    init, shutdown, build = ReadProcesses.__init__, ReadProcesses.shutdown, pipeline.main.build_pipeline
+    monkeypatch.setattr(ReadProcesses, "__init__", lambda self, *a, **k: pools.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(ReadProcesses, "shutdown", lambda self: left.append(self.unclaimed()) or shutdown(self))
+    monkeypatch.setattr(pipeline.main, "build_pipeline", lambda p, plan, *a, **k: plans.append(plan) or build(p, plan, *a, **k))
+    argv = ["--input", f"gs://{bucket.name}/mixed/", "--progress-seconds=0"]
+
+    pooled = run(argv + [f"--bq-table=duckdb://{tmp_path / 'pooled.duckdb'}#t"])
+    assert plans[-1].read_processes == 2 and len(plans[-1].listed_files) == len(names)  # listed by the launcher
+    assert len(pools) == 1 and pools[0].client is not None and set(left) == {0}  # read ahead, every chunk taken
+    gets = _object_gets(proxy, bucket.name)
+    assert set(gets) == set(names) and sum(gets.values()) <= 1.2 * len(names)  # (a header past 64 KiB: two)
+    proxy.reset()
+    threaded = run(argv + [f"--bq-table=duckdb://{tmp_path / 'threaded.duckdb'}#t", "--direct_running_mode=in_memory"])
+    assert plans[-1].read_processes == 0 and len(pools) == 1
+    assert _object_gets(proxy, bucket.name) == gets  # the same requests
+    counts = ("files_matched", "succeeded", "failed", "tags_dropped_by_rule", "tags_dropped_not_fit",
+              "other_elements", "charset_fallbacks", "bytes_read")
+    assert {name: pooled.get(name) for name in counts} == {name: threaded.get(name) for name in counts}
+    assert pooled["failed"] >= 2 and pooled["succeeded"] > 50
+    assert _rows_and_errors(tmp_path / "pooled.duckdb") == _rows_and_errors(tmp_path / "threaded.duckdb")
+
+
+def test_read_processes_rebuild_the_launchers_storage_client_without_beam(gcs_emulator, anonymous_gcp):
+    """transforms.storage.ClientSettings: what a read process needs to build the same
+    client as the launcher's (Beam's), picklable; a process given them never imports Beam."""
+    import pickle
+    import subprocess
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from transforms.storage import ClientSettings, client_settings
+
+    settings = client_settings()
+    handed = pickle.loads(pickle.dumps(settings))
+    assert handed._replace(client_info=None) == settings._replace(client_info=None)
+    assert handed.client_info.to_user_agent() == settings.client_info.to_user_agent()
+    assert settings.emulator_host == gcs_emulator
+    client = storage_client()
+    assert (settings.project, settings.extra_headers) == (client.project, client._connection.extra_headers)
+    assert "apache-beam" in settings.client_info.user_agent
+    credentialed = ClientSettings(AnonymousCredentials(), "p", settings.client_info, {"x-goog-custom-audit-job": "j"},
+                                  None).client()
+    assert isinstance(credentialed, storage.Client) and credentialed.project == "p"
+    assert credentialed._connection.extra_headers == {"x-goog-custom-audit-job": "j"}
+    assert credentialed._connection.user_agent.count("gcloud-python") == 1
+    script = (
+        "import pickle, sys\n"
+        "from transforms import storage\n"
+        f"storage.use_client_settings(pickle.loads({pickle.dumps(settings)!r}))\n"
+        "client = storage.storage_client()\n"
+        "print(sorted(b.name for b in client.list_buckets()) is not None, 'apache_beam' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]

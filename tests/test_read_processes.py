@@ -258,7 +258,9 @@ def test_without_read_processes_a_large_local_input_takes_beams_workers(tmp_path
 @pytest.mark.parametrize("units, files, processes", [
     ((), 5000, 2),  # a large local input: one process per core
     ((), 10, 0),  # a few files: starting processes would cost more than it saves
-    (("gs://b/d/**",), 5000, 0),  # remote: read on threads
+    (("gs://b/d/**",), 5000, 2),  # Cloud Storage: fetched and parsed on the processes too
+    (("gs://b/d/**",), 10, 0),  # a few objects: on the launcher's threads
+    (("gs://b/d/**",), None, 2),  # more than the launcher lists: the pipeline's listing, on the processes
 ])
 def test_which_runs_read_on_processes(tmp_path, monkeypatch, units, files, processes):
     monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
@@ -332,7 +334,8 @@ def test_read_ahead_chunks_as_the_read_step_does(folder):
     pool = ReadProcesses(2, Opener(), None)
     try:
         odd = {inputs[5].path}
-        assert pool.read_ahead(inputs, lambda f: f.path not in odd, most=30) == 37  # 5, then 16, 16
+        pool._opener.is_local_file = lambda f: f.path not in odd  # (as an archive member would be)
+        assert pool.read_ahead(inputs, most=30) == 37  # 5, then 16, 16
         assert set(pool._ahead) == {tuple(inputs[:5]), tuple(inputs[6:22]), tuple(inputs[22:38])}
         dofn = ReadInstances(opener=Opener(), processes=2)
         dofn.setup()
@@ -347,8 +350,12 @@ def test_read_ahead_chunks_as_the_read_step_does(folder):
         pool.shutdown()
 
 
-@pytest.mark.parametrize("argv, starts", [(["--input", "/no/such/folder"], True), (["--help"], False),
-                                           (["inspect", "x.dcm"], False)])
+@pytest.mark.parametrize("argv, starts", [
+    (["--input", "/no/such/folder"], "beam imported: False, Cloud Storage: False"),
+    (["--input", "gs://b/x/", "--no-such-flag"], "beam imported: False, Cloud Storage: True"),  # its client preloaded
+    (["--help"], None),
+    (["inspect", "x.dcm"], None),
+])
 def test_the_command_starts_the_read_server_before_it_imports_beam(argv, starts):
     """pipeline.cli.main: for an export, the fork server starts before Beam is imported."""
     import subprocess
@@ -358,7 +365,8 @@ def test_the_command_starts_the_read_server_before_it_imports_beam(argv, starts)
         "import sys\n"
         "import transforms.read as read\n"
         "start = read.start_fork_server\n"
-        "read.start_fork_server = lambda: print('beam imported:', 'apache_beam' in sys.modules) or start()\n"
+        "read.start_fork_server = lambda cloud_storage=False: print(\n"
+        "    f\"beam imported: {'apache_beam' in sys.modules}, Cloud Storage: {cloud_storage}\") or start(cloud_storage)\n"
         "from pipeline import cli\n"
         f"cli.main({argv!r})\n"
     )
@@ -367,7 +375,7 @@ def test_the_command_starts_the_read_server_before_it_imports_beam(argv, starts)
     assert "Traceback" not in done.stderr, done.stderr
     can_start = transforms.read.usable_cores() > 1 and transforms.read.processes_available()
     started = [line for line in done.stdout.splitlines() if line.startswith("beam imported:")]
-    assert started[:1] == (["beam imported: False"] if starts and can_start else [])
+    assert started[:1] == ([starts] if starts and can_start else [])
 
 
 def test_read_processes_write_nothing_to_the_terminal_when_the_launcher_hides_its_workers_output():

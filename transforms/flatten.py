@@ -15,7 +15,10 @@ an opener and the filter file; the DoFn only wires it, and decides where it runs
   a thread pool created with the DoFn;
 * local inputs are read in the calling thread, or, with ``processes`` (a local run in
   one Beam process), in chunks on that many processes of this machine
-  (:class:`transforms.read.ReadProcesses`), which is how a local run uses every core.
+  (:class:`transforms.read.ReadProcesses`), which is how a local run uses every core;
+* with ``processes``, so are Cloud Storage objects, each process with the launcher's
+  client settings and its own threads: the requests wait and the headers are parsed
+  outside Beam's process.
 
 Beam's metrics are bound to the DoFn's own thread, so threads and processes return what
 happened and the DoFn counts it, in input order.
@@ -39,6 +42,7 @@ from transforms.header import silence_pydicom
 from transforms.read import (  # noqa: F401 (the read step's values, named here too)
     CHUNK_FILES,
     CONVERT,
+    REMOTE_CHUNK_FILES,
     LIST,
     PICKLE,
     READ,
@@ -46,11 +50,13 @@ from transforms.read import (  # noqa: F401 (the read step's values, named here 
     Outcome,
     ReadProcesses,
     dead_letter,
+    chunk_files,
+    on_processes,
     read_input,
     same_filter,
     take,
 )
-from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener
+from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener, client_settings
 
 #: The tag of the dead-letter output of :class:`ReadInstances`.
 DEAD_LETTERS = "dead_letters"
@@ -62,7 +68,9 @@ class ReadInstances(beam.DoFn):
     Remote inputs are read ``opener.concurrency(input)`` at a time on a thread pool;
     local inputs in the calling thread, or with ``processes`` > 0 (whole files; archive
     members stay here, where their archive's index is) in chunks of
-    :data:`CHUNK_FILES` on that many processes. Each ``process`` call emits the
+    :data:`CHUNK_FILES` on that many processes, and so are Cloud Storage objects
+    (:data:`REMOTE_CHUNK_FILES`; the processes get this process's client settings).
+    Each ``process`` call emits the
     outcomes already done, in input order, keeping a bounded number in flight;
     ``finish_bundle`` emits the rest. With a filter file (side input), instances no line
     selects are counted as ``not_selected`` and dropped: they are neither successes nor
@@ -92,7 +100,8 @@ class ReadInstances(beam.DoFn):
         self._threads = None
         self._read_processes = None
         self._use_processes = self._processes > 0
-        self._most_in_flight = max(2 * REMOTE_CONCURRENCY, 2 * self._processes * CHUNK_FILES)
+        self._client = _UNKNOWN  # this process's Cloud Storage client settings, for the read processes
+        self._most_in_flight = max(2 * REMOTE_CONCURRENCY, 2 * self._processes * max(CHUNK_FILES, REMOTE_CHUNK_FILES))
 
     def teardown(self):
         if getattr(self, "_threads", None) is not None:
@@ -109,9 +118,9 @@ class ReadInstances(beam.DoFn):
     def process(self, input_file: InputFile, filter_file: FilterFile | None = None):
         self._filter_file = filter_file
         local = self._opener.concurrency(input_file) <= 1
-        if local and self._use_processes and self._opener.is_local_file(input_file):
+        if self._use_processes and on_processes(self._opener, input_file, self._cloud_storage(input_file)):
             self._chunk.append(input_file)
-            if len(self._chunk) >= CHUNK_FILES:
+            if len(self._chunk) >= chunk_files(self._chunk[0]):
                 self._submit_chunk()
         elif local and not self._pending and not self._chunk:
             yield from self._emit(input_file, read_input(input_file, self._opener, filter_file))
@@ -154,6 +163,18 @@ class ReadInstances(beam.DoFn):
             future.set_result([read_input(input_file, self._opener, self._filter_file) for input_file in chunk])
         self._add_pending(chunk, future)
 
+    def _cloud_storage(self, input_file: InputFile) -> bool:
+        """True if the read processes may read Cloud Storage objects: this process's
+        client settings can be handed to them (asked for at the first object)."""
+        if self._client is _UNKNOWN:
+            if not self._opener.is_cloud_storage_object(input_file):
+                return False
+            try:
+                self._client = client_settings(self._options)
+            except Exception:  # noqa: BLE001 — no client here: the read on threads reports it, per input
+                self._client = None
+        return self._client is not None
+
     def _processes_for(self, filter_file):
         """The read processes (those the launcher started reading ahead, or started on
         first use, with the run's filter file), or None once they could not start or one
@@ -163,11 +184,12 @@ class ReadInstances(beam.DoFn):
         if self._read_processes is None or not same_filter(self._read_processes.filter_file, filter_file):
             if self._read_processes is not None:
                 self._read_processes.shutdown()
-            self._read_processes = take(self._processes, self._opener, filter_file, self._row_form)
+            client = self._client if self._client is not _UNKNOWN else None
+            self._read_processes = take(self._processes, self._opener, filter_file, self._row_form, client is not None)
             if self._read_processes is not None:  # started by the launcher, reading ahead
                 return self._read_processes
             try:
-                self._read_processes = ReadProcesses(self._processes, self._opener, filter_file, self._row_form)
+                self._read_processes = ReadProcesses(self._processes, self._opener, filter_file, self._row_form, client)
             except Exception as error:  # no fork server here, no room for its socket…
                 self._stop_processes(f"could not start read processes ({type(error).__name__})")
                 return None
@@ -217,6 +239,9 @@ class ReadInstances(beam.DoFn):
         Metrics.counter(counters.NAMESPACE, counters.failed_counter(error_type)).inc()
         record = dead_letter(input_file.path, stage, error_type, message, self._run_started)
         return beam.pvalue.TaggedOutput(DEAD_LETTERS, record)
+
+
+_UNKNOWN = object()
 
 
 class MergeFragments(beam.CombineFn):

@@ -34,7 +34,7 @@ from typing import NamedTuple
 from schemas.convert import flatten_instance
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
-from transforms.storage import InputFile, Opener
+from transforms.storage import ClientSettings, InputFile, Opener, use_client_settings
 
 #: The stages a dead letter names: listing (set on the InputFile), reading, converting.
 LIST, READ, CONVERT = "list", "read", "convert"
@@ -143,10 +143,15 @@ def dead_letter(path: str, stage: str, error_type: str, message: str, run_starte
 #: Files handed to a read process at once: enough that the hand-over (two pickled
 #: messages) is small beside reading them, few enough that work stays spread evenly.
 CHUNK_FILES = 16
+#: Cloud Storage objects handed to a read process at once: it reads them all at once on
+#: its threads (the requests wait on the network), so that each process has this many in
+#: flight (bench/remote.py, 400 objects at 50 ms per request).
+REMOTE_CHUNK_FILES = 32
 #: Files the launcher starts reading before the pipeline's read step runs (ReadProcesses.read_ahead):
 #: more than two cores read in the half second Beam takes to start; their rows wait in memory.
 READ_AHEAD_FILES = 1024
 _PRELOAD = ["transforms.read"]
+_CLOUD_STORAGE_PRELOAD = ["google.cloud.storage"]
 
 
 def processes_available() -> bool:
@@ -164,11 +169,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def start_fork_server() -> None:
-    """Start the fork server the read processes come from, with this module imported,
-    so that it starts while the launcher builds the pipeline. Idempotent."""
+def start_fork_server(cloud_storage: bool = False) -> None:
+    """Start the fork server the read processes come from, with this module imported
+    (and Cloud Storage's client library, for a run that reads ``gs://``), so that it
+    starts while the launcher builds the pipeline. Idempotent: the first call decides."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
+    context.set_forkserver_preload(_PRELOAD + (_CLOUD_STORAGE_PRELOAD if cloud_storage else []))
     from multiprocessing import forkserver
 
     forkserver.ensure_running()
@@ -179,19 +185,29 @@ class ReadProcesses:
     :func:`read_input`, each with its own opener (``expand_archives``,
     ``nested_archives``) and the run's filter file, given once per process. Rows come
     back in ``row_form``: :data:`PICKLE` (:class:`PickledRow`) or :data:`JSON`
-    (:class:`JsonRow`)."""
+    (:class:`JsonRow`).
 
-    def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str = PICKLE):
+    Given the launcher's Cloud Storage ``client`` settings
+    (:func:`transforms.storage.client_settings`), they read Cloud Storage objects too,
+    :data:`REMOTE_CHUNK_FILES` at a time on each process's threads and its own client:
+    the launcher then only hands out names and takes rows, and neither the requests
+    nor the parsing wait for its interpreter (which is building and running Beam's
+    pipeline meanwhile)."""
+
+    def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str = PICKLE,
+                 client: ClientSettings | None = None):
         start_fork_server()
         self.filter_file = filter_file
         self.row_form = row_form
-        self.settings = _settings(processes, opener, row_form)
+        self.client = client
+        self.settings = _settings(processes, opener, row_form, client is not None)
+        self._opener = opener
         self._ahead: dict[tuple, concurrent.futures.Future] = {}  # chunk -> its outcomes, read ahead
         self._executor = concurrent.futures.ProcessPoolExecutor(
             processes,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_start_worker,
-            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form, _stderr_hidden()),
+            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form, _stderr_hidden(), client),
         )
         _running.add(self)
 
@@ -206,25 +222,29 @@ class ReadProcesses:
         with _main_module_hidden():  # a submit may start a process
             return self._executor.submit(_read_chunk, inputs)
 
-    def read_ahead(self, inputs, chunked=None, most: int | None = None) -> int:
+    def on_processes(self, input_file: InputFile) -> bool:
+        """True for an input these processes read: a whole local file, or a Cloud Storage
+        object if they were given the client settings."""
+        return on_processes(self._opener, input_file, self.client is not None)
+
+    def read_ahead(self, inputs, most: int | None = None) -> int:
         """Start reading the first ``most`` (:data:`READ_AHEAD_FILES`, rounded up to whole
-        chunks) of ``inputs`` now, in chunks of :data:`CHUNK_FILES`, before the read step asks for them: the launcher
-        does so for the files it listed while Beam builds and starts the pipeline (about
-        half a second on one core). The read step hands over its inputs in the same
-        chunks, in the same order, and :meth:`submit` gives it the futures already
-        started; a chunk it never asks for is cancelled or dropped at :meth:`shutdown`.
-        ``chunked(input)`` is the read step's own rule for an input it hands to the
-        processes (the others end a chunk early, and are not read ahead). Returns the
-        number of inputs started."""
+        chunks) of ``inputs`` now, in chunks of :func:`chunk_files`, before the read step
+        asks for them: the launcher does so for the files it listed while Beam builds and
+        starts the pipeline (about half a second on one core). The read step hands over
+        its inputs in the same chunks, in the same order (:meth:`on_processes` is its
+        rule too: the others end a chunk early, and are not read ahead), and
+        :meth:`submit` gives it the futures already started; a chunk it never asks for
+        is cancelled or dropped at :meth:`shutdown`. Returns the number of inputs started."""
         most = READ_AHEAD_FILES if most is None else most
         count, chunk = 0, []
         for input_file in inputs:
-            if chunked is not None and not chunked(input_file):
+            if not self.on_processes(input_file):
                 count += self._ahead_chunk(chunk)  # the read step ends its chunk here too
                 chunk = []
             else:
                 chunk.append(input_file)
-                if len(chunk) == CHUNK_FILES:
+                if len(chunk) == chunk_files(chunk[0]):
                     count += self._ahead_chunk(chunk)
                     chunk = []
             if count >= most:
@@ -271,19 +291,34 @@ def offer(processes: ReadProcesses) -> None:
     _offered.append(processes)
 
 
-def take(processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str) -> ReadProcesses | None:
-    """The offered read processes with these settings and the same filter file, now the
-    caller's; None if there are none (the caller starts its own)."""
+def take(processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str,
+         cloud_storage: bool = False) -> ReadProcesses | None:
+    """The offered read processes with these settings (``cloud_storage``: they read Cloud
+    Storage objects) and the same filter file, now the caller's; None if there are none
+    (the caller starts its own)."""
     for offered in _offered:
-        if offered.settings == _settings(processes, opener, row_form) and same_filter(offered.filter_file, filter_file):
+        if (offered.settings == _settings(processes, opener, row_form, cloud_storage)
+                and same_filter(offered.filter_file, filter_file)):
             _offered.remove(offered)
             return offered
     return None
 
 
-def _settings(processes: int, opener: Opener, row_form: str) -> tuple:
+def _settings(processes: int, opener: Opener, row_form: str, cloud_storage: bool) -> tuple:
     """What read processes must share to be taken for another's (besides the filter file)."""
-    return (processes, opener.expand_archives, opener.nested_archives, row_form)
+    return (processes, opener.expand_archives, opener.nested_archives, row_form, cloud_storage)
+
+
+def on_processes(opener: Opener, input_file: InputFile, cloud_storage: bool) -> bool:
+    """True for an input read processes read: a whole local file (an archive member stays
+    with the launcher, which has its archive's index), or, with ``cloud_storage`` (they
+    have the launcher's client settings), a Cloud Storage object."""
+    return opener.is_local_file(input_file) or (cloud_storage and opener.is_cloud_storage_object(input_file))
+
+
+def chunk_files(input_file: InputFile) -> int:
+    """How many inputs like this one a chunk holds (:data:`CHUNK_FILES`, :data:`REMOTE_CHUNK_FILES`)."""
+    return REMOTE_CHUNK_FILES if "://" in input_file.path else CHUNK_FILES
 
 
 def same_filter(first: FilterFile | None, second: FilterFile | None) -> bool:
@@ -329,6 +364,7 @@ _main_module_lock = threading.Lock()
 
 
 _worker: tuple | None = None  # (opener, filter file, row form) of this read process
+_worker_threads: concurrent.futures.ThreadPoolExecutor | None = None  # its remote reads
 
 
 def _stderr_hidden() -> bool:
@@ -341,7 +377,7 @@ def _stderr_hidden() -> bool:
 
 
 def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: FilterFile | None,
-                  row_form: str, stderr_hidden: bool) -> None:
+                  row_form: str, stderr_hidden: bool, client: ClientSettings | None = None) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     if stderr_hidden:  # as the launcher's: the fork server may have started before it was hidden
@@ -349,12 +385,23 @@ def _start_worker(expand_archives: bool, nested_archives: bool, filter_file: Fil
         os.dup2(devnull, 2)
         os.close(devnull)
     silence_pydicom()
+    if client is not None:
+        use_client_settings(client)  # the client is built on the first object read
     _worker = (Opener(None, expand_archives=expand_archives, nested_archives=nested_archives), filter_file, row_form)
 
 
 def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
+    global _worker_threads
     opener, filter_file, row_form = _worker
-    return [_handed_over(read_input(input_file, opener, filter_file), row_form) for input_file in inputs]
+
+    def read(input_file: InputFile) -> Outcome:
+        return _handed_over(read_input(input_file, opener, filter_file), row_form)
+
+    if not any("://" in input_file.path for input_file in inputs):
+        return [read(input_file) for input_file in inputs]
+    if _worker_threads is None:  # remote inputs wait on the network: all of the chunk at once
+        _worker_threads = concurrent.futures.ThreadPoolExecutor(REMOTE_CHUNK_FILES, thread_name_prefix="read")
+    return list(_worker_threads.map(read, inputs))
 
 
 def _handed_over(outcome: Outcome, row_form: str = PICKLE) -> Outcome:

@@ -48,13 +48,18 @@ def is_remote(path: str) -> bool:
 
 _clients: dict = {}
 _clients_lock = threading.Lock()
+_settings: "ClientSettings | None" = None  # a read process's: the launcher's client, rebuilt here
 
 
 def storage_client(pipeline_options=None):
     """This process's Cloud Storage client, created on first use and shared by all its
     threads (google-cloud-storage's client is safe to share for reads and listings),
     with a connection pool of :data:`REMOTE_CONCURRENCY` connections so that
-    concurrent requests neither wait for a connection nor open and drop new ones."""
+    concurrent requests neither wait for a connection nor open and drop new ones.
+
+    It is the client Beam itself configures from the pipeline options (credentials,
+    project, audit headers); a read process, which has no Beam, rebuilds the launcher's
+    from its :class:`ClientSettings` (:func:`use_client_settings`)."""
     # a forked worker builds its own (connections must not cross processes); so does a
     # process whose emulator endpoint changed (tests)
     key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
@@ -62,16 +67,78 @@ def storage_client(pipeline_options=None):
         client = _clients.get(key)
         if client is None:
             import requests.adapters
-            from apache_beam.io.gcp import gcsio
-            from apache_beam.options.pipeline_options import PipelineOptions
 
-            client = gcsio.create_storage_client(pipeline_options or PipelineOptions([]))
+            if _settings is not None:
+                client = _settings.client()
+            else:
+                from apache_beam.io.gcp import gcsio
+                from apache_beam.options.pipeline_options import PipelineOptions
+
+                client = gcsio.create_storage_client(pipeline_options or PipelineOptions([]))
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=REMOTE_CONCURRENCY * 2)
             client._http.mount("https://", adapter)
             client._http.mount("http://", adapter)
             _clients.clear()
             _clients[key] = client
         return client
+
+
+class ClientSettings(NamedTuple):
+    """What another process of this machine needs to build the same Cloud Storage
+    client as :func:`storage_client` without importing Beam: its credentials (None:
+    anonymous), project, client info (the user agent) and extra headers, and the
+    emulator endpoint it was made for (``STORAGE_EMULATOR_HOST``)."""
+
+    credentials: object | None
+    project: str | None
+    client_info: object | None
+    extra_headers: dict
+    emulator_host: str | None
+
+    def client(self):
+        from google.cloud import storage
+
+        if self.credentials is None:
+            return storage.Client.create_anonymous_client()
+        return storage.Client(credentials=self.credentials, project=self.project, client_info=self.client_info,
+                              extra_headers=dict(self.extra_headers))
+
+
+def client_settings(pipeline_options=None) -> ClientSettings | None:
+    """The :class:`ClientSettings` of this process's client; None where they cannot be
+    handed to another process (credentials that cannot be pickled)."""
+    import pickle
+
+    from google.auth.credentials import AnonymousCredentials
+
+    client = storage_client(pipeline_options)
+    credentials = client._credentials
+    connection = client._connection
+    settings = ClientSettings(
+        credentials=None if isinstance(credentials, AnonymousCredentials) else credentials,
+        project=client.project,
+        client_info=getattr(connection, "_client_info", None),
+        extra_headers=dict(getattr(connection, "extra_headers", None) or {}),
+        emulator_host=os.environ.get("STORAGE_EMULATOR_HOST"),
+    )
+    try:
+        pickle.dumps(settings)
+    except Exception:  # noqa: BLE001 — a credentials type that stays in its process
+        return None
+    return settings
+
+
+def use_client_settings(settings: ClientSettings) -> None:
+    """Make :func:`storage_client` of this process (a read process) build its client
+    from ``settings`` (when first asked for), for the endpoint they were made for."""
+    global _settings
+    if settings.emulator_host is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = settings.emulator_host
+    with _clients_lock:
+        _settings = settings
+        _clients.clear()
 
 
 class InputFile(NamedTuple):
@@ -200,6 +267,19 @@ class Opener:
         launcher has that archive's index, a read process would list it again)."""
         path = input_file.path
         if is_remote(path):
+            return False
+        if self.expand_archives and "#" in path:
+            from transforms.sources import archives
+
+            return archives.split_member_path(path) is None
+        return True
+
+    def is_cloud_storage_object(self, input_file: InputFile) -> bool:
+        """True for a whole Cloud Storage object to read (not an archive member, not one
+        listing marked failed): a read process with the launcher's client settings reads
+        it as it reads a local file (``transforms.read.ReadProcesses``)."""
+        path = input_file.path
+        if not path.startswith("gs://") or input_file.error is not None:
             return False
         if self.expand_archives and "#" in path:
             from transforms.sources import archives
