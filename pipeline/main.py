@@ -20,6 +20,7 @@ remote input several workers can share, with one Beam worker process per core. E
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -222,6 +223,21 @@ def dicomweb_roots(patterns: list[str]) -> list[str]:
     return roots
 
 
+def _checked_units(patterns: list[str], pipeline_options) -> tuple[str, ...]:
+    """The listing units of the inputs (sharded: :func:`transforms.match.shard_listing_units`),
+    once every input is checked to exist (:func:`pipeline.usage.check_inputs_exist`).
+    On Cloud Storage both wait on requests: the sharding runs on a thread meanwhile, and
+    a failed check is what the user is told."""
+    units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
+    if not any("://" in unit for unit in units):
+        check_inputs_exist(patterns, pipeline_options)
+        return tuple(shard_listing_units(units, pipeline_options))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard") as pool:
+        sharded = pool.submit(shard_listing_units, units, pipeline_options)
+        check_inputs_exist(patterns, pipeline_options)
+        return tuple(sharded.result())
+
+
 def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None = None) -> tuple[ExportPlan, object]:
     """Check everything that can be checked before reading a file; return the plan.
 
@@ -233,10 +249,8 @@ def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None 
     patterns = input_patterns(export.input)
     web_patterns = [p for p in patterns if dicomweb.is_dicomweb_input(p)]
     patterns = [p for p in patterns if not dicomweb.is_dicomweb_input(p)]
-    check_inputs_exist(patterns, pipeline_options)
+    units = _checked_units(patterns, pipeline_options)
     web_roots = dicomweb_roots(web_patterns)
-    units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
-    units = tuple(shard_listing_units(units, pipeline_options))
     filter_file = None
     uid_roots: tuple[str, ...] = ()
     if export.filter_config_gcs_uri:
