@@ -1,6 +1,6 @@
 """Benchmark: the export from ``gs://`` through added latency, against the same files on disk.
 
-    python bench/remote.py [--count 400] [--delays 20,50] [--repeat 3] [--keep DIR]
+    python bench/remote.py [--count 400] [--delays 20,50] [--repeat 3] [--folders N] [--baseline CHECKOUT] [--keep DIR]
 
 One run measures, on the same ``count`` instances (copies of samples/dicom with new UIDs):
 
@@ -72,7 +72,9 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def upload(emulator: str, bucket: str, files: list[str], prefix: str) -> list[str]:
+def upload(emulator: str, bucket: str, files: list[str], prefix: str, folders: int = 1) -> list[str]:
+    """Upload ``files`` under ``prefix`` (spread over ``folders`` sub-folders, as study
+    folders would be, if more than one); returns the object names."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
@@ -80,13 +82,17 @@ def upload(emulator: str, bucket: str, files: list[str], prefix: str) -> list[st
     client = storage.Client(project="bench", credentials=AnonymousCredentials())
     client.create_bucket(bucket)
     names = []
+    def name_of(index: int, path: str) -> str:
+        folder = f"{prefix}/study{index % folders:03d}" if folders > 1 else prefix
+        return f"{folder}/{os.path.basename(path)}"
+
+    def put(item) -> str:
+        name = name_of(*item)
+        client.bucket(bucket).blob(name).upload_from_filename(item[1])
+        return name
+
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for name in pool.map(
-            lambda path: (client.bucket(bucket).blob(f"{prefix}/{os.path.basename(path)}").upload_from_filename(path)
-                          or f"{prefix}/{os.path.basename(path)}"),
-            files,
-        ):
-            names.append(name)
+        names.extend(pool.map(put, enumerate(files)))
     return names
 
 
@@ -148,6 +154,8 @@ def main() -> None:
     parser.add_argument("--delays", default="20,50", help="milliseconds added per request, comma-separated")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds, each running every variant once (the machine is shared: compare within a round)")
+    parser.add_argument("--folders", type=int, default=1,
+                        help="spread the objects over this many sub-folders (study folders: several listing units)")
     parser.add_argument("--keep", default=None)
     parser.add_argument("--baseline", default=None,
                         help="another checkout of the project (e.g. a clone of main beside this one): its gs:// exports run in each round too")
@@ -158,7 +166,7 @@ def main() -> None:
     try:
         files = make_instances(workdir / "input", args.count)
         bucket = "bench-remote"
-        names = upload(emulator_url, bucket, files, "dicom")
+        names = upload(emulator_url, bucket, files, "dicom", args.folders)
         site = workdir / "site"
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(_ANONYMOUS_ADC)
@@ -166,7 +174,8 @@ def main() -> None:
         env.pop("STORAGE_EMULATOR_HOST", None)
         delays = [float(d) for d in args.delays.split(",")]
         proxies = [latency_proxy.start(emulator_url, delay) for delay in delays]
-        print(f"{args.count:,} instances, {os.cpu_count()} cores; {args.repeat} interleaved rounds", flush=True)
+        layout = f" in {args.folders} folders" if args.folders > 1 else ""
+        print(f"{args.count:,} instances{layout}, {os.cpu_count()} cores; {args.repeat} interleaved rounds", flush=True)
         for round_ in range(1, args.repeat + 1):
             local = export(str(workdir / "input"), workdir, env)
             local_rate = args.count / local["wall"]

@@ -165,14 +165,17 @@ def _all_cloud_storage(plan: ExportPlan) -> bool:
 
 
 def _one_beam_process(plan: ExportPlan) -> bool:
-    """True if the run is best in one Beam process: a local input (its files are read on
-    processes of this machine, :func:`_read_processes`, which cost less than Beam's
-    workers; where there are none, an input under MULTI_PROCESS_MIN_FILES files), or one
-    Cloud Storage listing unit (listed and read by one worker, its reads in parallel
-    threads: a second process would only cost its start-up)."""
+    """True if the run is best in one Beam process: a local or Cloud Storage input (its
+    files are read on processes of this machine, :func:`_read_processes`, which cost
+    less than Beam's workers: each of those imports Beam again; where there are none, a
+    local input under MULTI_PROCESS_MIN_FILES files), or one Cloud Storage listing unit
+    (listed and read by one worker, its reads in parallel threads: a second process
+    would only cost its start-up)."""
     if plan.dicomweb_units:
         return False
     if not _all_local(plan):
+        if _all_cloud_storage(plan) and processes_available():
+            return True
         return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
     if processes_available():
         return True

@@ -150,14 +150,20 @@ def test_units_may_overlap(units, overlap):
     assert units_may_overlap(units) is overlap
 
 
-@pytest.mark.parametrize("plan, one_process", [
-    (ExportPlan(listing_units=("gs://b/d/**",)), True),  # one unit: one worker lists and reads it
-    (ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**")), False),  # several: spread over workers
-    (ExportPlan(listing_units=("gs://b/d/**",), uid_roots=("gs://b/d",)), False),
-    (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True),  # local: read processes
+@pytest.mark.parametrize("plan, one_process, without_read_processes", [
+    (ExportPlan(listing_units=("gs://b/d/**",)), True, True),  # one unit: one worker lists and reads it
+    # several units: read on the read processes, else spread over Beam's workers
+    (ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**")), True, False),
+    (ExportPlan(listing_units=("gs://b/d/**",), uid_roots=("gs://b/d",)), True, False),
+    (ExportPlan(listing_units=("gs://b/d/**", "/local/**")), False, False),  # Cloud Storage and local files
+    (ExportPlan(listing_units=(str(SAMPLES) + "/**",), uid_roots=(str(SAMPLES),)), True, True),  # local: read processes
 ])
-def test_runs_that_stay_in_one_process(plan, one_process):
+def test_runs_that_stay_in_one_process(plan, one_process, without_read_processes, monkeypatch):
+    import pipeline.main
+
     assert _one_beam_process(plan) is one_process
+    monkeypatch.setattr(pipeline.main, "processes_available", lambda: False)  # (Windows)
+    assert _one_beam_process(plan) is without_read_processes
 
 
 def _list_units(units: list[str], expected: list[str] | None = None) -> None:
@@ -220,8 +226,9 @@ def _rows_and_errors(db) -> tuple[list, list]:
 
 def test_gs_objects_are_read_on_the_read_processes_with_the_rows_of_one_thread(gcs_bucket, proxy, tmp_path,
                                                                                monkeypatch):
-    """A local run over Cloud Storage lists in the launcher and reads on the read
-    processes (each with the launcher's client settings, many objects in flight): the
+    """A local run over Cloud Storage (here a folder and its sub-folder) lists in the
+    launcher and reads on the read processes, in one Beam process (each read process
+    with the launcher's client settings, many objects in flight): the
     same requests, and exactly the rows, dead letters and counts of the same run read on
     the launcher's threads."""
     import pipeline.main
@@ -234,7 +241,7 @@ def test_gs_objects_are_read_on_the_read_processes_with_the_rows_of_one_thread(g
         name = f"mixed/f{index:03d}"
         bucket.blob(name).upload_from_filename(path)
         names.append(name)
-    names += _upload(bucket, "mixed", 3, broken={0, 2})  # (one folder: one listing unit, one Beam process)
+    names += _upload(bucket, "mixed/broken", 3, broken={0, 2})  # (a sub-folder: two listing units)
     monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
     monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
     pools, plans, left = [], [], []
@@ -245,7 +252,8 @@ def test_gs_objects_are_read_on_the_read_processes_with_the_rows_of_one_thread(g
     argv = ["--input", f"gs://{bucket.name}/mixed/", "--progress-seconds=0"]
 
     pooled = run(argv + [f"--bq-table=duckdb://{tmp_path / 'pooled.duckdb'}#t"])
-    assert plans[-1].read_processes == 2 and len(plans[-1].listed_files) == len(names)  # listed by the launcher
+    assert len(plans[-1].listing_units) == 2  # mixed/* and mixed/broken/**, listed by the launcher:
+    assert plans[-1].read_processes == 2 and len(plans[-1].listed_files) == len(names)
     assert len(pools) == 1 and pools[0].client is not None and set(left) == {0}  # read ahead, every chunk taken
     gets = _object_gets(proxy, bucket.name)
     assert set(gets) == set(names) and sum(gets.values()) <= 1.2 * len(names)  # (a header past 64 KiB: two)

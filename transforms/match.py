@@ -102,9 +102,9 @@ def shard_listing_units(units: Iterable[str], pipeline_options=None) -> list[str
             if len(level) + len(done) >= SHARD_TARGET:
                 break
             next_level = []
-            for folder in level:
+            for folder, subs in zip(level, _sub_folders_of(level, pipeline_options)):
                 done.append(_pattern(root, folder) + "/*")
-                for sub in _sub_folders(folder, pipeline_options):
+                for sub in subs:
                     identity = _identity(sub)
                     if identity is None or identity not in seen:
                         seen.add(identity)
@@ -118,6 +118,15 @@ def _pattern(root: str, folder: str) -> str:
     """``folder`` (a real folder below the unit's ``root``) as a pattern matching only
     itself: the names found below the root are escaped (``[``, ``*``, ``?``)."""
     return root + glob.escape(folder[len(root):])
+
+
+def _sub_folders_of(folders: list[str], pipeline_options=None) -> list[list[str]]:
+    """:func:`_sub_folders` of each folder; Cloud Storage prefixes LISTING_CONCURRENCY at a
+    time (each is a request that mostly waits)."""
+    if len(folders) < 2 or not any(folder.startswith("gs://") for folder in folders):
+        return [_sub_folders(folder, pipeline_options) for folder in folders]
+    with concurrent.futures.ThreadPoolExecutor(LISTING_CONCURRENCY, thread_name_prefix="shard") as pool:
+        return list(pool.map(lambda folder: _sub_folders(folder, pipeline_options), folders))
 
 
 def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
