@@ -8,8 +8,8 @@ read) → build the graph → attach the destination's writing → run → finis
 destination's write (local runs) → print the summary.
 
 Locally, without ``--runner``, it runs on Beam's portable runner (FnApiRunner) in this
-process, its local files read on one process per core (``transforms.read``), or, for a
-remote input several workers can share, with one Beam worker process per core. Examples:
+process, its local files and Cloud Storage objects read on one process per core
+(``transforms.read``), or, for a DICOMweb input, with one Beam worker process per core. Examples:
 
     dicom-bq-export --input samples/ --bq-table duckdb://dicom.duckdb#instances
     dicom-bq-export --input 'gs://bucket/dicom/**' --bq-table bq://proj.ds.instances \\
@@ -128,16 +128,18 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
 
 
 def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | None = None) -> int:
-    """How many processes read the local files of a local run in one Beam process: one per
-    core if the input is all local and holds at least READ_PROCESSES_MIN_FILES files
-    (``files``, when the launcher already knows how many it reads), else 0 (read in
-    Beam's own thread). 0 too when the user chose how the run is spread."""
+    """How many processes read the files of a local run in one Beam process: one per core
+    if the input is all local or all on Cloud Storage and holds at least
+    READ_PROCESSES_MIN_FILES files (``files``, when the launcher already knows how many
+    it reads; a Cloud Storage input the pipeline lists itself counts as large), else 0
+    (read in Beam's own thread, remote inputs on its threads). 0 too when the user chose
+    how the run is spread."""
     cores = usable_cores()
     direct = options.view_as(DirectOptions)
     if (cores < 2 or direct.direct_running_mode != "in_memory" or not processes_available()
             or _given(options, "runner", "direct_running_mode", "direct_num_workers")):
         return 0  # (processes_available: not where a host runs us as a daemonic process, nor on Windows)
-    if not _all_local(plan):  # Cloud Storage: fetched on threads, parsed on the processes
+    if not _all_local(plan):  # Cloud Storage: each process reads a chunk of objects at once
         if not _all_cloud_storage(plan):
             return 0
         return cores if files is None or files >= READ_PROCESSES_MIN_FILES else 0

@@ -302,3 +302,21 @@ def test_read_processes_rebuild_the_launchers_storage_client_without_beam(gcs_em
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=str(pathlib.Path(__file__).resolve().parents[1]))
     assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]
+
+
+def test_a_cloud_storage_listing_that_fails_in_the_launcher_is_left_to_the_pipeline(gcs_bucket, proxy):
+    """pipeline.main._list_here: the launcher lists Cloud Storage for a run in one Beam
+    process; should that listing fail, the pipeline lists (and reports) it, as it did
+    before the launcher listed anything; nor does the launcher list for Beam's workers."""
+    import pipeline.main
+    from pipeline.options import parse_pipeline_options
+
+    _client, bucket = gcs_bucket
+    names = _upload(bucket, "here", 3)
+    options = parse_pipeline_options(["--input", f"gs://{bucket.name}/here/"])
+    listed = pipeline.main._list_here(ExportPlan(listing_units=(f"gs://{bucket.name}/here/*",)), options)
+    assert listed is not None and [f.path for f in listed[1]] == [f"gs://{bucket.name}/{name}" for name in names]
+    gone = ExportPlan(listing_units=("gs://no-such-bucket-dicom-test/x/*",))
+    assert pipeline.main._list_here(gone, options) is None
+    several_workers = parse_pipeline_options(["--input", "x", "--direct_running_mode=multi_processing"])
+    assert pipeline.main._list_here(ExportPlan(listing_units=(f"gs://{bucket.name}/here/*",)), several_workers) is None
