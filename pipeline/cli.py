@@ -29,10 +29,11 @@ def _start_read_server(argv: list[str]) -> None:
     """For an export, start the fork server of a local run's read processes
     (``transforms.read``) now, so that it imports its reading code on another core while
     this process imports Beam (a second or more): the processes are then ready as soon
-    as the launcher has listed the files. Where the run reads no local files on
-    processes (a remote input, few files) the server only costs its own start, on a core
-    this process leaves idle. Nothing here is an error: the run decides and reports for
-    itself."""
+    as the launcher has listed the files. An argument naming ``gs://`` has the server
+    preload Cloud Storage's client library too (the processes read such inputs). Where
+    the run reads nothing on processes (DICOMweb, few files) the server only costs its
+    own start, on a core this process leaves idle. Nothing here is an error: the run
+    decides and reports for itself."""
     if not argv or argv[0] in ("inspect", "report") or {"-h", "--help", "--version"} & set(argv):
         return
     try:

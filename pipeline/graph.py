@@ -50,12 +50,14 @@ class ExportPlan:
     incremental: bool = False  # one row per SOPInstanceUID (pipeline/ledger.py)
     spool: str | None = None  # a folder of this run: rows complete through files there (pipeline/spool.py)
     prune_missing: bool = False  # find the recorded files no longer listed
-    # The files to read, when the launcher has listed a local input of plain files (no
-    # archive among them; with --incremental, compared with the files table, only the
-    # changed ones): the pipeline neither lists nor compares (pipeline.main._list_here).
+    # The files to read, when the launcher has listed a local or Cloud Storage input of
+    # plain files (no archive among them; with --incremental, compared with the files
+    # table, only the changed ones): the pipeline neither lists nor compares
+    # (pipeline.main._list_here).
     listed_files: tuple | None = None
-    # Local files are read on this many processes of this machine (a local run in one
-    # Beam process: transforms.read.ReadProcesses); 0 reads them in the calling thread.
+    # Local files and Cloud Storage objects are read on this many processes of this
+    # machine (a local run in one Beam process: transforms.read.ReadProcesses); 0 reads
+    # them in the calling thread (remote ones on its threads).
     read_processes: int = 0
     # The destination takes the rows as read and completes them as it loads them (DuckDB
     # fills the REPEATED fields in SQL): no spool and no completion step, and the read

@@ -93,9 +93,9 @@ def _runner_name(options: PipelineOptions) -> str:
     return runner if isinstance(runner, str) else type(runner).__name__
 
 
-#: A run whose input is remote (several Cloud Storage listing units, DICOMweb) is spread
-#: over one Beam worker process per core; an --incremental update of fewer files than
-#: this runs in the launcher's process instead. Two worker processes cost about 3.5 s
+#: A run whose input is remote and not read on read processes (DICOMweb; Cloud Storage in
+#: several listing units where there are none) is spread over one Beam worker process per
+#: core; an --incremental update of fewer files than this runs in the launcher's process instead. Two worker processes cost about 3.5 s
 #: more CPU than one (each imports Beam; elements cross processes encoded) and about
 #: 2.5 s more wall time on three files.
 MULTI_PROCESS_MIN_FILES = 3000
@@ -120,7 +120,10 @@ def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
     cores = usable_cores()
     if _given(options, "direct_running_mode", "direct_num_workers"):
         return False  # the user chose how the local run is spread
-    if cores > 1 and direct.direct_running_mode == "in_memory" and not _one_beam_process(plan):
+    one_process = _one_beam_process(plan)
+    if one_process and _all_cloud_storage(plan) and not _client_handed_over(options):
+        one_process = _one_beam_process(plan, read_processes=False)  # the objects cannot go to read processes
+    if cores > 1 and direct.direct_running_mode == "in_memory" and not one_process:
         direct.direct_running_mode = "multi_processing"
         direct.direct_num_workers = cores
         return True
@@ -140,7 +143,7 @@ def _read_processes(options: PipelineOptions, plan: ExportPlan, files: int | Non
             or _given(options, "runner", "direct_running_mode", "direct_num_workers")):
         return 0  # (processes_available: not where a host runs us as a daemonic process, nor on Windows)
     if not _all_local(plan):  # Cloud Storage: each process reads a chunk of objects at once
-        if not _all_cloud_storage(plan):
+        if not _all_cloud_storage(plan) or not _client_handed_over(options):
             return 0
         return cores if files is None or files >= READ_PROCESSES_MIN_FILES else 0
     if files is None:
@@ -166,20 +169,31 @@ def _all_cloud_storage(plan: ExportPlan) -> bool:
     return bool(units) and not plan.dicomweb_units and all(unit.startswith("gs://") for unit in units)
 
 
-def _one_beam_process(plan: ExportPlan) -> bool:
+def _client_handed_over(options: PipelineOptions) -> bool:
+    """True if this process's Cloud Storage client can be rebuilt in the read processes
+    (:func:`transforms.storage.client_settings`: its credentials can be pickled)."""
+    try:
+        return client_settings(options) is not None
+    except Exception:  # noqa: BLE001 — no client at all: the reads report it, per input
+        return False
+
+
+def _one_beam_process(plan: ExportPlan, read_processes: bool | None = None) -> bool:
     """True if the run is best in one Beam process: a local or Cloud Storage input (its
     files are read on processes of this machine, :func:`_read_processes`, which cost
     less than Beam's workers: each of those imports Beam again; where there are none, a
     local input under MULTI_PROCESS_MIN_FILES files), or one Cloud Storage listing unit
     (listed and read by one worker, its reads in parallel threads: a second process
     would only cost its start-up)."""
+    if read_processes is None:
+        read_processes = processes_available()
     if plan.dicomweb_units:
         return False
     if not _all_local(plan):
-        if _all_cloud_storage(plan) and processes_available():
+        if _all_cloud_storage(plan) and read_processes:
             return True
         return not plan.uid_roots and len(plan.listing_units) == 1 and not units_may_overlap(plan.listing_units)
-    if processes_available():
+    if read_processes:
         return True
     # no read processes here (Windows): Beam's workers, for an input large enough to pay their start
     return _count_local_files(plan, MULTI_PROCESS_MIN_FILES) < MULTI_PROCESS_MIN_FILES
@@ -237,10 +251,18 @@ def _checked_units(patterns: list[str], pipeline_options) -> tuple[str, ...]:
     if not any("://" in unit for unit in units):
         check_inputs_exist(patterns, pipeline_options)
         return tuple(shard_listing_units(units, pipeline_options))
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard") as pool:
-        sharded = pool.submit(shard_listing_units, units, pipeline_options)
-        check_inputs_exist(patterns, pipeline_options)
-        return tuple(sharded.result())
+    sharded: concurrent.futures.Future = concurrent.futures.Future()
+
+    def shard() -> None:
+        try:
+            sharded.set_result(tuple(shard_listing_units(units, pipeline_options)))
+        except BaseException as error:  # noqa: BLE001 — raised below, unless the check failed first
+            sharded.set_exception(error)
+
+    # a daemon thread: a usage error is reported (and the command exits) without waiting for it
+    threading.Thread(target=shard, name="shard", daemon=True).start()
+    check_inputs_exist(patterns, pipeline_options)
+    return sharded.result()
 
 
 def plan_export(export: ExportOptions, pipeline_options: PipelineOptions | None = None) -> tuple[ExportPlan, object]:
@@ -330,7 +352,7 @@ def run(argv: list[str] | None = None) -> dict:
     ahead = None  # read processes the launcher starts on the files it listed
     if plan.read_processes and read_ledger is None:
         try:
-            start_fork_server()  # the read processes' server starts while the pipeline is built
+            start_fork_server(_all_cloud_storage(plan))  # the read processes' server starts while the pipeline is built
             if plan.listed_files:
                 ahead = _read_ahead(plan, filter_file, options)
         except Exception as error:  # noqa: BLE001 — then the files are read in Beam's thread
@@ -407,6 +429,11 @@ def _finish_summary(export, destination, disposition, plan, filter_file, started
     return summary
 
 
+#: The launcher hands the pipeline at most this many Cloud Storage objects it listed (two
+#: listing pages): for more, the pipeline's own listing, which reads as it lists, is not
+#: held up by a listing the launcher would throw away.
+MOST_HANDED_OBJECTS = 2_000
+
 #: The launcher hands the pipeline at most this many files it listed (a local run's, or a
 #: local --incremental update's changed files); with more, the pipeline lists (and compares) itself
 #: (the list is part of the pipeline's graph).
@@ -449,7 +476,7 @@ def _list_here(plan: ExportPlan, options):
     None where the pipeline lists: another remote input (or a listing that failed here:
     the pipeline lists again and reports it), a filter file's UID layout, an archive
     among the files (unless ``--no-archives``), or more than MOST_HANDED_FILES files
-    (the list becomes part of the graph)."""
+    (the list becomes part of the graph; MOST_HANDED_OBJECTS on Cloud Storage)."""
     if plan.uid_roots or plan.dicomweb_units or not plan.listing_units:
         return None
     remote = not _all_local(plan)
@@ -460,7 +487,7 @@ def _list_here(plan: ExportPlan, options):
         files = _no_archives(files)
     identity = file_identity if units_may_overlap(plan.listing_units) else None
     try:
-        listed = ledger.compare_listing(files, (), identity, MOST_HANDED_FILES)
+        listed = ledger.compare_listing(files, (), identity, MOST_HANDED_OBJECTS if remote else MOST_HANDED_FILES)
     except _ArchiveListed:
         return None
     except Exception:  # noqa: BLE001 — a remote listing that failed: the pipeline's listing reports it

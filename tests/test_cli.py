@@ -166,7 +166,7 @@ def test_a_running_mode_given_on_the_command_line_is_kept():
     from pipeline.graph import ExportPlan
     from pipeline.options import parse_pipeline_options
 
-    plan = ExportPlan(listing_units=("gs://b/d/*", "gs://b/d/a/**"))
+    plan = ExportPlan(listing_units=("gs://b/d/*", str(SAMPLES) + "/**"))  # Cloud Storage and local files
     chosen = parse_pipeline_options(["--input", "gs://b/d", "--direct_running_mode=in_memory"])
     assert command._local_defaults(chosen, plan) is False
     assert chosen.view_as(DirectOptions).direct_running_mode == "in_memory"

@@ -264,6 +264,7 @@ def test_without_read_processes_a_large_local_input_takes_beams_workers(tmp_path
 ])
 def test_which_runs_read_on_processes(tmp_path, monkeypatch, units, files, processes):
     monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "_client_handed_over", lambda options: True)  # (tested below)
     plan = ExportPlan(listing_units=units or (str(tmp_path) + "/**",))
     options = parse_pipeline_options(["--input", str(tmp_path)])
     pipeline.main._local_defaults(options, plan)
@@ -271,6 +272,22 @@ def test_which_runs_read_on_processes(tmp_path, monkeypatch, units, files, proce
     chosen = parse_pipeline_options(["--input", str(tmp_path), "--direct_running_mode=in_memory"])
     pipeline.main._local_defaults(chosen, plan)
     assert pipeline.main._read_processes(chosen, plan, files) == 0  # the user chose how the run is spread
+
+
+@pytest.mark.parametrize("units, one_process", [(("gs://b/d/**",), True), (("gs://b/d/*", "gs://b/d/a/**"), False)])
+def test_cloud_storage_whose_client_cannot_be_handed_over_reads_as_before(tmp_path, monkeypatch, units, one_process):
+    """Credentials that cannot be pickled (transforms.storage.client_settings → None): no
+    read processes for Cloud Storage; one listing unit on the launcher's threads, several
+    on Beam's worker processes."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "client_settings", lambda options: None)
+    plan = ExportPlan(listing_units=units)
+    options = parse_pipeline_options(["--input", "gs://b/d/"])
+    assert pipeline.main._local_defaults(options, plan) is not one_process
+    assert (options.view_as(DirectOptions).direct_running_mode == "in_memory") is one_process
+    assert pipeline.main._read_processes(options, plan, 5000) == 0
 
 
 def test_the_read_step_takes_the_chunks_the_launcher_read_ahead(folder, tmp_path, monkeypatch, caplog):

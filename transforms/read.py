@@ -196,7 +196,7 @@ class ReadProcesses:
 
     def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str = PICKLE,
                  client: ClientSettings | None = None):
-        start_fork_server()
+        start_fork_server(cloud_storage=client is not None)
         self.filter_file = filter_file
         self.row_form = row_form
         self.client = client
