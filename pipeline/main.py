@@ -95,7 +95,8 @@ def _runner_name(options: PipelineOptions) -> str:
 
 #: A run whose input is remote and not read on read processes (DICOMweb; Cloud Storage in
 #: several listing units where there are none) is spread over one Beam worker process per
-#: core; an --incremental update of fewer files than this runs in the launcher's process instead. Two worker processes cost about 3.5 s
+#: core; an --incremental update of fewer files than this runs in the launcher's process
+#: instead. Two worker processes cost about 3.5 s
 #: more CPU than one (each imports Beam; elements cross processes encoded) and about
 #: 2.5 s more wall time on three files.
 MULTI_PROCESS_MIN_FILES = 3000
@@ -369,8 +370,8 @@ def run(argv: list[str] | None = None) -> dict:
 
 def _read_ahead(plan: ExportPlan, filter_file, options) -> ReadProcesses:
     """Start the read processes on the first files the launcher listed, for the read
-    step to take (``transforms.read.ReadProcesses.read_ahead``): they read (Cloud
-    Storage objects: are fetched and read) while Beam builds and starts the pipeline."""
+    step to take (``transforms.read.ReadProcesses.read_ahead``): they read local files
+    and Cloud Storage objects while Beam builds and starts the pipeline."""
     opener = Opener(options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
     client = client_settings(options) if _all_cloud_storage(plan) else None
     ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form, client)
