@@ -34,7 +34,7 @@ from typing import NamedTuple
 from schemas.convert import flatten_instance
 from transforms.filter_file import FilterFile
 from transforms.header import describe_error, read_header, silence_pydicom
-from transforms.storage import ClientSettings, InputFile, Opener, use_client_settings
+from transforms.storage import ClientSettings, InputFile, Opener, is_remote, use_client_settings
 
 #: The stages a dead letter names: listing (set on the InputFile), reading, converting.
 LIST, READ, CONVERT = "list", "read", "convert"
@@ -318,7 +318,7 @@ def on_processes(opener: Opener, input_file: InputFile, cloud_storage: bool) -> 
 
 def chunk_files(input_file: InputFile) -> int:
     """How many inputs like this one a chunk holds (:data:`CHUNK_FILES`, :data:`REMOTE_CHUNK_FILES`)."""
-    return REMOTE_CHUNK_FILES if "://" in input_file.path else CHUNK_FILES
+    return REMOTE_CHUNK_FILES if is_remote(input_file.path) else CHUNK_FILES
 
 
 def same_filter(first: FilterFile | None, second: FilterFile | None) -> bool:
@@ -397,7 +397,7 @@ def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
     def read(input_file: InputFile) -> Outcome:
         return _handed_over(read_input(input_file, opener, filter_file), row_form)
 
-    if not any("://" in input_file.path for input_file in inputs):
+    if not any(is_remote(input_file.path) for input_file in inputs):
         return [read(input_file) for input_file in inputs]
     if _worker_threads is None:  # remote inputs wait on the network: all of the chunk at once
         _worker_threads = concurrent.futures.ThreadPoolExecutor(REMOTE_CHUNK_FILES, thread_name_prefix="read")

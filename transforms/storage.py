@@ -265,27 +265,22 @@ class Opener:
     def is_local_file(self, input_file: InputFile) -> bool:
         """True for a whole file on this machine's disk (not an archive member: the
         launcher has that archive's index, a read process would list it again)."""
-        path = input_file.path
-        if is_remote(path):
-            return False
-        if self.expand_archives and "#" in path:
-            from transforms.sources import archives
-
-            return archives.split_member_path(path) is None
-        return True
+        return not is_remote(input_file.path) and not self._is_member(input_file.path)
 
     def is_cloud_storage_object(self, input_file: InputFile) -> bool:
         """True for a whole Cloud Storage object to read (not an archive member, not one
         listing marked failed): a read process with the launcher's client settings reads
         it as it reads a local file (``transforms.read.ReadProcesses``)."""
         path = input_file.path
-        if not path.startswith("gs://") or input_file.error is not None:
-            return False
-        if self.expand_archives and "#" in path:
-            from transforms.sources import archives
+        return path.startswith("gs://") and input_file.error is None and not self._is_member(path)
 
-            return archives.split_member_path(path) is None
-        return True
+    def _is_member(self, path: str) -> bool:
+        """True for ``ARCHIVE#member`` (when archives are expanded)."""
+        if not self.expand_archives or "#" not in path:
+            return False
+        from transforms.sources import archives
+
+        return archives.split_member_path(path) is not None
 
     def open(self, input_file: InputFile):
         """``(file object, counter)``; ``counter.bytes_read`` is what came from storage
