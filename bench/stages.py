@@ -8,7 +8,7 @@ the whole export as a user runs it (a subprocess, end to end). The stages:
 
 * start-up: ``import pipeline.main`` in a fresh interpreter; a three-file export in
   one process and with two worker processes (the fixed cost of each mode);
-* listing (``transforms.match.iter_files``); read (open + header up to Pixel Data) and
+* listing (``transforms.listing.iter_files``); read (open + header up to Pixel Data) and
   flatten (``schemas.convert.flatten_instance``), one instance at a time with nothing
   kept (as in a worker); schema combine (``add_fragment`` over
   every fragment, then ``to_bigquery_schema``); row completion (``with_empty_lists``);
@@ -77,7 +77,7 @@ def main() -> None:
     from schemas.rows import with_empty_lists
     from transforms.flatten import read_input
     from transforms.header import read_header, silence_pydicom
-    from transforms.match import iter_files
+    from transforms.listing import iter_files
     from transforms.storage import Opener
 
     silence_pydicom()

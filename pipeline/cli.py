@@ -3,7 +3,8 @@
 A thin shell around :func:`pipeline.main.main` for what only a process can decide: Ctrl-C
 while Beam is still being imported (a second or more) is one line too, an interrupted
 run leaves at once, with exit status 130, without waiting for Beam's threads, and the
-read processes' fork server starts while Beam is imported.
+read processes' fork server starts while Beam is imported, as does reading a plain local
+run's first files (:mod:`pipeline.early`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        _start_read_server(sys.argv[1:] if argv is None else argv)
+        if _start_read_server(args):
+            _start_early_reads(args)
         from pipeline.main import main as command
     except KeyboardInterrupt:
+        _end_read_processes()
         print("dicom-bq-export: error: interrupted; nothing was written", file=sys.stderr, flush=True)
         return INTERRUPTED
     return command(argv)
 
 
-def _start_read_server(argv: list[str]) -> None:
+def _start_read_server(argv: list[str]) -> bool:
     """For an export, start the fork server of a local run's read processes
     (``transforms.read``) now, so that it imports its reading code on another core while
     this process imports Beam (a second or more): the processes are then ready as soon
@@ -33,16 +37,37 @@ def _start_read_server(argv: list[str]) -> None:
     preload Cloud Storage's client library too (the processes read such inputs). Where
     the run reads nothing on processes (DICOMweb, few files) the server only costs its
     own start, on a core this process leaves idle. Nothing here is an error: the run
-    decides and reports for itself."""
+    decides and reports for itself. True if the server started."""
     if not argv or argv[0] in ("inspect", "report") or {"-h", "--help", "--version"} & set(argv):
-        return
+        return False
     try:
         from transforms.read import processes_available, start_fork_server, usable_cores
 
         if usable_cores() > 1 and processes_available():
             start_fork_server(cloud_storage=any("gs://" in arg for arg in argv))
+            return True
     except Exception:  # noqa: BLE001 — the run starts it again, or reads in one process, and says so
         pass
+    return False
+
+
+def _start_early_reads(argv: list[str]) -> None:
+    """List a plain local run's input and start reading it while Beam is imported
+    (:func:`pipeline.early.start`: on a thread; the run takes what it started only if it
+    lists the same files). Nothing here is an error either."""
+    try:
+        from pipeline import early
+
+        early.start(argv)
+    except Exception:  # noqa: BLE001 — the run lists and reads for itself
+        pass
+
+
+def _end_read_processes() -> None:
+    """End read processes started before the run (Ctrl-C while Beam was imported)."""
+    read = sys.modules.get("transforms.read")
+    if read is not None:
+        read.kill_read_processes()
 
 
 def _exit(code: int) -> None:

@@ -24,7 +24,8 @@ from pipeline.spool import CompleteRows
 from schemas.merge import to_bigquery_schema
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
 from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
-from transforms.match import CountMatched, MatchInputs, units_may_overlap
+from transforms.listing import units_may_overlap
+from transforms.match import CountMatched, MatchInputs
 from transforms.read import JSON, PICKLE
 from transforms.sources.archives import ExpandArchiveInputs
 from transforms.sources.dicomweb import ListDicomWebInputs, ReadDicomWebMetadataRows

@@ -51,7 +51,7 @@ def _open(path: str):
         from transforms.limits import open_regular_file
 
         return open_regular_file(path)  # a FIFO or device would block or never end
-    from transforms.match import match_files
+    from transforms.listing import match_files
     from transforms.storage import Opener
 
     matched = match_files(path)

@@ -48,7 +48,7 @@ from apache_beam.pvalue import AsDict, AsMultiMap
 from pipeline.destinations import Disposition
 from transforms import counters
 from transforms.sources.archives import VERSION_SEPARATOR, is_archive, split_member_path
-from transforms.match import first_path
+from transforms.listing import distinct_files
 from transforms.read import UID_COLUMNS, instance_uids
 from transforms.storage import InputFile
 
@@ -350,7 +350,7 @@ def compare_listing(
     and the files to read, in listing order; or :data:`TOO_MANY_CHANGED` as soon as more
     than ``most_changed`` files must be read (the pipeline then lists and compares itself).
 
-    ``identity`` (``transforms.match.file_identity``; give it when the listing units may
+    ``identity`` (``transforms.listing.file_identity``; give it when the listing units may
     overlap) makes the paths of one file one input, the first in path order, as
     :class:`transforms.match.MatchInputs` deduplicates. Archives are the caller's to
     exclude.
@@ -358,14 +358,10 @@ def compare_listing(
     recorded = {record["path"]: record for record in records}
     listed = 0
     if identity is not None:
-        chosen: dict[str, InputFile] = {}
-        for input_file in files:
-            listed += 1
-            key = identity(input_file)
-            chosen[key] = first_path((chosen[key], input_file)) if key in chosen else input_file
-            if most_changed is not None and not recorded and len(chosen) > most_changed:
-                return TOO_MANY_CHANGED  # with no records every file is to be read
-        files = chosen.values()
+        distinct = distinct_files(files, identity, None if recorded else most_changed)
+        if distinct is None:
+            return TOO_MANY_CHANGED  # with no records every file is to be read
+        listed, files = distinct
     unchanged, changed = 0, []
     for input_file in files:
         if identity is None:

@@ -41,7 +41,8 @@ from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
-from pipeline import ledger
+from pipeline import early, ledger
+from pipeline.early import MOST_HANDED_FILES, READ_PROCESSES_MIN_FILES
 from pipeline.ledger import check_incremental_options
 from pipeline.options import (
     COMMAND_FLAGS,
@@ -66,18 +67,19 @@ from transforms.read import (
     usable_cores,
 )
 from transforms.storage import Opener, client_settings
-from transforms.match import (
+from transforms.listing import (
     file_identity,
     input_root,
+    ArchiveListed,
     iter_units,
     listing_units,
-    looks_laid_out_by_uid,
+    no_archives,
     shard_listing_units,
     units_may_overlap,
 )
+from transforms.match import looks_laid_out_by_uid
 from transforms import counters
 from transforms.counters import COUNTERS
-from transforms.sources.archives import is_archive
 from transforms.sources import dicomweb
 
 #: Runners that execute in (or next to) this process, so the launcher waits and loads.
@@ -101,10 +103,6 @@ def _runner_name(options: PipelineOptions) -> str:
 #: 2.5 s more wall time on three files.
 MULTI_PROCESS_MIN_FILES = 3000
 
-#: A local run over at least this many local files reads them on one process per core
-#: (``transforms.read.ReadProcesses``): the processes start in ~0.3 s from a fork
-#: server that imports no Beam, then each file costs about half the wall time.
-READ_PROCESSES_MIN_FILES = 200
 
 
 def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
@@ -244,7 +242,7 @@ def dicomweb_roots(patterns: list[str]) -> list[str]:
 
 
 def _checked_units(patterns: list[str], pipeline_options) -> tuple[str, ...]:
-    """The listing units of the inputs (sharded: :func:`transforms.match.shard_listing_units`),
+    """The listing units of the inputs (sharded: :func:`transforms.listing.shard_listing_units`),
     once every input is checked to exist (:func:`pipeline.usage.check_inputs_exist`).
     On Cloud Storage both wait on requests: the sharding runs on a thread meanwhile, and
     a failed check is what the user is told."""
@@ -360,6 +358,7 @@ def run(argv: list[str] | None = None) -> dict:
             logging.warning("dicom-bq-export: could not start read processes (%s); reading in one process",
                             type(error).__name__)
             plan = dataclasses.replace(plan, read_processes=0)
+    early.discard()  # read processes started while Beam was imported, for another run than this
     try:
         return _run_pipeline(options, export, destination, disposition, plan, filter_file, context, runner, local,
                              started, listed_counts, read_ledger)
@@ -371,9 +370,18 @@ def run(argv: list[str] | None = None) -> dict:
 def _read_ahead(plan: ExportPlan, filter_file, options) -> ReadProcesses:
     """Start the read processes on the first files the launcher listed, for the read
     step to take (``transforms.read.ReadProcesses.read_ahead``): they read local files
-    and Cloud Storage objects while Beam builds and starts the pipeline."""
+    and Cloud Storage objects while Beam builds and starts the pipeline. Those the
+    command started while Beam was imported (:func:`pipeline.early.claim`) if they read
+    these very files the same way."""
     opener = Opener(options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
-    client = client_settings(options) if _all_cloud_storage(plan) else None
+    cloud_storage = _all_cloud_storage(plan)
+    if filter_file is None and not cloud_storage:
+        ahead = early.claim(plan.read_processes, opener, plan.row_form, plan.listed_files)
+        if ahead is not None:
+            offer(ahead)
+            return ahead
+    early.discard()
+    client = client_settings(options) if cloud_storage else None
     ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form, client)
     try:
         ahead.read_ahead(plan.listed_files)
@@ -435,10 +443,6 @@ def _finish_summary(export, destination, disposition, plan, filter_file, started
 #: held up by a listing the launcher would throw away.
 MOST_HANDED_OBJECTS = 2_000
 
-#: The launcher hands the pipeline at most this many files it listed (a local run's, or a
-#: local --incremental update's changed files); with more, the pipeline lists (and compares) itself
-#: (the list is part of the pipeline's graph).
-MOST_HANDED_FILES = 10_000
 
 
 def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext, options):
@@ -458,11 +462,11 @@ def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext,
     records = destination.read_recorded_files(context)
     if records is None:
         return None
-    files = _no_archives(iter_units(plan.listing_units, options))
+    files = no_archives(iter_units(plan.listing_units, options))
     identity = file_identity if units_may_overlap(plan.listing_units) else None
     try:
         return ledger.compare_listing(files, records, identity, MOST_HANDED_FILES)
-    except _ArchiveListed:
+    except ArchiveListed:
         return None
 
 
@@ -485,11 +489,11 @@ def _list_here(plan: ExportPlan, options):
         return None
     files = iter_units(plan.listing_units, options)
     if plan.expand_archives:
-        files = _no_archives(files)
+        files = no_archives(files)
     identity = file_identity if units_may_overlap(plan.listing_units) else None
     try:
         listed = ledger.compare_listing(files, (), identity, MOST_HANDED_OBJECTS if remote else MOST_HANDED_FILES)
-    except _ArchiveListed:
+    except ArchiveListed:
         return None
     except Exception:  # noqa: BLE001 — a remote listing that failed: the pipeline's listing reports it
         if not remote:
@@ -499,17 +503,6 @@ def _list_here(plan: ExportPlan, options):
         return None
     counts, files = listed
     return {counters.FILES_LISTED: counts[counters.FILES_LISTED]}, files
-
-
-class _ArchiveListed(Exception):
-    """An archive is among the inputs: whether it changed is the pipeline's to find out."""
-
-
-def _no_archives(files):
-    for input_file in files:
-        if is_archive(input_file.path):
-            raise _ArchiveListed
-        yield input_file
 
 
 def _usage(check, *args):
@@ -808,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _error(f"unexpected {type(error).__name__}; run again with --debug to see the traceback")
         return 1
+    finally:
+        early.discard()  # the run ended (or never started) without them
     return 0
 
 

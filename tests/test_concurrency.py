@@ -13,13 +13,14 @@ import threading
 
 import duckdb
 import pytest
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.destinations.duckdb import DuckDBTable
 from pipeline.graph import ExportPlan
 from pipeline.main import _one_beam_process, run
 from tests.builders import instance, to_bytes
 from transforms.flatten import LIST, READ, Outcome, read_input
-from transforms.match import FileSystems, iter_files, units_may_overlap
+from transforms.listing import iter_files, units_may_overlap
 from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener, storage_client
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
@@ -200,7 +201,7 @@ def test_a_failing_remote_listing_fails_the_run(gcs_bucket, proxy):
 def test_the_launcher_lists_remote_units_several_at_once_in_order(gcs_bucket, proxy):
     """The launcher's listing (a local --incremental run compares it with the files table
     before any pipeline) overlaps units as ListFiles does, and keeps the units' order."""
-    from transforms.match import iter_units
+    from transforms.listing import iter_units
 
     _client, bucket = gcs_bucket
     names = [name for study in range(12) for name in _upload(bucket, f"studies/{study:02d}", 2)]

@@ -23,7 +23,7 @@ from schemas.convert import MAX_VALUE_BYTES
 from tests.builders import DeflatedExplicitVRLittleEndian, flatten_bytes, instance, to_bytes
 from transforms import limits
 from transforms.header import read_header
-from transforms.match import match_files, shard_listing_units
+from transforms.listing import match_files, shard_listing_units
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "dicom"

@@ -19,7 +19,7 @@ from pipeline.destinations.base import RunContext
 from pipeline.destinations.bigquery import BigQueryTable
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline.options import DICOMWEB_MODES, INPUT_LAYOUTS, ExportOptions
-from transforms.match import match_files, shard_listing_units
+from transforms.listing import match_files, shard_listing_units
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLEX = REPO / "templates" / "flex"

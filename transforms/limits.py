@@ -7,7 +7,7 @@ header among pydicom's test files and the samples is under 1 MiB; enhanced multi
 headers with thousands of functional groups reach a few MiB).
 
 Pure Python, no Beam: :mod:`transforms.header` applies the reading limits, listing
-(:mod:`transforms.match`) and opening apply the file-type checks. The limit on one
+(:mod:`transforms.listing`) and opening apply the file-type checks. The limit on one
 value (what a BigQuery row can hold) is a rule of the row: ``schemas.convert.MAX_VALUE_BYTES``.
 """
 

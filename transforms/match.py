@@ -1,331 +1,28 @@
-"""From ``--input`` patterns and filter lines to the files to read (SPEC §1).
+"""The pipeline's listing: ``--input`` patterns and filter lines → the files to read (SPEC §1).
 
 Listing is done inside the pipeline, one *listing unit* (a file pattern) per element,
 so that a large input is listed by many workers at once rather than by the launcher
-(Beam does not parallelise one pattern's listing, apache/beam#20557). The units come
-from :func:`listing_units`, or from the filter file when the input is laid out by UID.
-
-Local inputs are listed by walking the folders here (not Beam's listing, which neither
-follows folder links nor reports what it cannot read): symbolic links are followed
-once, a folder reached twice (a link, a link loop) is walked once, and what must not be
-opened — a FIFO, a device, a socket, a dangling link, a link loop — is listed with an
-``error``, which the read step turns into a dead letter without opening it.
+(Beam does not parallelise one pattern's listing, apache/beam#20557). What a unit
+matches, and how an input is split into units, is :mod:`transforms.listing` (which the
+launcher also uses, before Beam is imported); the units come from its
+:func:`~transforms.listing.listing_units`, or from the filter file when the input is
+laid out by UID.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import glob
-import os
 import queue
-import re
-import stat
-import threading
 from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import FileSystem
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.counters import NAMESPACE
 from transforms.filter_file import FilterFile, uid_layout_patterns
-from transforms.limits import input_type_error
-from transforms.storage import InputFile, storage_client
-
-_GLOB_CHARS = set("*?[")
-
-
-def _has_glob(pattern: str) -> bool:
-    return any(c in _GLOB_CHARS for c in pattern)
-
-
-def _is_remote(pattern: str) -> bool:
-    return "://" in pattern
-
-
-def listing_units(pattern: str) -> list[str]:
-    """The file patterns that list what one ``--input`` value means.
-
-    A folder (local ``dir`` or ``dir/``, ``gs://bucket/prefix/``) means every file
-    below it, at any depth and with any name. A Cloud Storage path without a glob may
-    be an object or a prefix, so both are listed. Globs are Beam's (``**`` recurses).
-    """
-    if _is_remote(pattern):
-        if pattern.endswith("/"):
-            return [pattern + "**"]
-        if not _has_glob(pattern):
-            return [pattern, pattern + "/**"]
-        return [pattern]
-    if os.path.isdir(pattern):
-        return [os.path.join(glob.escape(pattern), "**")]
-    return [pattern]
-
-
-def input_root(pattern: str) -> str | None:
-    """The folder a pattern stands for (``root``, ``root/``, ``root/**``), else None."""
-    if pattern.endswith("/**"):
-        root = pattern[:-3]
-    elif pattern.endswith("/"):
-        root = pattern.rstrip("/")
-    elif not _has_glob(pattern) and (_is_remote(pattern) or os.path.isdir(pattern)):
-        root = pattern
-    else:
-        return None
-    return None if _has_glob(root) else root
-
-
-#: Sharding stops once a pattern has been split into this many listing units.
-SHARD_TARGET = 64
-#: …or after this many folder levels.
-SHARD_MAX_DEPTH = 3
-
-
-def shard_listing_units(units: Iterable[str], pipeline_options=None) -> list[str]:
-    """Split each folder unit (``ROOT/**``) into one unit per sub-folder, so many workers
-    list at once: ``ROOT/*`` (its own files) plus ``ROOT/SUB/**`` for each sub-folder,
-    going deeper while there are few sub-folders (``ROOT/studies/**`` → one unit per
-    study). Costs one delimiter listing per folder split, never a listing of objects.
-    The shards match exactly the files the unit matched.
-    """
-    sharded: list[str] = []
-    for unit in units:
-        if not unit.endswith("/**") or _has_glob(unit[:-3]):
-            sharded.append(unit)
-            continue
-        root = unit[:-3]
-        level = [root]
-        done: list[str] = []
-        seen = {_identity(root)}  # local folders, by (device, inode): a link loop is split once
-        for _ in range(SHARD_MAX_DEPTH):
-            if len(level) + len(done) >= SHARD_TARGET:
-                break
-            next_level = []
-            for folder, subs in zip(level, _sub_folders_of(level, pipeline_options)):
-                done.append(_pattern(root, folder) + "/*")
-                for sub in subs:
-                    identity = _identity(sub)
-                    if identity is None or identity not in seen:
-                        seen.add(identity)
-                        next_level.append(sub)
-            level = next_level
-        sharded += done + [_pattern(root, folder) + "/**" for folder in level]
-    return sharded
-
-
-def _pattern(root: str, folder: str) -> str:
-    """``folder`` (a real folder below the unit's ``root``) as a pattern matching only
-    itself: the names found below the root are escaped (``[``, ``*``, ``?``)."""
-    return root + glob.escape(folder[len(root):])
-
-
-def _sub_folders_of(folders: list[str], pipeline_options=None) -> list[list[str]]:
-    """:func:`_sub_folders` of each folder; Cloud Storage prefixes LISTING_CONCURRENCY at a
-    time (each is a request that mostly waits)."""
-    if len(folders) < 2 or not any(folder.startswith("gs://") for folder in folders):
-        return [_sub_folders(folder, pipeline_options) for folder in folders]
-    with concurrent.futures.ThreadPoolExecutor(LISTING_CONCURRENCY, thread_name_prefix="shard") as pool:
-        return list(pool.map(lambda folder: _sub_folders(folder, pipeline_options), folders))
-
-
-def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
-    """The immediate sub-folders of a local folder or Cloud Storage prefix."""
-    if folder.startswith("gs://"):
-        bucket, _, prefix = folder[len("gs://"):].partition("/")
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        client = storage_client(pipeline_options)
-        blobs = client.list_blobs(bucket, prefix=prefix, delimiter="/")
-        for _page in blobs.pages:
-            pass
-        return sorted(f"gs://{bucket}/{sub.rstrip('/')}" for sub in blobs.prefixes)
-    if _is_remote(folder):
-        return []
-    try:  # a folder's type comes with its entry: no stat of each file (links are followed)
-        with os.scandir(folder or ".") as scan:
-            entries = list(scan)
-    except OSError:
-        return []
-    return sorted(os.path.join(folder, entry.name) if folder else entry.name
-                  for entry in entries if _is_folder(entry))
-
-
-def _is_folder(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # a link loop, a link to an unreadable place: not a folder to list
-        return False
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    """A local folder's ``(device, inode)``; None for a remote one."""
-    if _is_remote(path):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _entries(folder: str) -> Iterator[tuple[str, os.stat_result | None]]:
-    """``(path, stat after following links)`` of a local folder's entries, in name order;
-    ``stat`` is None for a link that cannot be followed. Never raises."""
-    try:
-        with os.scandir(folder or ".") as scan:
-            entries = sorted(scan, key=lambda entry: entry.name)
-    except OSError:
-        return
-    for entry in entries:
-        path = os.path.join(folder, entry.name) if folder else entry.name
-        try:
-            yield path, entry.stat(follow_symlinks=True)
-        except OSError:
-            yield path, None
-
-
-def _walk(root: str, max_depth: int | None = None) -> Iterator[tuple[str, os.stat_result | None]]:
-    """Every non-folder below a local folder (at most ``max_depth`` levels down), following
-    folder links: each folder is walked once (by device and inode), so a link loop ends
-    and a folder reached by two paths is listed once."""
-    try:
-        st = os.stat(root or ".")
-    except OSError:
-        return
-    visited = {(st.st_dev, st.st_ino)}
-    stack = [(root, 1)]
-    while stack:
-        folder, depth = stack.pop()
-        subfolders = []
-        for path, st in _entries(folder):
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                if (max_depth is None or depth < max_depth) and (st.st_dev, st.st_ino) not in visited:
-                    visited.add((st.st_dev, st.st_ino))
-                    subfolders.append((path, depth + 1))
-            else:
-                yield path, st
-        stack.extend(reversed(subfolders))
-
-
-def _local_input(path: str, st: os.stat_result | None) -> InputFile | None:
-    """A listed local path as an input: a regular file, or one to dead-letter unopened
-    (None for a path gone since it was listed)."""
-    if st is not None and stat.S_ISREG(st.st_mode):
-        return InputFile(path, st.st_size, version=local_version(st))
-    error = input_type_error(path, st)
-    if error is None:
-        return None
-    return InputFile(path, 0, (type(error).__name__, str(error)))
-
-
-def local_version(st: os.stat_result) -> str:
-    """A local file's version: ``MTIME_NS:SIZE`` (rewriting a file changes one or both)."""
-    return f"{st.st_mtime_ns}:{st.st_size}"
-
-
-def _match_local(pattern: str) -> Iterator[InputFile]:
-    """Local files matching a pattern with Beam's glob rules (``**`` any depth, ``*`` and
-    ``?`` within a name, ``[...]``), listed by :func:`_walk`."""
-    if pattern.endswith("/"):
-        pattern += "*"
-    prefix = re.match(r"^[^[*?]*", pattern).group(0)
-    if prefix == pattern:
-        try:
-            os.lstat(pattern)
-        except OSError:
-            return  # an absent path matches nothing
-        try:
-            st = os.stat(pattern)
-        except OSError:
-            st = None
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            found = _local_input(pattern, st)
-            if found is not None:
-                yield found
-        return
-    matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    root = os.path.dirname(prefix)
-    depth = None if "**" in pattern else pattern.count("/") - root.count("/") + (not root)
-    for path, st in _walk(root, depth):
-        if matches(path):
-            found = _local_input(path, st)
-            if found is not None:
-                yield found
-
-
-def _match_gcs(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
-    """Objects matching a ``gs://`` pattern (Beam's glob rules), as the listing's pages
-    arrive: one request per 1,000 objects below the pattern's literal prefix through the
-    process's shared client (:func:`transforms.storage.storage_client`), or one metadata
-    request for a pattern without a glob. No object is fetched."""
-    bucket, _, name = pattern[len("gs://"):].partition("/")
-    client = storage_client(pipeline_options)
-    if not _has_glob(name):
-        blob = client.bucket(bucket).get_blob(name) if name else None
-        if blob is not None and not name.endswith("/"):
-            yield InputFile(pattern, blob.size or 0, version=str(blob.generation))
-        return
-    prefix = re.match(r"^[^[*?]*", name).group(0)
-    matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    # size and generation (the files table's version) come with each listing page
-    for blob in client.list_blobs(bucket, prefix=prefix, fields="items(name,size,generation),nextPageToken"):
-        path = f"gs://{bucket}/{blob.name}"
-        if not blob.name.endswith("/") and matches(path):  # "folder/" placeholders are no files
-            yield InputFile(path, blob.size or 0, version=str(blob.generation))
-
-
-def iter_files(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
-    """Files matching one pattern (folders excluded), as listing finds them; an absent
-    path matches nothing."""
-    if not _is_remote(pattern):
-        return _match_local(pattern)
-    if pattern.startswith("gs://"):
-        return _match_gcs(pattern, pipeline_options)
-    return iter(match_files(pattern))
-
-
-def iter_units(units: Iterable[str], pipeline_options=None) -> Iterator[InputFile]:
-    """The files of several listing units, unit by unit in the order given; remote units
-    are listed LISTING_CONCURRENCY at a time on threads (each is a chain of requests that
-    mostly waits), as :class:`ListFiles` lists them in the pipeline. Closing the iterator
-    early cancels the units not yet started and stops the others at their next page,
-    without waiting for them."""
-    units = list(units)
-    if len(units) < 2 or not any(_is_remote(unit) for unit in units):
-        for unit in units:
-            yield from iter_files(unit, pipeline_options)
-        return
-    stop = threading.Event()
-
-    def list_unit(unit: str) -> list[InputFile]:
-        files = []
-        for input_file in iter_files(unit, pipeline_options):
-            if stop.is_set():
-                break
-            files.append(input_file)
-        return files
-
-    pool = concurrent.futures.ThreadPoolExecutor(LISTING_CONCURRENCY, thread_name_prefix="list")
-    try:
-        for files in pool.map(list_unit, units):
-            yield from files
-    finally:
-        stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def match_files(pattern: str) -> list[InputFile]:
-    """Files matching one pattern (folders excluded); an absent path matches nothing."""
-    if not _is_remote(pattern) or pattern.startswith("gs://"):
-        return list(iter_files(pattern))
-    result = FileSystems.match([pattern])[0]
-    files = []
-    for metadata in result.metadata_list:
-        path = metadata.path
-        if path.endswith("/"):
-            continue  # a "folder" placeholder object
-        files.append(InputFile(path, metadata.size_in_bytes))
-    return files
+from transforms.listing import LISTING_CONCURRENCY, file_identity, first_path, iter_files, match_files
+from transforms.storage import InputFile, is_remote
 
 
 def looks_laid_out_by_uid(roots: Iterable[str], filter_file: FilterFile, probe_lines: int = 10) -> bool:
@@ -346,42 +43,6 @@ def uid_listing_units(roots: Iterable[str], filter_file: FilterFile) -> Iterator
     for root in roots:
         for line in filter_file.lines:
             yield from uid_layout_patterns(root, line)
-
-
-def _literal_prefix(pattern: str) -> str:
-    return re.match(r"^[^[*?]*", pattern).group(0)
-
-
-def units_may_overlap(units: Iterable[str]) -> bool:
-    """False only if no file can match two of the listing units, which is then known
-    from the patterns alone: Cloud Storage units (no links there) that are one object,
-    a folder's own files (``P/*``) or a prefix none of the others starts in. Local units
-    may always overlap (a folder link leads into another unit), and their
-    deduplication is also what spreads a single folder's files over the workers."""
-    units = list(units)
-    if len(units) > 256 or any(not unit.startswith("gs://") for unit in units):
-        return True
-    for index, a in enumerate(units):
-        for b in units[index + 1:]:
-            if _may_share_a_file(a, b) and _may_share_a_file(b, a):
-                return True
-    return False
-
-
-def _may_share_a_file(a: str, b: str) -> bool:
-    """Whether a file matching ``a`` may also match ``b`` (conservative: True if unsure)."""
-    if not _has_glob(a):
-        return bool(re.match(FileSystem.translate_pattern(b), a))
-    prefix_a, prefix_b = _literal_prefix(a), _literal_prefix(b)
-    if a == prefix_a + "*" and prefix_a.endswith("/"):  # the files directly in one folder
-        rest = prefix_b[len(prefix_a):] if prefix_b.startswith(prefix_a) else None
-        if rest is not None and "/" in rest:
-            return False
-    return prefix_a.startswith(prefix_b) or prefix_b.startswith(prefix_a)
-
-
-#: Remote listing units listed at once by one worker (each is a chain of page requests).
-LISTING_CONCURRENCY = 8
 
 
 class ListFiles(beam.DoFn):
@@ -412,7 +73,7 @@ class ListFiles(beam.DoFn):
         self._in_flight = 0
 
     def process(self, pattern: str):
-        if not _is_remote(pattern):
+        if not is_remote(pattern):
             yield from self._emit(iter_files(pattern, self._options))
             return
         if self._pool is None:
@@ -499,24 +160,6 @@ class MatchInputs(beam.PTransform):
                 | "AsInputFile" >> beam.Values()
             )
         return files | "CountDistinct" >> beam.ParDo(CountMatched())
-
-
-def file_identity(input_file: InputFile) -> str:
-    """What makes two listed paths the same file: for a local file its device and inode
-    (a file reached through a link, or twice through a folder link, is read once), else
-    its path (overlapping patterns)."""
-    if input_file.error is None and not _is_remote(input_file.path):
-        try:
-            st = os.stat(input_file.path)
-            return f"inode:{st.st_dev}:{st.st_ino}"
-        except OSError:
-            pass
-    return input_file.path
-
-
-def first_path(files: Iterable[InputFile]) -> InputFile:
-    """Of the paths of one file, the first in path order (deterministic)."""
-    return min(files, key=lambda f: (f.path, -f.size))
 
 
 class CountMatched(beam.DoFn):

@@ -195,19 +195,20 @@ class ReadProcesses:
     pipeline meanwhile)."""
 
     def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str = PICKLE,
-                 client: ClientSettings | None = None):
+                 client: ClientSettings | None = None, stderr_hidden: bool | None = None):
         start_fork_server(cloud_storage=client is not None)
         self.filter_file = filter_file
         self.row_form = row_form
         self.client = client
-        self.settings = _settings(processes, opener, row_form, client is not None)
+        self.settings = read_settings(processes, opener, row_form, client is not None)
         self._opener = opener
         self._ahead: dict[tuple, concurrent.futures.Future] = {}  # chunk -> its outcomes, read ahead
         self._executor = concurrent.futures.ProcessPoolExecutor(
             processes,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_start_worker,
-            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form, _stderr_hidden(), client),
+            initargs=(opener.expand_archives, opener.nested_archives, filter_file, row_form,
+                      _stderr_hidden() if stderr_hidden is None else stderr_hidden, client),
         )
         _running.add(self)
 
@@ -297,14 +298,14 @@ def take(processes: int, opener: Opener, filter_file: FilterFile | None, row_for
     Storage objects) and the same filter file, now the caller's; None if there are none
     (the caller starts its own)."""
     for offered in _offered:
-        if (offered.settings == _settings(processes, opener, row_form, cloud_storage)
+        if (offered.settings == read_settings(processes, opener, row_form, cloud_storage)
                 and same_filter(offered.filter_file, filter_file)):
             _offered.remove(offered)
             return offered
     return None
 
 
-def _settings(processes: int, opener: Opener, row_form: str, cloud_storage: bool) -> tuple:
+def read_settings(processes: int, opener: Opener, row_form: str, cloud_storage: bool) -> tuple:
     """What read processes must share to be taken for another's (besides the filter file)."""
     return (processes, opener.expand_archives, opener.nested_archives, row_form, cloud_storage)
 

@@ -53,12 +53,11 @@ from apache_beam.metrics import Metrics
 
 from transforms.header import InstanceError, InstanceHeader, describe_error, read_header
 
+from transforms.listing import archive_kind, is_archive
 from transforms.storage import READ_BUFFER_BYTES, InputFile
 
 NAMESPACE = "dicom_bq_export"
 
-#: Archive kinds by name suffix (case-insensitive); longest suffix first.
-_KINDS = ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip"))
 #: Separates an archive's path from a member's path in an input's name.
 MEMBER_SEPARATOR = "#"
 _MEMBER_PATH = re.compile(r"^(.*?\.(?:tar\.gz|tgz|tar|zip))#(.+)$", re.IGNORECASE | re.DOTALL)
@@ -139,20 +138,6 @@ class MemberHeaderTooLargeError(ArchiveError):
 
 
 # -- names ------------------------------------------------------------------------------------
-
-
-def archive_kind(path: str) -> str | None:
-    """``"zip"``, ``"tar"`` or ``"tar.gz"`` for a name with an archive suffix, else None."""
-    lowered = path.lower()
-    for suffix, kind in _KINDS:
-        if lowered.endswith(suffix):
-            return kind
-    return None
-
-
-def is_archive(path: str) -> bool:
-    """True for names ending in .zip, .tar, .tar.gz or .tgz (any case)."""
-    return archive_kind(path) is not None
 
 
 def member_input_path(archive_path: str, member: str) -> str:

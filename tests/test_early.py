@@ -1,0 +1,216 @@
+"""Reading while Beam is imported (pipeline.early, pipeline.cli).
+
+Real files (pydicom's bundled test files, twice over: more than the read processes'
+minimum), real read processes, the real Beam runner and real DuckDB files. A run whose
+first files were read before Beam was imported must be exactly the run without that;
+where the guess was wrong, the processes it started are ended and the run reads for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+import pipeline.early as early
+import pipeline.main
+import transforms.read
+from tests.conftest import bundled_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """pydicom's bundled files twice (in two sub-folders: the input is split into listing
+    units), a file that is not DICOM: more files than READ_PROCESSES_MIN_FILES."""
+    folder = tmp_path / "input"
+    for copy in ("a", "b"):
+        (folder / copy).mkdir(parents=True)
+        for index, path in enumerate(bundled_files()):
+            shutil.copyfile(path, folder / copy / f"{index:04d}_{os.path.basename(path)}")
+    (folder / "notes.txt").write_text("not DICOM\n")
+    assert len(bundled_files()) * 2 >= early.READ_PROCESSES_MIN_FILES
+    return folder
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """One read process per core, two cores, whatever the machine."""
+    monkeypatch.setattr(early, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+
+
+@pytest.fixture
+def claims(monkeypatch):
+    """What each early.claim returned (True: the run took the processes started early)."""
+    taken = []
+    claim = early.claim
+    monkeypatch.setattr(early, "claim", lambda *a: taken.append(claim(*a)) or taken[-1])
+    return taken
+
+
+def _table(db) -> tuple[list, list]:
+    with duckdb.connect(str(db)) as con:
+        rows = sorted(json.dumps(row, sort_keys=True, default=str) for row in
+                      [dict(zip([c[0] for c in con.description], r)) for r in con.execute("SELECT * FROM t").fetchall()])
+        errors = sorted(con.execute("SELECT path, stage, error_type, message FROM t_errors").fetchall())
+    return rows, errors
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):  # (gone while read)
+        return False
+
+
+def _all_ended(pids: list[int], seconds: float = 10) -> bool:
+    """True once none of the processes runs (a killed one may take a moment to go)."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _started_pids() -> list[int]:
+    """The processes early.start started (after its listing thread is done)."""
+    early._thread.join()
+    assert early._started is not None
+    pool = early._started.processes
+    for future in list(pool._ahead.values())[:1]:
+        future.result(timeout=60)  # the processes are up and reading
+    return [process.pid for process in pool._executor._processes.values()]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--input", "F"], (("F",), "json", True)),
+    (["export", "--input", "F", "G", "--bq-table", "duckdb://x.duckdb#t"], (("F", "G"), "json", True)),
+    (["--input=F", "--bq_table=parquet://out", "--debug"], (("F",), "pickle", False)),
+    (["--input", "F", "--overwrite-table", "--write_disposition", "WRITE_APPEND", "--summary-json", "s.json",
+      "--progress-seconds=0", "--max-failures", "3", "--log-level", "INFO"], (("F",), "json", True)),
+    (["--input", "F", "--overwrite-table", "true", "--input", "G"], (("F", "G"), "json", True)),
+    (["--input", "F", "--bq-table", "bq://p.d.t"], None),  # not a local destination
+    (["--input", "F", "--bq-table"], None),
+    (["--input", "F", "--runner", "DataflowRunner"], None),  # anything else decides for itself
+    (["--input", "F", "--filter-config-gcs-uri", "f.txt"], None),
+    (["--input", "F", "--incremental"], None),
+    (["--input", "F", "--no-archives"], None),
+    (["--input", "F", "--direct_num_workers=2"], None),
+    (["--input", "F", "stray"], None),
+    (["--input", "--bq-table", "duckdb://x.duckdb#t"], None),  # no input value
+    (["--input", "F/*.dcm"], None),  # a glob: Beam's glob rules
+    (["--input", "gs://bucket/x/"], None),
+    (["--input", "no/such/folder"], None),  # the run reports it
+    (["--help"], None),
+    ([], None),
+])
+def test_which_command_lines_are_read_early(tmp_path, monkeypatch, argv, expected):
+    for name in ("F", "G"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    guess = early.recognise(argv)
+    assert (None if guess is None else tuple(guess)) == expected
+
+
+def test_the_command_reads_before_beam_is_imported_and_the_run_takes_those_reads(folder, tmp_path):
+    """pipeline.cli.main in a fresh process: the listing thread starts before Beam is
+    imported, the run claims its processes, and the table is the table of a run that
+    read everything itself."""
+    db = tmp_path / "early.duckdb"
+    script = (
+        "import json, sys\n"
+        "import pipeline.early as early\n"
+        "seen = {}\n"
+        "start, claim = early.start, early.claim\n"
+        "def started(argv):\n"
+        "    seen['beam imported at start'] = 'apache_beam' in sys.modules\n"
+        "    return start(argv)\n"
+        "def claimed(*args):\n"
+        "    taken = claim(*args)\n"
+        "    seen['claimed'] = taken is not None\n"
+        "    return taken\n"
+        "early.start, early.claim = started, claimed\n"
+        "from pipeline import cli\n"
+        f"code = cli.main(['--input', {str(folder)!r}, '--bq-table', 'duckdb://{db}#t'])\n"
+        "print(json.dumps({'code': code, **seen}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "Traceback" not in done.stderr, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    can_start = transforms.read.usable_cores() > 1 and transforms.read.processes_available()
+    expected = {"code": 0, "beam imported at start": False, "claimed": True} if can_start else {"code": 0}
+    assert result == expected
+    summary = pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'late.duckdb'}#t"])
+    assert summary["succeeded"] > 300 and summary["failed"] > 0
+    assert _table(db) == _table(tmp_path / "late.duckdb")
+
+
+def test_a_wrong_guess_is_ended_and_the_run_reads_for_itself(folder, tmp_path, two_cores, claims):
+    """Started for DuckDB (rows as JSON), run into Parquet (rows pickled): the run does
+    not take them, ends them, and exports every file."""
+    assert early.start(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'x.duckdb'}#t"])
+    pids = _started_pids()
+    assert pids and all(_alive(pid) for pid in pids)
+    code = pipeline.main.main(["--input", str(folder), "--bq-table", f"parquet://{tmp_path / 'out'}"])
+    assert code == 0 and claims == [None]
+    assert _all_ended(pids)
+    assert early._started is None and not transforms.read._running
+    with duckdb.connect() as con:
+        parquet = con.execute(f"SELECT count(*) FROM '{tmp_path / 'out'}/**/*.parquet'").fetchone()[0]
+    summary = pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'y.duckdb'}#t"])
+    assert parquet == summary["succeeded"] > 300
+
+
+def test_files_that_changed_since_the_early_listing_are_read_as_the_run_lists_them(folder, tmp_path, two_cores,
+                                                                                   claims):
+    """A file added after the early listing: the run's listing differs, so it reads
+    everything itself, the new file included."""
+    db = tmp_path / "t.duckdb"
+    argv = ["--input", str(folder), "--bq-table", f"duckdb://{db}#t"]
+    assert early.start(argv)
+    pids = _started_pids()
+    shutil.copyfile(bundled_files()[0], folder / "b" / "added.dcm")
+    summary = tmp_path / "summary.json"
+    assert pipeline.main.main([*argv, "--summary-json", str(summary)]) == 0 and claims == [None]
+    assert _all_ended(pids)
+    files = sum(len(names) for _root, _dirs, names in os.walk(folder))
+    assert json.loads(summary.read_text())["files_matched"] == files
+
+
+def test_a_run_that_fails_before_reading_ends_what_was_started_early(folder, tmp_path, two_cores, claims, capsys):
+    db = tmp_path / "t.duckdb"
+    argv = ["--input", str(folder), "--bq-table", f"duckdb://{db}#t"]
+    assert pipeline.main.main(argv) == 0
+    assert early.start(argv)
+    pids = _started_pids()
+    assert pipeline.main.main(argv) == 1  # the table exists (and no --write-disposition)
+    assert "already exists" in capsys.readouterr().err
+    assert claims == [None] and early._started is None  # (the first run's: nothing was started for it)
+    assert _all_ended(pids)
+
+
+def test_the_run_takes_the_early_reads_when_the_guess_is_right(folder, tmp_path, two_cores, claims):
+    """In this process (Beam already imported): the same settings and listing, the
+    processes are taken, every chunk read early is used, and the rows are those of a
+    run that read everything itself."""
+    argv = ["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'early.duckdb'}#t"]
+    assert early.start(argv)
+    pool = early._started.processes if _started_pids() else None
+    left = []
+    shutdown = pool.shutdown
+    pool.shutdown = lambda: left.append(pool.unclaimed()) or shutdown()
+    assert pipeline.main.main(argv) == 0
+    assert claims == [pool] and left and set(left) == {0}
+    assert not transforms.read._running and not transforms.read._offered
+    pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'late.duckdb'}#t"])
+    assert _table(tmp_path / "early.duckdb") == _table(tmp_path / "late.duckdb")
