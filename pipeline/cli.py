@@ -9,6 +9,7 @@ run's first files (:mod:`pipeline.early`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -44,11 +45,33 @@ def _start_read_server(argv: list[str]) -> bool:
         from transforms.read import processes_available, start_fork_server, usable_cores
 
         if usable_cores() > 1 and processes_available():
-            start_fork_server(cloud_storage=any("gs://" in arg for arg in argv))
+            with _descriptor_2_hidden("--debug" not in argv):
+                start_fork_server(cloud_storage=any("gs://" in arg for arg in argv))
             return True
     except Exception:  # noqa: BLE001 — the run starts it again, or reads in one process, and says so
         pass
     return False
+
+
+@contextlib.contextmanager
+def _descriptor_2_hidden(hidden: bool):
+    """Descriptor 2 to /dev/null while the fork server and multiprocessing's resource
+    tracker start, which keep it (unless ``--debug``, as for Beam's workers and the read
+    processes, ``pipeline.main.workers_output_hidden``): the tracker would otherwise tell the
+    terminal about the read processes' semaphores when Ctrl-C ends the command at once."""
+    if not hidden:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _start_early_reads(argv: list[str]) -> None:
