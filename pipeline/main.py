@@ -68,9 +68,9 @@ from transforms.read import (
 )
 from transforms.storage import Opener, client_settings
 from transforms.listing import (
+    ArchiveListed,
     file_identity,
     input_root,
-    ArchiveListed,
     iter_units,
     listing_units,
     no_archives,
@@ -102,7 +102,6 @@ def _runner_name(options: PipelineOptions) -> str:
 #: more CPU than one (each imports Beam; elements cross processes encoded) and about
 #: 2.5 s more wall time on three files.
 MULTI_PROCESS_MIN_FILES = 3000
-
 
 
 def _local_defaults(options: PipelineOptions, plan: ExportPlan) -> bool:
@@ -442,7 +441,6 @@ def _finish_summary(export, destination, disposition, plan, filter_file, started
 #: listing pages): for more, the pipeline's own listing, which reads as it lists, is not
 #: held up by a listing the launcher would throw away.
 MOST_HANDED_OBJECTS = 2_000
-
 
 
 def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext, options):

@@ -8,6 +8,7 @@ where the guess was wrong, the processes it started are ended and the run reads 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -214,3 +215,27 @@ def test_the_run_takes_the_early_reads_when_the_guess_is_right(folder, tmp_path,
     assert not transforms.read._running and not transforms.read._offered
     pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'late.duckdb'}#t"])
     assert _table(tmp_path / "early.duckdb") == _table(tmp_path / "late.duckdb")
+
+
+def test_a_folders_own_units_list_every_file_below_it_once(tmp_path):
+    """transforms.listing matches FOLDER/** and FOLDER/* (the units a folder input is split
+    into) without Beam's glob rules, for folder names that are glob characters
+    themselves too: every file once, a name with a backslash included (Beam's ``*``
+    matches no backslash: such a file directly in a split folder was listed by no unit)."""
+    from transforms.listing import iter_files, listing_units, shard_listing_units
+
+    root = tmp_path / "in"
+    for folder in ("", "a[1]*", "a[1]*/b[2]", "c?", "c?/d/e"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in ("x.dcm", "back\\slash", "[y]"):
+            (root / folder / name).write_bytes(b"")
+    every = sorted(os.path.join(folder, name) for folder, _dirs, names in os.walk(root) for name in names)
+    assert len(every) == 15
+    units = shard_listing_units(listing_units(str(root)))
+    assert len(units) > 3 and all(unit.endswith(("/*", "/**")) for unit in units)
+    listed = [f.path for unit in units for f in iter_files(unit)]
+    assert sorted(listed) == every  # each file in exactly one unit
+    named = listing_units(str(root / "a[1]*"))  # a folder named with glob characters: one unit
+    assert sorted(f.path for f in iter_files(named[0])) == [p for p in every if "/a[1]*/" in p]
+    assert sorted(f.path for f in iter_files(glob.escape(str(root / "c?")) + "/*")) == [
+        str(root / "c?" / name) for name in sorted(("x.dcm", "back\\slash", "[y]"))]

@@ -460,8 +460,9 @@ def _literal_folder(pattern: str) -> tuple[str, bool] | None:
     """``(folder, recursive)`` for a folder's own unit, ``FOLDER/**`` (every file below
     it) or ``FOLDER/*`` (its own files), whose folder is literal or ``glob.escape``-d
     (as :func:`listing_units` and :func:`shard_listing_units` make them); else None.
-    Such a unit matches, by Beam's rules, every path below the folder, or each of the
-    folder's own entries whose name holds no backslash."""
+    Such a unit matches every path below the folder, or each of the folder's own
+    entries. (By Beam's rules ``*`` matches no backslash, a Windows separator: a file
+    named ``a\\b`` directly in a folder split into units would be listed by none.)"""
     for suffix, recursive in (("/**", True), ("/*", False)):
         if pattern.endswith(suffix):
             head = pattern[: -len(suffix)]
@@ -474,5 +475,5 @@ def _literal_folder(pattern: str) -> tuple[str, bool] | None:
 
 def _matched_name(name: str, recursive: bool) -> bool:
     """Whether a path below a :func:`_literal_folder` (``name``: the part after the
-    folder and its slash) matches the unit: any, or one without a backslash."""
-    return recursive or not ("/" in name or "\\" in name)
+    folder and its slash) matches the unit: any, or one of the folder's own."""
+    return recursive or "/" not in name

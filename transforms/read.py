@@ -192,7 +192,10 @@ class ReadProcesses:
     :data:`REMOTE_CHUNK_FILES` at a time on each process's threads and its own client:
     the launcher then only hands out names and takes rows, and neither the requests
     nor the parsing wait for its interpreter (which is building and running Beam's
-    pipeline meanwhile)."""
+    pipeline meanwhile).
+
+    The processes' descriptor 2 goes to /dev/null if ``stderr_hidden`` (by default: if
+    this process's is, :func:`pipeline.main.workers_output_hidden`)."""
 
     def __init__(self, processes: int, opener: Opener, filter_file: FilterFile | None, row_form: str = PICKLE,
                  client: ClientSettings | None = None, stderr_hidden: bool | None = None):
