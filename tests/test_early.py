@@ -24,6 +24,8 @@ import pipeline.main
 import transforms.read
 from tests.conftest import bundled_files
 
+COUNTS = ("files_matched", "succeeded", "failed", "failures_by_type", "dropped_tags", "dropped_by_rule",
+          "dropped_not_fit", "moved_to_other_elements", "charset_fallbacks", "undecodable_values", "bytes_read")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,6 +41,13 @@ def folder(tmp_path):
     (folder / "notes.txt").write_text("not DICOM\n")
     assert len(bundled_files()) * 2 >= early.READ_PROCESSES_MIN_FILES
     return folder
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_started():
+    """No test leaves read processes started early for the next one to claim."""
+    yield
+    early.discard()
 
 
 @pytest.fixture
@@ -210,10 +219,12 @@ def test_the_run_takes_the_early_reads_when_the_guess_is_right(folder, tmp_path,
     left = []
     shutdown = pool.shutdown
     pool.shutdown = lambda: left.append(pool.unclaimed()) or shutdown()
-    assert pipeline.main.main(argv) == 0
+    assert pipeline.main.main([*argv, "--summary-json", str(tmp_path / "early.json")]) == 0
     assert claims == [pool] and left and set(left) == {0}
     assert not transforms.read._running and not transforms.read._offered
-    pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'late.duckdb'}#t"])
+    late = pipeline.main.run(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'late.duckdb'}#t"])
+    counted = json.loads((tmp_path / "early.json").read_text())
+    assert {name: counted[name] for name in COUNTS} == {name: late[name] for name in COUNTS}
     assert _table(tmp_path / "early.duckdb") == _table(tmp_path / "late.duckdb")
 
 
