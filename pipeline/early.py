@@ -5,9 +5,9 @@ the common local run, ``--input`` naming local folders or files (no glob) into a
 DuckDB file or Parquet folder, with no flag that changes what is listed or how it is
 read, :func:`start` lists the input and starts the read processes on its first files
 (``transforms.read.ReadProcesses.read_ahead``) on a thread, before Beam is imported
-(``pipeline.cli``). The run's own listing (``pipeline.main``) then :func:`claim` s them if
-it listed the same files in the same order and wants read processes with the same
-settings; otherwise it ends them (:func:`discard`) and starts its own. Either way the run
+(``pipeline.cli``). The run (``pipeline.main``) lists for itself, then takes them
+(:func:`claim`) if it listed the same files in the same order and wants read processes
+with the same settings; otherwise it ends them (:func:`discard`) and starts its own. Either way the run
 is what it would have been: this module only guesses, with the run's own listing
 functions (:mod:`transforms.listing`, which import no Beam), and reading writes nothing.
 It never reports anything: a command line it does not recognise, or anything that goes
@@ -164,29 +164,34 @@ def claim(processes: int, opener: Opener, row_form: str, files) -> ReadProcesses
     listing, in its order) with these settings (and no filter file, no Cloud Storage);
     they are then the caller's. Otherwise None, and they are ended. Waits for the
     listing thread (a listing and a process start: well under a second)."""
-    global _started
-    if _thread is not None:
-        _thread.join()
-    with _lock:
-        started, _started = _started, None
+    started = _taken()
     if started is None:
         return None
     wanted = read_settings(processes, opener, row_form, cloud_storage=False)
     if started.processes.settings == wanted and started.files == tuple(files):
         return started.processes
-    started.processes.kill()
-    started.processes.shutdown()
+    _end(started)
     return None
 
 
 def discard() -> None:
     """End the read processes :func:`start` started if no run claimed them (a run that
     failed before reading, or one whose listing was not the guess)."""
+    started = _taken()
+    if started is not None:
+        _end(started)
+
+
+def _taken() -> _Started | None:
+    """What the listing thread started (once it is done), no longer this module's."""
     global _started
     if _thread is not None:
         _thread.join()
     with _lock:
         started, _started = _started, None
-    if started is not None:
-        started.processes.kill()
-        started.processes.shutdown()
+    return started
+
+
+def _end(started: _Started) -> None:
+    started.processes.kill()  # now: whatever they are reading is not wanted
+    started.processes.shutdown()
