@@ -99,7 +99,17 @@ def _started_pids() -> list[int]:
     pool = early._started.processes
     for future in list(pool._ahead.values())[:1]:
         future.result(timeout=60)  # the processes are up and reading
+    _started_pids.manager = pool._executor._executor_manager_thread
     return [process.pid for process in pool._executor._processes.values()]
+
+
+def _ended_cleanly(pids: list[int]) -> bool:
+    """The processes are gone and so is their executor's thread, which an interpreter
+    joins when it exits (a process killed while sending its outcomes would leave it
+    waiting forever for the rest of the message: the command would never exit)."""
+    manager = _started_pids.manager
+    manager.join(timeout=30)
+    return _all_ended(pids) and not manager.is_alive()
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -173,7 +183,7 @@ def test_a_wrong_guess_is_ended_and_the_run_reads_for_itself(folder, tmp_path, t
     assert pids and all(_alive(pid) for pid in pids)
     code = pipeline.main.main(["--input", str(folder), "--bq-table", f"parquet://{tmp_path / 'out'}"])
     assert code == 0 and claims == [None]
-    assert _all_ended(pids)
+    assert _ended_cleanly(pids)
     assert early._started is None and not transforms.read._running
     with duckdb.connect() as con:
         parquet = con.execute(f"SELECT count(*) FROM '{tmp_path / 'out'}/**/*.parquet'").fetchone()[0]
@@ -192,7 +202,7 @@ def test_files_that_changed_since_the_early_listing_are_read_as_the_run_lists_th
     shutil.copyfile(bundled_files()[0], folder / "b" / "added.dcm")
     summary = tmp_path / "summary.json"
     assert pipeline.main.main([*argv, "--summary-json", str(summary)]) == 0 and claims == [None]
-    assert _all_ended(pids)
+    assert _ended_cleanly(pids)
     files = sum(len(names) for _root, _dirs, names in os.walk(folder))
     assert json.loads(summary.read_text())["files_matched"] == files
 
@@ -206,7 +216,7 @@ def test_a_run_that_fails_before_reading_ends_what_was_started_early(folder, tmp
     assert pipeline.main.main(argv) == 1  # the table exists (and no --write-disposition)
     assert "already exists" in capsys.readouterr().err
     assert claims == [None] and early._started is None  # (the first run's: nothing was started for it)
-    assert _all_ended(pids)
+    assert _ended_cleanly(pids)
 
 
 def test_the_run_takes_the_early_reads_when_the_guess_is_right(folder, tmp_path, two_cores, claims):

@@ -275,7 +275,10 @@ class ReadProcesses:
     def kill(self) -> None:
         """End the processes now, whatever they are reading (an interrupted run). Safe in
         a signal handler: it takes no lock (the executor's own are not reentrant), so the
-        executor is shut down when the step is torn down, or with this process."""
+        executor is shut down when the step is torn down, or with this process. Only for
+        a process about to leave at once (``os._exit``): one killed while it sends its
+        outcomes leaves half a message in the pipe, and the executor's thread, which an
+        interpreter joins on a normal exit, would wait for the rest forever."""
         try:
             pids = [process.pid for process in (getattr(self._executor, "_processes", None) or {}).values()]
         except RuntimeError:  # the executor's thread changed its table meanwhile
