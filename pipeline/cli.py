@@ -45,7 +45,11 @@ def _start_read_server(argv: list[str]) -> bool:
         from transforms.read import processes_available, start_fork_server, usable_cores
 
         if usable_cores() > 1 and processes_available():
-            with _descriptor_2_hidden("--debug" not in argv):
+            # Its descriptor 2 (and multiprocessing's resource tracker's, which it starts)
+            # is /dev/null unless --debug, as Beam's workers' and the read processes' are
+            # (pipeline.main.workers_output_hidden): the tracker would otherwise tell the
+            # terminal about the read processes' semaphores when Ctrl-C ends the command at once.
+            with descriptor_2_to_devnull() if "--debug" not in argv else contextlib.nullcontext():
                 start_fork_server(cloud_storage=any("gs://" in arg for arg in argv))
             return True
     except Exception:  # noqa: BLE001 — the run starts it again, or reads in one process, and says so
@@ -54,24 +58,19 @@ def _start_read_server(argv: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def _descriptor_2_hidden(hidden: bool):
-    """Descriptor 2 to /dev/null while the fork server and multiprocessing's resource
-    tracker start, which keep it (unless ``--debug``, as for Beam's workers and the read
-    processes, ``pipeline.main.workers_output_hidden``): the tracker would otherwise tell the
-    terminal about the read processes' semaphores when Ctrl-C ends the command at once."""
-    if not hidden:
-        yield
-        return
+def descriptor_2_to_devnull():
+    """Descriptor 2 on /dev/null for the duration (what processes started meanwhile
+    inherit); yields a descriptor of what it was, open until the end."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     try:
-        os.dup2(devnull, 2)
-        yield
+        yield saved
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(devnull)
 
 
 def _start_early_reads(argv: list[str]) -> None:

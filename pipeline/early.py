@@ -20,14 +20,7 @@ import os
 import threading
 from typing import NamedTuple
 
-from transforms.listing import (
-    distinct_files,
-    file_identity,
-    iter_units,
-    listing_units,
-    no_archives,
-    shard_listing_units,
-)
+from transforms.listing import has_glob, input_units, list_plain_files
 from transforms.read import JSON, PICKLE, ReadProcesses, processes_available, read_settings, usable_cores
 from transforms.storage import InputFile, Opener
 
@@ -52,7 +45,6 @@ _NEUTRAL_FLAGS = {
     "log-level": True,
     "debug": False,
 }
-_GLOB_CHARS = set("*?[")
 
 
 class Guess(NamedTuple):
@@ -111,7 +103,7 @@ def recognise(argv: list[str]) -> Guess | None:
         elif takes_value is None and not equals and index < len(argv) and not argv[index].startswith("-"):
             index += 1  # an optional value
         debug = debug or key == "debug"
-    if not inputs or any("://" in value or _GLOB_CHARS & set(value) or not os.path.exists(value) for value in inputs):
+    if not inputs or any("://" in value or has_glob(value) or not os.path.exists(value) for value in inputs):
         return None
     return Guess(tuple(inputs), row_form, not debug)
 
@@ -141,8 +133,7 @@ def start(argv: list[str]) -> bool:
 def _start(guess: Guess) -> None:
     global _started
     try:
-        units = shard_listing_units([unit for value in guess.inputs for unit in listing_units(value)])
-        listed = distinct_files(no_archives(iter_units(units)), file_identity, MOST_HANDED_FILES)
+        listed = list_plain_files(input_units(guess.inputs), MOST_HANDED_FILES)
         if listed is None or len(listed[1]) < READ_PROCESSES_MIN_FILES:
             return
         files = tuple(listed[1])
@@ -155,7 +146,7 @@ def _start(guess: Guess) -> None:
             raise
         with _lock:
             _started = _Started(processes, files)
-    except Exception:  # noqa: BLE001 — an archive among the files (ArchiveListed), anything: the run reads for itself
+    except Exception:  # noqa: BLE001 — whatever it is, the run lists and reads for itself
         return
 
 

@@ -42,6 +42,7 @@ from pipeline.destinations import DestinationError, TooManyFailures, resolve_dis
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline import early, ledger
+from pipeline.cli import descriptor_2_to_devnull
 from pipeline.early import MOST_HANDED_FILES, READ_PROCESSES_MIN_FILES
 from pipeline.ledger import check_incremental_options
 from pipeline.options import (
@@ -71,10 +72,10 @@ from transforms.listing import (
     ArchiveListed,
     file_identity,
     input_root,
+    input_units,
     iter_units,
-    listing_units,
+    list_plain_files,
     no_archives,
-    shard_listing_units,
     units_may_overlap,
 )
 from transforms.match import looks_laid_out_by_uid
@@ -241,19 +242,18 @@ def dicomweb_roots(patterns: list[str]) -> list[str]:
 
 
 def _checked_units(patterns: list[str], pipeline_options) -> tuple[str, ...]:
-    """The listing units of the inputs (sharded: :func:`transforms.listing.shard_listing_units`),
+    """The listing units of the inputs (sharded: :func:`transforms.listing.input_units`),
     once every input is checked to exist (:func:`pipeline.usage.check_inputs_exist`).
     On Cloud Storage both wait on requests: the sharding runs on a thread meanwhile, and
     a failed check is what the user is told."""
-    units = tuple(unit for pattern in patterns for unit in listing_units(pattern))
-    if not any("://" in unit for unit in units):
+    if not any("://" in pattern for pattern in patterns):
         check_inputs_exist(patterns, pipeline_options)
-        return tuple(shard_listing_units(units, pipeline_options))
+        return tuple(input_units(patterns, pipeline_options))
     sharded: concurrent.futures.Future = concurrent.futures.Future()
 
     def shard() -> None:
         try:
-            sharded.set_result(tuple(shard_listing_units(units, pipeline_options)))
+            sharded.set_result(tuple(input_units(patterns, pipeline_options)))
         except BaseException as error:  # noqa: BLE001 — raised below, unless the check failed first
             sharded.set_exception(error)
 
@@ -485,22 +485,17 @@ def _list_here(plan: ExportPlan, options):
     remote = not _all_local(plan)
     if remote and not (_all_cloud_storage(plan) and options.view_as(DirectOptions).direct_running_mode == "in_memory"):
         return None
-    files = iter_units(plan.listing_units, options)
-    if plan.expand_archives:
-        files = no_archives(files)
-    identity = file_identity if units_may_overlap(plan.listing_units) else None
     try:
-        listed = ledger.compare_listing(files, (), identity, MOST_HANDED_OBJECTS if remote else MOST_HANDED_FILES)
-    except ArchiveListed:
-        return None
+        listed = list_plain_files(plan.listing_units, MOST_HANDED_OBJECTS if remote else MOST_HANDED_FILES,
+                                  plan.expand_archives, options)
     except Exception:  # noqa: BLE001 — a remote listing that failed: the pipeline's listing reports it
         if not remote:
             raise
         return None
-    if listed is ledger.TOO_MANY_CHANGED:
+    if listed is None:
         return None
-    counts, files = listed
-    return {counters.FILES_LISTED: counts[counters.FILES_LISTED]}, files
+    count, files = listed
+    return {counters.FILES_LISTED: count}, files
 
 
 def _usage(check, *args):
@@ -626,24 +621,18 @@ def workers_output_hidden(hidden: bool = True):
     if not hidden:
         yield
         return
-    sys.stderr.flush()
     original = sys.stderr
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = open(saved, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8",
-                      errors="backslashreplace", closefd=False)
-    excepthook = threading.excepthook
-    threading.excepthook = _quiet_thread_exception
-    try:
-        yield
-    finally:
-        threading.excepthook = excepthook
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        sys.stderr = original
-        os.close(saved)
+    with descriptor_2_to_devnull() as saved:
+        sys.stderr = open(saved, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8",
+                          errors="backslashreplace", closefd=False)
+        excepthook = threading.excepthook
+        threading.excepthook = _quiet_thread_exception
+        try:
+            yield
+        finally:
+            threading.excepthook = excepthook
+            sys.stderr.flush()
+            sys.stderr = original
 
 
 def _quiet_thread_exception(args) -> None:

@@ -13,12 +13,7 @@ import glob
 import os
 
 from pipeline.options import UsageError
-
-_GLOB_CHARS = set("*?[")
-
-
-def _has_glob(pattern: str) -> bool:
-    return any(c in _GLOB_CHARS for c in pattern)
+from transforms.listing import has_glob
 
 
 def check_inputs_exist(patterns: list[str], pipeline_options=None) -> None:
@@ -40,7 +35,7 @@ def check_inputs_exist(patterns: list[str], pipeline_options=None) -> None:
 
 
 def _check_local(pattern: str) -> None:
-    if not _has_glob(pattern):
+    if not has_glob(pattern):
         if not os.path.lexists(pattern):
             raise UsageError(f"--input {pattern}: no such file or folder")
         return
@@ -61,7 +56,7 @@ def _check_remote(pattern: str, pipeline_options) -> None:
         FileSystems.set_options(pipeline_options)
     if pattern.endswith("/"):
         candidates = [pattern + "**"]
-    elif _has_glob(pattern):
+    elif has_glob(pattern):
         candidates = [pattern]
     else:
         candidates = [pattern, pattern + "/**"]

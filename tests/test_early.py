@@ -14,7 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from typing import NamedTuple
 
 import duckdb
 import pytest
@@ -92,24 +94,28 @@ def _all_ended(pids: list[int], seconds: float = 10) -> bool:
     return True
 
 
-def _started_pids() -> list[int]:
-    """The processes early.start started (after its listing thread is done)."""
+class _Running(NamedTuple):
+    pids: list[int]  # the processes early.start started
+    manager: threading.Thread  # their executor's thread
+
+
+def _started() -> _Running:
+    """What early.start started, once its listing thread is done and the processes read."""
     early._thread.join()
     assert early._started is not None
     pool = early._started.processes
     for future in list(pool._ahead.values())[:1]:
         future.result(timeout=60)  # the processes are up and reading
-    _started_pids.manager = pool._executor._executor_manager_thread
-    return [process.pid for process in pool._executor._processes.values()]
+    return _Running([process.pid for process in pool._executor._processes.values()],
+                    pool._executor._executor_manager_thread)
 
 
-def _ended_cleanly(pids: list[int]) -> bool:
+def _ended_cleanly(running: _Running) -> bool:
     """The processes are gone and so is their executor's thread, which an interpreter
     joins when it exits (a process killed while sending its outcomes would leave it
     waiting forever for the rest of the message: the command would never exit)."""
-    manager = _started_pids.manager
-    manager.join(timeout=30)
-    return _all_ended(pids) and not manager.is_alive()
+    running.manager.join(timeout=30)
+    return _all_ended(running.pids) and not running.manager.is_alive()
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -179,11 +185,11 @@ def test_a_wrong_guess_is_ended_and_the_run_reads_for_itself(folder, tmp_path, t
     """Started for DuckDB (rows as JSON), run into Parquet (rows pickled): the run does
     not take them, ends them, and exports every file."""
     assert early.start(["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'x.duckdb'}#t"])
-    pids = _started_pids()
-    assert pids and all(_alive(pid) for pid in pids)
+    running = _started()
+    assert running.pids and all(_alive(pid) for pid in running.pids)
     code = pipeline.main.main(["--input", str(folder), "--bq-table", f"parquet://{tmp_path / 'out'}"])
     assert code == 0 and claims == [None]
-    assert _ended_cleanly(pids)
+    assert _ended_cleanly(running)
     assert early._started is None and not transforms.read._running
     with duckdb.connect() as con:
         parquet = con.execute(f"SELECT count(*) FROM '{tmp_path / 'out'}/**/*.parquet'").fetchone()[0]
@@ -198,11 +204,11 @@ def test_files_that_changed_since_the_early_listing_are_read_as_the_run_lists_th
     db = tmp_path / "t.duckdb"
     argv = ["--input", str(folder), "--bq-table", f"duckdb://{db}#t"]
     assert early.start(argv)
-    pids = _started_pids()
+    running = _started()
     shutil.copyfile(bundled_files()[0], folder / "b" / "added.dcm")
     summary = tmp_path / "summary.json"
     assert pipeline.main.main([*argv, "--summary-json", str(summary)]) == 0 and claims == [None]
-    assert _ended_cleanly(pids)
+    assert _ended_cleanly(running)
     files = sum(len(names) for _root, _dirs, names in os.walk(folder))
     assert json.loads(summary.read_text())["files_matched"] == files
 
@@ -212,11 +218,11 @@ def test_a_run_that_fails_before_reading_ends_what_was_started_early(folder, tmp
     argv = ["--input", str(folder), "--bq-table", f"duckdb://{db}#t"]
     assert pipeline.main.main(argv) == 0
     assert early.start(argv)
-    pids = _started_pids()
+    running = _started()
     assert pipeline.main.main(argv) == 1  # the table exists (and no --write-disposition)
     assert "already exists" in capsys.readouterr().err
     assert claims == [None] and early._started is None  # (the first run's: nothing was started for it)
-    assert _ended_cleanly(pids)
+    assert _ended_cleanly(running)
 
 
 def test_the_run_takes_the_early_reads_when_the_guess_is_right(folder, tmp_path, two_cores, claims):
@@ -225,7 +231,8 @@ def test_the_run_takes_the_early_reads_when_the_guess_is_right(folder, tmp_path,
     run that read everything itself."""
     argv = ["--input", str(folder), "--bq-table", f"duckdb://{tmp_path / 'early.duckdb'}#t"]
     assert early.start(argv)
-    pool = early._started.processes if _started_pids() else None
+    assert _started().pids
+    pool = early._started.processes
     left = []
     shutdown = pool.shutdown
     pool.shutdown = lambda: left.append(pool.unclaimed()) or shutdown()

@@ -33,7 +33,8 @@ from transforms.storage import InputFile, is_remote, storage_client
 _GLOB_CHARS = set("*?[")
 
 
-def _has_glob(pattern: str) -> bool:
+def has_glob(pattern: str) -> bool:
+    """True if a pattern holds a glob character (``*``, ``?``, ``[``)."""
     return any(c in _GLOB_CHARS for c in pattern)
 
 
@@ -47,7 +48,7 @@ def listing_units(pattern: str) -> list[str]:
     if is_remote(pattern):
         if pattern.endswith("/"):
             return [pattern + "**"]
-        if not _has_glob(pattern):
+        if not has_glob(pattern):
             return [pattern, pattern + "/**"]
         return [pattern]
     if os.path.isdir(pattern):
@@ -61,11 +62,11 @@ def input_root(pattern: str) -> str | None:
         root = pattern[:-3]
     elif pattern.endswith("/"):
         root = pattern.rstrip("/")
-    elif not _has_glob(pattern) and (is_remote(pattern) or os.path.isdir(pattern)):
+    elif not has_glob(pattern) and (is_remote(pattern) or os.path.isdir(pattern)):
         root = pattern
     else:
         return None
-    return None if _has_glob(root) else root
+    return None if has_glob(root) else root
 
 
 #: Sharding stops once a pattern has been split into this many listing units.
@@ -85,7 +86,7 @@ def shard_listing_units(units: Iterable[str], pipeline_options=None) -> list[str
     """
     sharded: list[str] = []
     for unit in units:
-        if not unit.endswith("/**") or _has_glob(unit[:-3]):
+        if not unit.endswith("/**") or has_glob(unit[:-3]):
             sharded.append(unit)
             continue
         root = unit[:-3]
@@ -262,7 +263,7 @@ def _match_gcs(pattern: str, pipeline_options=None) -> Iterator[InputFile]:
     request for a pattern without a glob. No object is fetched."""
     bucket, _, name = pattern[len("gs://"):].partition("/")
     client = storage_client(pipeline_options)
-    if not _has_glob(name):
+    if not has_glob(name):
         blob = client.bucket(bucket).get_blob(name) if name else None
         if blob is not None and not name.endswith("/"):
             yield InputFile(pattern, blob.size or 0, version=str(blob.generation))
@@ -346,7 +347,7 @@ def units_may_overlap(units: Iterable[str]) -> bool:
 
 def _may_share_a_file(a: str, b: str) -> bool:
     """Whether a file matching ``a`` may also match ``b`` (conservative: True if unsure)."""
-    if not _has_glob(a):
+    if not has_glob(a):
         return bool(_glob_regex(b).match(a))
     prefix_a, prefix_b = _literal_prefix(a), _literal_prefix(b)
     if a == prefix_a + "*" and prefix_a.endswith("/"):  # the files directly in one folder
@@ -394,6 +395,29 @@ def distinct_files(files: Iterable[InputFile], identity=None, most: int | None =
         if most is not None and len(chosen) > most:
             return None
     return listed, list(chosen.values())
+
+
+def input_units(patterns: Iterable[str], pipeline_options=None) -> list[str]:
+    """The listing units of ``--input`` patterns (:func:`listing_units`), folders split
+    by :func:`shard_listing_units`."""
+    return shard_listing_units([unit for pattern in patterns for unit in listing_units(pattern)], pipeline_options)
+
+
+def list_plain_files(units: Iterable[str], most: int, expand_archives: bool = True, pipeline_options=None
+                     ) -> tuple[int, list[InputFile]] | None:
+    """The files of listing units, listed by the launcher to hand to the pipeline:
+    ``(paths listed, files)``, each file once (:func:`distinct_files`, by
+    :func:`file_identity` where the units may overlap). None where the pipeline lists
+    instead: an archive among the files (its archive steps list the members; not with
+    ``expand_archives`` off, when an archive is a plain file) or more than ``most`` files."""
+    units = list(units)
+    files = iter_units(units, pipeline_options)
+    if expand_archives:
+        files = no_archives(files)
+    try:
+        return distinct_files(files, file_identity if units_may_overlap(units) else None, most)
+    except ArchiveListed:
+        return None
 
 
 class ArchiveListed(Exception):
