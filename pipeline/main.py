@@ -43,7 +43,7 @@ from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destinatio
 from pipeline.graph import ExportPlan, build_pipeline
 from pipeline import early, ledger
 from pipeline.cli import descriptor_2_to_devnull
-from pipeline.early import MOST_HANDED_FILES, READ_PROCESSES_MIN_FILES
+from pipeline.early import MOST_HANDED_FILES, MOST_HANDED_OBJECTS, READ_PROCESSES_MIN_FILES
 from pipeline.ledger import check_incremental_options
 from pipeline.options import (
     COMMAND_FLAGS,
@@ -373,14 +373,13 @@ def _read_ahead(plan: ExportPlan, filter_file, options) -> ReadProcesses:
     command started while Beam was imported (:func:`pipeline.early.claim`) if they read
     these very files the same way."""
     opener = Opener(options, expand_archives=plan.expand_archives, nested_archives=plan.nested_archives)
-    cloud_storage = _all_cloud_storage(plan)
-    if filter_file is None and not cloud_storage:
-        ahead = early.claim(plan.read_processes, opener, plan.row_form, plan.listed_files)
+    client = client_settings(options) if _all_cloud_storage(plan) else None
+    if filter_file is None and (client is not None or not _all_cloud_storage(plan)):
+        ahead = early.claim(plan.read_processes, opener, plan.row_form, plan.listed_files, client)
         if ahead is not None:
             offer(ahead)
             return ahead
     early.discard()
-    client = client_settings(options) if cloud_storage else None
     ahead = ReadProcesses(plan.read_processes, opener, filter_file, plan.row_form, client)
     try:
         ahead.read_ahead(plan.listed_files)
@@ -435,12 +434,6 @@ def _finish_summary(export, destination, disposition, plan, filter_file, started
     if export.summary_json:
         run_summary.write_json(summary, export.summary_json)
     return summary
-
-
-#: The launcher hands the pipeline at most this many Cloud Storage objects it listed (two
-#: listing pages): for more, the pipeline's own listing, which reads as it lists, is not
-#: held up by a listing the launcher would throw away.
-MOST_HANDED_OBJECTS = 2_000
 
 
 def _compare_before_pipeline(plan: ExportPlan, destination, context: RunContext, options):

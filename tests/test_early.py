@@ -119,12 +119,12 @@ def _ended_cleanly(running: _Running) -> bool:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--input", "F"], (("F",), "json", True)),
-    (["export", "--input", "F", "G", "--bq-table", "duckdb://x.duckdb#t"], (("F", "G"), "json", True)),
-    (["--input=F", "--bq_table=parquet://out", "--debug"], (("F",), "pickle", False)),
+    (["--input", "F"], (("F",), "json", True, False)),
+    (["export", "--input", "F", "G", "--bq-table", "duckdb://x.duckdb#t"], (("F", "G"), "json", True, False)),
+    (["--input=F", "--bq_table=parquet://out", "--debug"], (("F",), "pickle", False, False)),
     (["--input", "F", "--overwrite-table", "--write_disposition", "WRITE_APPEND", "--summary-json", "s.json",
-      "--progress-seconds=0", "--max-failures", "3", "--log-level", "INFO"], (("F",), "json", True)),
-    (["--input", "F", "--overwrite-table", "true", "--input", "G"], (("F", "G"), "json", True)),
+      "--progress-seconds=0", "--max-failures", "3", "--log-level", "INFO"], (("F",), "json", True, False)),
+    (["--input", "F", "--overwrite-table", "true", "--input", "G"], (("F", "G"), "json", True, False)),
     (["--input", "F", "--bq-table", "bq://p.d.t"], None),  # not a local destination
     (["--input", "F", "--bq-table"], None),
     (["--input", "F", "--runner", "DataflowRunner"], None),  # anything else decides for itself
@@ -135,7 +135,12 @@ def _ended_cleanly(running: _Running) -> bool:
     (["--input", "F", "stray"], None),
     (["--input", "--bq-table", "duckdb://x.duckdb#t"], None),  # no input value
     (["--input", "F/*.dcm"], None),  # a glob: Beam's glob rules
-    (["--input", "gs://bucket/x/"], None),
+    (["--input", "gs://bucket/x/", "gs://other"], (("gs://bucket/x/", "gs://other"), "json", True, True)),
+    (["--input", "gs://bucket/x/", "F"], None),  # Cloud Storage and local disk: the run decides
+    (["--input", "gs://bucket/x/", "--project", "p"], None),  # the client would not be the guessed one
+    (["--input", "gs:///x"], None),  # no bucket
+    (["--input", "gs://bucket/x/*.dcm"], None),
+    (["--input", "s3://bucket/x/"], None),
     (["--input", "no/such/folder"], None),  # the run reports it
     (["--help"], None),
     ([], None),
@@ -267,3 +272,122 @@ def test_a_folders_own_units_list_every_file_below_it_once(tmp_path):
     assert sorted(f.path for f in iter_files(named[0])) == [p for p in every if "/a[1]*/" in p]
     assert sorted(f.path for f in iter_files(glob.escape(str(root / "c?")) + "/*")) == [
         str(root / "c?" / name) for name in sorted(("x.dcm", "back\\slash", "[y]"))]
+
+
+def test_cloud_storage_client_settings_made_without_beam_are_beams(gcs_emulator, monkeypatch):
+    """transforms.storage.default_client_settings guesses the client Beam makes for a run
+    with no Google Cloud options (Beam's scopes, user agent and audit header); the guess
+    is the same as Beam's own for the same credentials, and any difference in what makes
+    a client (credentials, project, headers, endpoint) is seen."""
+    import google.auth
+    from apache_beam.internal.gcp import auth
+    from apache_beam.io.gcp import gcsio
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+    from google.oauth2.credentials import Credentials
+
+    from transforms import storage
+
+    assert list(storage.BEAM_OAUTH_SCOPES) == GoogleCloudOptions.OAUTH_SCOPES
+    asked = []
+
+    def user_credentials(*args, scopes=None, **kwargs):
+        asked.append(tuple(scopes))
+        return Credentials(token="t", refresh_token="r", client_id="someone", client_secret="s", scopes=scopes), "p"
+
+    monkeypatch.setattr(google.auth, "default", user_credentials)
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", False)  # Beam keeps the first it found
+    guessed = storage.default_client_settings()
+    beams = storage._settings_of(gcsio.create_storage_client(PipelineOptions([])))
+    assert asked == [storage.BEAM_OAUTH_SCOPES] * 2
+    assert guessed is not None and guessed.credentials is not None and storage.same_client(guessed, beams)
+    other = Credentials(token="t", refresh_token="r", client_id="another", client_secret="s",
+                        scopes=list(storage.BEAM_OAUTH_SCOPES))
+    for changed in (beams._replace(credentials=other), beams._replace(credentials=None),
+                    beams._replace(project="other"), beams._replace(emulator_host="http://elsewhere"),
+                    beams._replace(extra_headers={"x-goog-custom-audit-job": "job"}), None):
+        assert not storage.same_client(guessed, changed)
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (_ for _ in ()).throw(
+        google.auth.exceptions.DefaultCredentialsError("none here")))
+    assert storage.default_client_settings() is None  # the run finds its own (Beam retries)
+
+
+@pytest.fixture
+def bucket_folder(gcs_bucket, folder):
+    """The folder fixture's files uploaded under gs://BUCKET/in/: ``gs://`` folder URL."""
+    _client, bucket = gcs_bucket
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        bucket.blob("in/" + str(path.relative_to(folder))).upload_from_filename(str(path))
+    return f"gs://{bucket.name}/in/"
+
+
+@pytest.fixture
+def beams_credentials_found_again(monkeypatch):
+    """Beam keeps the credentials it first found in a process; another test may have
+    found none (an anonymous client) before the anonymous_gcp fixture was in place."""
+    from apache_beam.internal.gcp import auth
+
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", False)
+
+
+def test_cloud_storage_is_read_while_beam_is_imported_and_taken_by_the_run(
+        bucket_folder, tmp_path, two_cores, claims, beams_credentials_found_again):
+    """gs:// inputs: listed and read early through the guessed client, taken by the run
+    whose own client has the same settings; the rows are those of a run that read
+    everything itself."""
+    argv = ["--input", bucket_folder, "--bq-table", f"duckdb://{tmp_path / 'early.duckdb'}#t"]
+    assert early.start(argv)
+    assert _started().pids
+    pool = early._started.processes
+    assert early._started.client is not None
+    assert pipeline.main.main([*argv, "--summary-json", str(tmp_path / "early.json")]) == 0
+    assert claims == [pool]
+    late = pipeline.main.run(["--input", bucket_folder, "--bq-table", f"duckdb://{tmp_path / 'late.duckdb'}#t"])
+    counted = json.loads((tmp_path / "early.json").read_text())
+    assert counted["succeeded"] > 300
+    assert {name: counted[name] for name in COUNTS} == {name: late[name] for name in COUNTS}
+    assert _table(tmp_path / "early.duckdb") == _table(tmp_path / "late.duckdb")
+
+
+def test_cloud_storage_read_early_with_another_client_is_not_taken(
+        bucket_folder, tmp_path, two_cores, claims, beams_credentials_found_again, monkeypatch):
+    """A guessed client that is not the run's (here: another audit header): the run does
+    not take what was read with it, ends it, and reads everything itself."""
+    from transforms import storage
+
+    guess = storage.default_client_settings
+    monkeypatch.setattr(early, "default_client_settings",
+                        lambda: guess()._replace(extra_headers={"x-goog-custom-audit-job": "another"}))
+    argv = ["--input", bucket_folder, "--bq-table", f"duckdb://{tmp_path / 'early.duckdb'}#t"]
+    assert early.start(argv)
+    running = _started()
+    assert pipeline.main.main([*argv, "--summary-json", str(tmp_path / "early.json")]) == 0
+    assert claims == [None]
+    assert _ended_cleanly(running)
+    files = sum(1 for path in (tmp_path / "input").rglob("*") if path.is_file())
+    counted = json.loads((tmp_path / "early.json").read_text())
+    assert counted["files_matched"] == files and counted["succeeded"] + counted["failed"] == files
+
+
+def test_a_run_does_not_wait_long_for_an_early_start_and_what_starts_late_is_ended(
+        bucket_folder, tmp_path, two_cores, claims, beams_credentials_found_again, monkeypatch):
+    """Credentials slow to come (a metadata server): the run waits WAIT_SECONDS for the
+    early start, then lists and reads for itself; what the thread starts afterwards is
+    shut down at once, never left running."""
+    from transforms import storage
+
+    release = threading.Event()
+    guess = storage.default_client_settings
+    monkeypatch.setattr(early, "default_client_settings", lambda: release.wait(60) and guess())
+    monkeypatch.setattr(early, "WAIT_SECONDS", 0.2)
+    started = []
+    monkeypatch.setattr(early, "ReadProcesses", lambda *a, **k: started.append(transforms.read.ReadProcesses(*a, **k))
+                        or started[-1])
+    argv = ["--input", bucket_folder, "--bq-table", f"duckdb://{tmp_path / 'early.duckdb'}#t"]
+    assert early.start(argv)
+    assert pipeline.main.main([*argv, "--summary-json", str(tmp_path / "early.json")]) == 0
+    assert claims == [None] and early._thread.is_alive()
+    assert json.loads((tmp_path / "early.json").read_text())["succeeded"] > 300
+    release.set()
+    early._thread.join(60)
+    assert len(started) == 1 and started[0] not in transforms.read._running  # started, then shut down
+    assert early._started is None

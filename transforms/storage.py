@@ -59,15 +59,17 @@ def storage_client(pipeline_options=None):
 
     It is the client Beam itself configures from the pipeline options (credentials,
     project, audit headers); a read process, which has no Beam, rebuilds the launcher's
-    from its :class:`ClientSettings` (:func:`use_client_settings`)."""
+    from its :class:`ClientSettings` (:func:`use_client_settings`). Given
+    :class:`ClientSettings` instead of options (``pipeline/early.py``'s guess at Beam's,
+    :func:`default_client_settings`), the client they make, kept apart from this one."""
+    if isinstance(pipeline_options, ClientSettings):
+        return _client_of_settings(pipeline_options)
     # a forked worker builds its own (connections must not cross processes); so does a
     # process whose emulator endpoint changed (tests)
     key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            import requests.adapters
-
             if _settings is not None:
                 client = _settings.client()
             else:
@@ -75,12 +77,33 @@ def storage_client(pipeline_options=None):
                 from apache_beam.options.pipeline_options import PipelineOptions
 
                 client = gcsio.create_storage_client(pipeline_options or PipelineOptions([]))
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=REMOTE_CONCURRENCY * 2)
-            client._http.mount("https://", adapter)
-            client._http.mount("http://", adapter)
+            _pooled(client)
             _clients.clear()
             _clients[key] = client
         return client
+
+
+def _pooled(client):
+    """``client`` with a connection pool for :data:`REMOTE_CONCURRENCY` requests at once."""
+    import requests.adapters
+
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=REMOTE_CONCURRENCY * 2)
+    client._http.mount("https://", adapter)
+    client._http.mount("http://", adapter)
+    return client
+
+
+_settings_clients: dict = {}  # id(ClientSettings) -> (those settings, their client), this process's
+
+
+def _client_of_settings(settings: "ClientSettings"):
+    key = (os.getpid(), id(settings))
+    with _clients_lock:
+        kept = _settings_clients.get(key)
+        if kept is None or kept[0] is not settings:
+            kept = (settings, _pooled(settings.client()))
+            _settings_clients[key] = kept
+        return kept[1]
 
 
 class ClientSettings(NamedTuple):
@@ -107,11 +130,14 @@ class ClientSettings(NamedTuple):
 def client_settings(pipeline_options=None) -> ClientSettings | None:
     """The :class:`ClientSettings` of this process's client; None where they cannot be
     handed to another process (credentials that cannot be pickled)."""
+    return _settings_of(storage_client(pipeline_options))
+
+
+def _settings_of(client) -> ClientSettings | None:
     import pickle
 
     from google.auth.credentials import AnonymousCredentials
 
-    client = storage_client(pipeline_options)
     credentials = client._credentials
     connection = client._connection
     settings = ClientSettings(
@@ -126,6 +152,73 @@ def client_settings(pipeline_options=None) -> ClientSettings | None:
     except Exception:  # noqa: BLE001 — a credentials type that stays in its process
         return None
     return settings
+
+
+#: The OAuth scopes Beam asks Application Default Credentials for when no
+#: ``--gcp_oauth_scopes`` is given (``GoogleCloudOptions.OAUTH_SCOPES``; a test checks
+#: that they are still Beam's).
+BEAM_OAUTH_SCOPES = (
+    "https://www.googleapis.com/auth/bigquery",
+    "https://www.googleapis.com/auth/cloud-platform",
+    "https://www.googleapis.com/auth/devstorage.full_control",
+    "https://www.googleapis.com/auth/userinfo.email",
+    "https://www.googleapis.com/auth/datastore",
+    "https://www.googleapis.com/auth/spanner.admin",
+    "https://www.googleapis.com/auth/spanner.data",
+)
+
+
+def default_client_settings() -> ClientSettings | None:
+    """The settings of the client Beam makes for a run given none of Google Cloud's
+    options (``gcsio.create_storage_client``: Application Default Credentials for
+    :data:`BEAM_OAUTH_SCOPES`, no project, Beam's user agent and audit header), made
+    without importing Beam, for ``pipeline/early.py`` to list and read Cloud Storage
+    while Beam is imported. A guess: the run uses what it reads with these only if
+    :func:`same_client` finds them equal to the settings of its own client. None where
+    Application Default Credentials are not at hand (Beam retries, then connects
+    anonymously: the run's own way) or cannot be handed to a read process."""
+    import importlib.metadata
+
+    import google.auth
+    from google.api_core.client_info import ClientInfo
+    from google.cloud import storage
+
+    try:
+        credentials, _ = google.auth.default(scopes=list(BEAM_OAUTH_SCOPES))
+        version = importlib.metadata.version("apache-beam")
+    except Exception:  # noqa: BLE001 — no credentials here: the run finds its own
+        return None
+    client = storage.Client(
+        credentials=credentials,
+        project=None,
+        client_info=ClientInfo(user_agent=f"apache-beam/{version} (GPN:Beam)"),
+        extra_headers={"x-goog-custom-audit-job": "UNKNOWN"},
+    )
+    return _settings_of(client)
+
+
+def same_client(first: ClientSettings | None, second: ClientSettings | None) -> bool:
+    """True if two settings make the same client: the same endpoint, project, user agent
+    and headers, and credentials of the same kind for the same account and scopes
+    (credentials objects compare by identity, and a token refreshed meanwhile is no
+    difference)."""
+    if first is None or second is None:
+        return first is second
+
+    def identity(settings: ClientSettings) -> tuple:
+        credentials, info = settings.credentials, settings.client_info
+        account = None if credentials is None else (
+            type(credentials).__module__,
+            type(credentials).__qualname__,
+            getattr(credentials, "service_account_email", None),
+            getattr(credentials, "client_id", None),
+            getattr(credentials, "quota_project_id", None),
+            tuple(getattr(credentials, "scopes", None) or ()),
+        )
+        agent = info.to_user_agent() if hasattr(info, "to_user_agent") else info
+        return (account, settings.project, agent, sorted(settings.extra_headers.items()), settings.emulator_host)
+
+    return identity(first) == identity(second)
 
 
 def use_client_settings(settings: ClientSettings) -> None:
