@@ -23,7 +23,7 @@ from pipeline import ledger
 from pipeline.spool import CompleteRows
 from schemas.merge import to_bigquery_schema
 from transforms.filter_file import parse_filter_file, uid_layout_patterns
-from transforms.flatten import DEAD_LETTERS, MergeFragments, ReadInstances, UnionOfLines
+from transforms.flatten import DEAD_LETTERS, FILE_RECORDS, MergeFragments, ReadInstances, UnionOfLines
 from transforms.listing import units_may_overlap
 from transforms.match import CountMatched, MatchInputs
 from transforms.read import JSON, PICKLE
@@ -165,9 +165,13 @@ def build_pipeline(
             files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
 
     as_read = plan.row_form == JSON
-    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes, plan.row_form)
+    # What the read step made of each input is its whole record, unless --incremental
+    # (duplicates) or another step decides some inputs' (archives, DICOMweb metadata)
+    records_as_read = not plan.incremental and not unread_inputs and not instance_parts and not dead_letter_parts
+    read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes, plan.row_form,
+                         ledger.RecordRead(plan.run_started) if records_as_read else None)
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
-        DEAD_LETTERS, main="instances"
+        DEAD_LETTERS, FILE_RECORDS, main="instances"
     )
     # Each source of instances is consumed on its own and only small values are
     # flattened: Beam's local runner keeps a flattened PCollection whole (pipeline/spool.py).
@@ -180,10 +184,14 @@ def build_pipeline(
         one_each = tuple(parts) | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
         kept, duplicates = [one_each.kept], one_each[ledger.DUPLICATES]
         kept_paths = one_each.kept | "KeptPaths" >> beam.Map(lambda path_uids: path_uids[0])
-    else:
+    elif not records_as_read:
         kept = [part | f"PathAndUIDs{index or ''}" >> beam.Map(ledger.path_and_uids) for index, part in enumerate(parts)]
     inputs = (files, *unread_inputs) | "EveryInput" >> beam.Flatten() if unread_inputs else files
-    file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started, expanded)
+    if records_as_read:
+        file_records = read_outputs[FILE_RECORDS]
+    else:
+        file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started,
+                                                                   expanded)
     gone = None
     if recorded is not None and plan.prune_missing:
         gone = (

@@ -337,6 +337,25 @@ class RecordFiles(beam.PTransform):
         )
 
 
+class RecordRead:
+    """The files table's record of an input from its read outcome
+    (``transforms.read.Outcome``): a row, a failure, or nothing (not selected). For a run
+    in which nothing but the read step decides what an input became (no --incremental:
+    no duplicates; no archive read whole, no DICOMweb metadata series): the read step
+    emits the records as it reads (``transforms.flatten.ReadInstances(record_file=)``),
+    the same records as :class:`RecordFiles` joins, without grouping every input by path."""
+
+    def __init__(self, run_started: str | None):
+        self.run_started = run_started
+
+    def __call__(self, input_file: InputFile, outcome) -> dict:
+        if outcome.failure is not None:
+            return file_record(input_file, FAILED, None, self.run_started)
+        if outcome.instance is None:
+            return file_record(input_file, NOT_SELECTED, None, self.run_started)
+        return file_record(input_file, ROW, instance_uids(outcome.instance), self.run_started)
+
+
 #: :func:`compare_listing`'s answer when more files changed than it may hand over.
 TOO_MANY_CHANGED = "too many changed"
 

@@ -60,6 +60,8 @@ from transforms.storage import REMOTE_CONCURRENCY, InputFile, Opener, client_set
 
 #: The tag of the dead-letter output of :class:`ReadInstances`.
 DEAD_LETTERS = "dead_letters"
+#: The tag of its files-table output (with ``record_file``): one record per input read.
+FILE_RECORDS = "file_records"
 
 
 class ReadInstances(beam.DoFn):
@@ -81,16 +83,21 @@ class ReadInstances(beam.DoFn):
     its chunk is read again in this process and so is the rest of the run: no input is
     lost. Rows read there arrive encoded (``row_form``: :class:`transforms.read.PickledRow`
     or :class:`transforms.read.JsonRow`), rows read here as dicts.
+
+    With ``record_file`` (``record_file(input_file, outcome)`` → a record), each input's
+    files-table record is emitted on ``FILE_RECORDS`` as it is read: for a run where what
+    the read step made of an input is all its record says (``pipeline.ledger.RecordRead``).
     """
 
     def __init__(self, pipeline_options=None, run_started: str | None = None, reporter=None,
-                 opener: Opener | None = None, processes: int = 0, row_form: str = PICKLE):
+                 opener: Opener | None = None, processes: int = 0, row_form: str = PICKLE, record_file=None):
         self._options = pipeline_options
         self._opener_settings = opener  # an Opener with the archive options (else the default one)
         self._reporter = reporter  # pipeline.progress.ProgressReporter, or None
         self._run_started = run_started
         self._processes = processes
         self._row_form = row_form  # how the processes hand rows over (transforms.read.PICKLE, JSON)
+        self._record_file = record_file
         self.counters = {name: Metrics.counter(counters.NAMESPACE, name) for name in counters.READ_COUNTERS}
         self.bytes_per_instance = Metrics.distribution(counters.NAMESPACE, counters.BYTES_READ_PER_INSTANCE)
 
@@ -217,6 +224,8 @@ class ReadInstances(beam.DoFn):
     def _emit(self, input_file: InputFile, outcome: Outcome):
         if self._reporter is not None:
             self._reporter.read(1)
+        if self._record_file is not None:
+            yield beam.pvalue.TaggedOutput(FILE_RECORDS, self._record_file(input_file, outcome))
         self.counters[counters.BYTES_READ].inc(outcome.bytes_read)
         for name, count in (outcome.source_counts or {}).items():
             if count:
