@@ -4,6 +4,8 @@ and Ctrl-C."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -284,3 +286,27 @@ def test_the_summary_json_has_the_same_breakdown(tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["failures_by_type"] == {"NotDicomError": 2}
     assert (written["dropped_by_rule"], written["dropped_not_fit"]) == (5, 1)
+
+
+def test_beam_is_imported_without_the_modules_it_would_import_for_nothing():
+    """The command imports Beam without pandas, pymongo and bson (which Beam imports, if
+    installed, for its pandas batches and MongoDB IO: never used here), without Beam's
+    warning about a missing bson, and they import as usual afterwards."""
+    script = (
+        "import importlib.util, json, sys\n"
+        "from pipeline import cli\n"
+        "with cli.beam_imported_without(cli.NOT_FOR_BEAM):\n"
+        "    import pipeline.main\n"
+        "during = {name: name in sys.modules for name in cli.NOT_FOR_BEAM}\n"
+        "import pymongo, bson\n"
+        "if importlib.util.find_spec('pandas') is not None:\n"
+        "    import pandas\n"
+        "after = {name: sys.modules.get(name) is not None for name in ('pymongo', 'bson', 'pandas')}\n"
+        "print(json.dumps({'during': during, 'after': after}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    result = json.loads(done.stdout)
+    assert result["during"] == {"pandas": False, "pymongo": False, "bson": False}
+    has_pandas = importlib.util.find_spec("pandas") is not None
+    assert result["after"] == {"pymongo": True, "bson": True, "pandas": has_pandas}
