@@ -80,7 +80,8 @@ class ExportOutputs(NamedTuple):
     schema: PCollection  # one element: the merged BigQuery schema (list of fields)
     dead_letters: PCollection  # dict per failed input: path, stage, error_type, message
     filter_lines_used: PCollection | None  # one element: line numbers that selected something
-    files: PCollection | None = None  # dict per file read: the files table's records (pipeline/ledger.py)
+    # dict per input: the files table's records (pipeline/ledger.py), or a tuple of PCollections of them
+    files: PCollection | tuple | None = None
     gone: PCollection | None = None  # {"path": ...} per recorded path no longer listed (--prune-missing)
 
 
@@ -165,9 +166,9 @@ def build_pipeline(
             files = (files, web_files) | "FilesAndDicomWeb" >> beam.Flatten()
 
     as_read = plan.row_form == JSON
-    # What the read step made of each input is its whole record, unless --incremental
-    # (duplicates) or another step decides some inputs' (archives, DICOMweb metadata)
-    records_as_read = not plan.incremental and not unread_inputs and not instance_parts and not dead_letter_parts
+    # Without --incremental (whose duplicates are decided across all instances), what the
+    # read step made of each of its inputs is that input's whole record (ledger.RecordRead)
+    records_as_read = not plan.incremental
     read = ReadInstances(pipeline_options, plan.run_started, reporter, opener, plan.read_processes, plan.row_form,
                          ledger.RecordRead(plan.run_started) if records_as_read else None)
     read_outputs = files | "ReadInstances" >> beam.ParDo(read, *side_inputs).with_outputs(
@@ -180,18 +181,26 @@ def build_pipeline(
     if dead_letter_parts:
         dead_letters = [dead_letters, *dead_letter_parts] | "AllDeadLetters" >> beam.Flatten()
     duplicates = kept_paths = None
+    inputs = (files, *unread_inputs) | "EveryInput" >> beam.Flatten() if unread_inputs else files
     if plan.incremental:
         one_each = tuple(parts) | "KeepOnePerInstance" >> ledger.KeepOnePerInstance()
-        kept, duplicates = [one_each.kept], one_each[ledger.DUPLICATES]
+        duplicates = one_each[ledger.DUPLICATES]
         kept_paths = one_each.kept | "KeptPaths" >> beam.Map(lambda path_uids: path_uids[0])
-    elif not records_as_read:
-        kept = [part | f"PathAndUIDs{index or ''}" >> beam.Map(ledger.path_and_uids) for index, part in enumerate(parts)]
-    inputs = (files, *unread_inputs) | "EveryInput" >> beam.Flatten() if unread_inputs else files
-    if records_as_read:
-        file_records = read_outputs[FILE_RECORDS]
+        file_records = inputs | "RecordFiles" >> ledger.RecordFiles(
+            [one_each.kept], duplicates, dead_letters, plan.run_started, expanded)
     else:
-        file_records = inputs | "RecordFiles" >> ledger.RecordFiles(kept, duplicates, dead_letters, plan.run_started,
-                                                                   expanded)
+        # The inputs no read step read (archives read whole, the members of streamed
+        # archives, DICOMweb series) are joined with what their own steps made of them;
+        # each part is staged on its own (never flattened whole on Beam's local runner).
+        file_records = read_outputs[FILE_RECORDS]
+        if unread_inputs:
+            kept = [part | f"PathAndUIDs{index + 1}" >> beam.Map(ledger.path_and_uids)
+                    for index, part in enumerate(instance_parts)]
+            failed = (dead_letter_parts | "UnreadDeadLetters" >> beam.Flatten() if len(dead_letter_parts) > 1
+                      else dead_letter_parts[0] if dead_letter_parts else pipeline | "NoDeadLetters" >> beam.Create([]))
+            unread = unread_inputs | "UnreadInputs" >> beam.Flatten() if len(unread_inputs) > 1 else unread_inputs[0]
+            file_records = (file_records, unread | "RecordFiles" >> ledger.RecordFiles(
+                kept, None, failed, plan.run_started, expanded))
     gone = None
     if recorded is not None and plan.prune_missing:
         gone = (

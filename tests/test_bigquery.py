@@ -322,3 +322,22 @@ def test_write_truncate_changing_a_column_type_replaces_schema_rows_and_files_ta
     assert {row["SOPInstanceUID"] for row in files} == {sop(p) for p in sample_files()}
     leftovers = [t.table_id for t in client.list_tables(f"{PROJECT}.{dataset}") if "__staging_" in t.table_id]
     assert leftovers == []
+
+
+def test_the_files_table_records_archives_and_what_the_read_step_read(client, dataset, export, tmp_path):
+    """An archive among the files: the read step's own records and those of the inputs
+    other steps read (the archive read whole) both reach the files table."""
+    import zipfile
+
+    table_id = f"{PROJECT}.{dataset}.instances"
+    files = sample_files()[:3]
+    folder = folder_of(files[:1], tmp_path / "in")
+    (folder / "notes.txt").write_text("hello")
+    with zipfile.ZipFile(folder / "more.zip", "w") as archive:
+        for path in files[1:]:
+            archive.write(path, path.name)
+    summary = export("--input", str(folder), f"--bq-table=bq://{table_id}")
+    assert (summary["succeeded"], summary["failed"]) == (3, 1)
+    outcomes = {row["path"][len(str(folder)) + 1:]: row["outcome"] for row in table_rows(client, table_id + "_files")}
+    assert outcomes == {"f0": "row", "notes.txt": "failed", "more.zip": "archive",
+                        **{f"more.zip#{path.name}": "row" for path in files[1:]}}

@@ -764,3 +764,37 @@ def test_an_archive_that_failed_once_is_skipped_once_read_whole(tmp_path, db):
     assert files_table(db)[str(folder / "b.tar")]["outcome"] == "archive"
     again = incremental(folder, db, "--write-disposition=WRITE_APPEND")
     assert again["bytes_read"] == 0 and again["unchanged_files"] == 2
+
+
+def test_a_plain_run_records_every_input_as_an_incremental_run_does(tmp_path):
+    """Without --incremental the read step records its own inputs as it reads them and
+    only the inputs other steps read (archives read whole, the members of a streamed
+    .tar.gz) are joined with their outcomes: the files table is the one an incremental
+    run's join of every input makes, for plain files, archive members, a broken file, a
+    broken archive and a file the filter file does not select."""
+    folder = tmp_path / "in"
+    _write_archives(folder, {})
+    write_instance(folder / "plain.dcm", "1.2.9.0", 1)
+    write_instance(folder / "unselected.dcm", "1.2.9.1", 1, series="1.2.3.5")
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "broken.tar").write_bytes(b"not a tar archive at all" * 40)
+    filter_file = tmp_path / "filter.txt"
+    filter_file.write_text("/studies/1.2.3/series/1.2.3.9\n/studies/1.2.3/series/1.2.3.4\n")
+    common = ("--input", str(folder), f"--filter-config-gcs-uri={filter_file}", "--input-layout=any")
+    plain = DuckDBTable(str(tmp_path / "plain.duckdb"), "instances")
+    joined = DuckDBTable(str(tmp_path / "joined.duckdb"), "instances")
+    export(*common, f"--bq-table={plain}")
+    export(*common, f"--bq-table={joined}", "--incremental")
+
+    def records(db):
+        return {path: {k: v for k, v in record.items() if k != "run_started"}
+                for path, record in files_table(db).items()}
+
+    assert records(plain) == records(joined)
+    outcomes = {path[len(str(folder)) + 1:]: record["outcome"] for path, record in records(plain).items()}
+    assert outcomes == {
+        "plain.dcm": "row", "unselected.dcm": "not_selected", "notes.txt": "failed", "broken.tar": "failed",
+        "a.zip": "archive", "b.tar": "archive", "c.tar.gz": "archive",
+        **{f"a.zip#dir/a{i}.dcm": "row" for i in range(3)}, "b.tar#b0.dcm": "row", "b.tar#b1.dcm": "row",
+        "c.tar.gz#c0.dcm": "row", "c.tar.gz#c1.dcm": "row",
+    }

@@ -258,7 +258,10 @@ class BigQueryTable(Destination):
         files_staging = f"{files_table}__staging_{run_id}"
         staged = [rows, errors]
         if outputs.files is not None:
-            staged.append(self._stage(outputs.files, "StageFileRecords", files_staging, FILES_SCHEMA, f"{temp}/files"))
+            records = outputs.files
+            if isinstance(records, tuple):
+                records = records | "AllFileRecords" >> beam.Flatten()
+            staged.append(self._stage(records, "StageFileRecords", files_staging, FILES_SCHEMA, f"{temp}/files"))
         gone_staging = None
         if context.prune_missing and outputs.gone is not None:
             gone_staging = f"{files_table}__gone_{run_id}"
