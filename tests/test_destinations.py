@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import pathlib
 import shutil
@@ -226,8 +227,8 @@ def test_a_load_that_needs_more_than_the_memory_limit_is_done_again_without_it(t
 
     limits = []
     write = DuckDBTable._write
-    monkeypatch.setattr(DuckDBTable, "_write", lambda self, *a, memory_limit: limits.append(memory_limit) or write(
-        self, *a, memory_limit=memory_limit))
+    monkeypatch.setattr(DuckDBTable, "_write", lambda self, *a, **k: limits.append(k["memory_limit"]) or write(
+        self, *a, **k))
     normal = tmp_path / "normal.duckdb"
     run(["--input", str(SAMPLES), "--bq-table", f"duckdb://{normal}#t"])
     assert limits == [destination.LOAD_MEMORY_LIMIT]
@@ -253,6 +254,37 @@ def test_a_load_that_needs_more_than_the_memory_limit_is_done_again_without_it(t
     with duckdb.connect(str(small), read_only=True) as con:
         tables = {name for (name,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert tables == {"t", "t_errors", "t_files"}  # no staging table left by the rolled-back attempt
+
+
+def test_a_row_larger_than_the_loads_json_buffer_is_loaded_again_with_bigquerys_limit(tmp_path, monkeypatch):
+    """The load reads staged rows with a small JSON buffer (LOAD_OBJECT_SIZE: DuckDB's
+    buffer is twice it, whole files are read through it); a row it cannot hold makes the
+    load roll back and run again with BigQuery's row limit. A row beyond that limit is
+    rejected, the table untouched."""
+    from pipeline.destinations import duckdb as destination
+
+    schema = [{"name": "SOPInstanceUID", "type": "STRING"}, {"name": "Big", "type": "STRING"},
+              {"name": "Numbers", "type": "INTEGER", "mode": "REPEATED"}]
+    big = "x" * (3 * destination.LOAD_OBJECT_SIZE)  # beyond what DuckDB reads with the small buffer
+    staged = tmp_path / "rows.json"
+    staged.write_text(json.dumps({"SOPInstanceUID": "1.2", "Big": "small", "Numbers": [1]}) + "\n"
+                      + json.dumps({"SOPInstanceUID": "1.3", "Big": big}) + "\n")
+    sizes = []
+    write = DuckDBTable._write
+    monkeypatch.setattr(DuckDBTable, "_write", lambda self, *a, **k: sizes.append(k["object_size"]) or write(
+        self, *a, **k))
+    table = DuckDBTable(str(tmp_path / "out.duckdb"), "t")
+    table.write(schema, [str(staged)], Disposition.WRITE_EMPTY)
+    assert sizes == [destination.LOAD_OBJECT_SIZE, destination._MAX_ROW_BYTES]
+    rows = sorted(table.read_rows(), key=lambda row: row["SOPInstanceUID"])
+    assert [(r["SOPInstanceUID"], len(r["Big"]), r["Numbers"]) for r in rows] == [("1.2", 5, [1]), ("1.3", len(big), [])]
+
+    sizes.clear()
+    monkeypatch.setattr(destination, "_MAX_ROW_BYTES", destination.LOAD_OBJECT_SIZE)  # the row is beyond the limit
+    with pytest.raises(DestinationError, match="rejected a row"):
+        table.write(schema, [str(staged)], Disposition.WRITE_TRUNCATE)
+    assert sizes == [destination.LOAD_OBJECT_SIZE]
+    assert len(table.read_rows()) == 2  # as it was
 
 
 def test_two_runs_of_one_process_started_in_the_same_second_are_two_runs(tmp_path, monkeypatch):
@@ -334,8 +366,9 @@ def test_duckdb_fills_in_the_lists_of_rows_as_read_as_python_completes_rows(tmp_
     filled_in_sql = []
     insert = DuckDBTable._insert
     monkeypatch.setattr(DuckDBTable, "_insert", staticmethod(
-        lambda con, table, fields, files, fill_lists=False: (
-            filled_in_sql.append(fill_lists) if table == "t" else None) or insert(con, table, fields, files, fill_lists)))
+        lambda con, table, fields, files, fill_lists=False, **k: (
+            filled_in_sql.append(fill_lists) if table == "t" else None) or insert(con, table, fields, files, fill_lists,
+                                                                                 **k)))
     table = DuckDBTable(str(tmp_path / "t.duckdb"), "t")
     table.write(schema, [str(staged)], Disposition.DEFAULT)
     assert filled_in_sql == [in_sql]
