@@ -439,14 +439,10 @@ class DuckDBTable(Destination):
                                         object_size=object_size)
             except duckdb.OutOfMemoryException:
                 raise
-            except duckdb.InvalidInputException as error:
-                if object_size < _MAX_ROW_BYTES and "maximum_object_size" in str(error):
-                    raise _RowLargerThanBuffer() from None
-                raise DestinationError(
-                    f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
-                    f"{self}. The message is withheld: it may quote a value."
-                ) from None
             except duckdb.Error as error:
+                if (isinstance(error, duckdb.InvalidInputException) and object_size < _MAX_ROW_BYTES
+                        and "maximum_object_size" in str(error)):
+                    raise _RowLargerThanBuffer() from None
                 raise DestinationError(
                     f"DuckDB rejected a row of the export ({type(error).__name__}); nothing was written to "
                     f"{self}. The message is withheld: it may quote a value."
