@@ -5,6 +5,11 @@ objects Beam's filesystems open, and ``dicom-bq-export inspect`` calls it on loc
 
 What is read: the preamble and file meta, then the dataset up to Pixel Data (or Float /
 Double Float Pixel Data), whose bytes are never read: only its presence is recorded.
+A buffered file's first bytes (its buffer's first fill, at least :data:`HEAD_BYTES`) are
+parsed in memory, with no Python code per read; a header that does not end inside them
+(no Pixel Data there, a deflated dataset, a value skipped past them, a file pydicom
+stumbles over) is parsed again, element by element, through the file's budget
+(:class:`_GuardedReader`), from the same buffer.
 Large values before it (ICC profiles, encapsulated documents, vendor blobs) are skipped
 with a seek, not read, and read later only if their VR is exported. So on Cloud Storage
 a ranged reader fetches a few KB of a 40 MB object.
@@ -28,7 +33,7 @@ import logging
 import struct
 import time
 import warnings
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, Callable, NamedTuple
 
 import pydicom.uid
 from pydicom.dataelem import RawDataElement
@@ -75,6 +80,11 @@ silence_pydicom()
 #: Top-level values larger than this are skipped while parsing, read only if exported.
 DEFER_SIZE = 64 * 1024
 
+#: The least of a file's buffered first bytes worth parsing in memory (unless they are
+#: the whole file): ``transforms.storage.READ_BUFFER_BYTES`` buffers this much (one
+#: request of a remote file), which holds most headers up to Pixel Data.
+HEAD_BYTES = 64 * 1024
+
 #: Reading stops at these (PS3.6: Pixel Data, Float Pixel Data, Double Float Pixel Data).
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
@@ -95,6 +105,7 @@ UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"
 #: PS3.5 §7.5: the Sequence Delimitation Item (FFFE,E0DD) with its zero length, which ends
 #: encapsulated Pixel Data (always little endian: every encapsulated syntax is).
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_SEQUENCE_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 _ITEM_TAG = 0xFFFEE000
 _SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
 
@@ -243,9 +254,97 @@ def read_header(
     def parse() -> InstanceHeader:
         fileobj.seek(start)
         budget.bytes_read = 0
-        return _read_header(_GuardedReader(fileobj, budget), budget, max_inflated_bytes)
+        reader = _GuardedReader(fileobj, budget)
+        head = _buffered_head(fileobj, reader) if start == 0 else None
+        if head is not None and len(head) <= budget.max_bytes:
+            budget.bytes_read = len(head)
+            header = _read_header_in(head, reader, budget)
+            if header is not None:
+                return header
+            budget.bytes_read = 0  # parsed again through the budget, from the same buffer
+        return _read_header(reader, budget, max_inflated_bytes)
 
     return with_deep_stack(parse)
+
+
+def _buffered_head(fileobj: BinaryIO, reader: "_GuardedReader") -> bytes | None:
+    """The file's first bytes, as its buffer holds them (one read of the underlying
+    file, which the first read of a header would make anyway), if they are the whole
+    file or at least :data:`HEAD_BYTES`; else None."""
+    if not isinstance(fileobj, io.BufferedReader) or not reader.size_known:
+        return None
+    head = fileobj.peek(1)
+    return head if len(head) >= min(HEAD_BYTES, reader.size) else None
+
+
+class _HeadTooShort(Exception):
+    """The header does not end inside the head (see :func:`_read_header_in`)."""
+
+
+def _read_header_in(head: bytes, reader: "_GuardedReader", budget: Budget) -> InstanceHeader | None:
+    """The header, parsed from ``head`` (the file's first bytes) in memory, if Pixel Data
+    starts inside it or ``head`` is the whole file and parsing ended at its end; else
+    None, and the caller parses the file through ``reader``.
+
+    If parsing stopped at Pixel Data, every read before it was inside ``head``: a read
+    past its end returns nothing, which ends the dataset (or raises) before any stop. So
+    no value was cut short or skipped unread (:func:`_ends_at` says the same of a whole
+    file without Pixel Data). A file pydicom raises on, or a deflated
+    dataset (inflated through the reader), is left to the caller's parse, which tells a
+    truncated file apart and raises what it should. The dataset's buffer is ``reader``:
+    what follows Pixel Data, and any value read later, is read through the budget.
+    """
+    if head[128:132] != b"DICM" and not _starts_like_a_dataset(head[:132]):
+        return None
+    stopped_at, stop_at_pixel_data = _pixel_data_stop()
+    memory = io.BytesIO(head)
+    try:
+        dataset = _read_partial(memory, stop_at_pixel_data, head[128:132] != b"DICM", budget, 0, owner=reader)
+    except Exception as error:
+        if _from_recursion(error):
+            raise  # with_deep_stack parses again with a deep stack
+        return None
+    if stopped_at:
+        reader.seek(memory.tell())  # the start of Pixel Data
+    elif len(head) != reader.size or memory.tell() != len(head) or not _ends_at(dataset, head):
+        return None
+    return _finish(dataset, reader, budget, stopped_at)
+
+
+def _ends_at(dataset: FileDataset, data: bytes) -> bool:
+    """True if parsing a file held whole in memory (``data``) read it to its end, with no
+    read cut short: it must end with the value of the last element read (a defined length,
+    read whole), or with a Sequence Delimitation Item (an element of undefined length:
+    parsing one raises unless its delimiter was read whole; and no 1 to 7 bytes of a cut
+    element header following one can end with all of its 8 bytes)."""
+    last = None
+    for element in dataset._dict.values():
+        if isinstance(element, RawDataElement) and (last is None or element.value_tell > last.value_tell):
+            last = element
+    if (
+        last is not None
+        and last.length != 0xFFFFFFFF
+        and last.value is not None
+        and len(last.value) == last.length
+        and last.value_tell + last.length == len(data)
+    ):
+        return True
+    little = dataset.original_encoding[1]
+    return data.endswith(_SEQUENCE_DELIMITER if little else _SEQUENCE_DELIMITER_BE)
+
+def _pixel_data_stop() -> tuple[list, Callable[[int, str | None, int], bool]]:
+    """pydicom's ``stop_when`` for the top level, and the list it appends the
+    ``(tag, VR, length)`` of the Pixel Data element it stops at to; it stops at zero bytes
+    too (padding, not an element)."""
+    stopped_at: list[tuple[int, str | None, int]] = []
+
+    def stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+        if tag in PIXEL_DATA_TAGS:
+            stopped_at.append((int(tag), vr, length))
+            return True
+        return not length and not tag  # BaseTag's == is slow: truthiness instead
+
+    return stopped_at, stop_at_pixel_data
 
 
 def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: int) -> InstanceHeader:
@@ -260,14 +359,7 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
     reader.seek(0)
     reader.short_read = False
 
-    stopped_at: list[tuple[int, str | None, int]] = []
-
-    def stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
-        if tag in PIXEL_DATA_TAGS:
-            stopped_at.append((int(tag), vr, length))
-            return True
-        return not length and not tag  # zero bytes: padding, not an element (BaseTag's == is slow)
-
+    stopped_at, stop_at_pixel_data = _pixel_data_stop()
     try:
         dataset = _read_partial(reader, stop_at_pixel_data, not has_prefix, budget, max_inflated_bytes)
     except (LimitError, InstanceError, RecursionError):
@@ -278,7 +370,16 @@ def _read_header(reader: "_GuardedReader", budget: Budget, max_inflated_bytes: i
         if reader.ended_early:  # whatever pydicom tripped over, the file ended too early
             raise TruncatedFileError("the file ends inside the header") from None
         raise
-    if reader.ended_early or _has_cut_value(dataset, reader):
+    if reader.ended_early:
+        raise TruncatedFileError("the file ends inside the header")
+    return _finish(dataset, reader, budget, stopped_at)
+
+
+def _finish(dataset: FileDataset, reader: "_GuardedReader", budget: Budget,
+            stopped_at: list[tuple[int, str | None, int]]) -> InstanceHeader:
+    """The header of a parsed dataset: its UIDs checked, what follows Pixel Data (where
+    ``reader`` now is, if parsing stopped there) read."""
+    if _has_cut_value(dataset, reader):
         raise TruncatedFileError("the file ends inside the header")
     uids = _instance_uids(dataset)
     if stopped_at:
@@ -416,10 +517,15 @@ class _OffsetBytes(io.BytesIO):
         return super().tell() + self._offset
 
 
-def _read_partial(reader, stop_when, force: bool, budget: Budget, max_inflated_bytes: int) -> FileDataset:
+def _read_partial(reader, stop_when, force: bool, budget: Budget, max_inflated_bytes: int,
+                  owner: "_GuardedReader | None" = None) -> FileDataset:
     """pydicom's ``read_partial``, except that a deflated dataset is inflated as it is
     parsed (:class:`~transforms.limits.InflatingReader`) rather than whole, and zero
-    bytes where the dataset should start end it (a file of zeros after ``DICM``)."""
+    bytes where the dataset should start end it (a file of zeros after ``DICM``).
+
+    With ``owner``, ``reader`` holds the file's first bytes in memory (:func:`_read_header_in`)
+    and ``owner`` reads the file: the dataset's buffer, and a deflated dataset is left to it
+    (``_HeadTooShort``)."""
     preamble = read_preamble(reader, force)
     file_meta = _read_file_meta_info(reader)
     position = reader.tell()
@@ -427,18 +533,20 @@ def _read_partial(reader, stop_when, force: bool, budget: Budget, max_inflated_b
     reader.seek(position)
     if peek == bytes(len(peek)):  # end of file, or zero padding: no dataset
         dataset = Dataset()
-        return FileDataset(reader, dataset, preamble, file_meta, True, True)
+        return FileDataset(owner or reader, dataset, preamble, file_meta, True, True)
     command_set = _read_command_set_elements(reader)
     source = reader
     implicit, little = _encoding(reader, file_meta.get("TransferSyntaxUID"))
     if file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        if owner is not None:
+            raise _HeadTooShort("a deflated dataset")
         source = reader.inflated = InflatingReader(reader.read_chunk, max_inflated_bytes, budget)
     dataset = read_dataset(
         source, implicit, little, stop_when=stop_when, defer_size=DEFER_SIZE
     )
     if command_set:
         dataset.update(command_set)
-    result = FileDataset(source, dataset, preamble, file_meta, implicit, little)
+    result = FileDataset(owner or source, dataset, preamble, file_meta, implicit, little)
     result.set_original_encoding(implicit, little, dataset._character_set)
     return result
 
