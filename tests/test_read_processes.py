@@ -21,6 +21,7 @@ import pipeline.main
 import transforms.read
 from pipeline.graph import ExportPlan
 from pipeline.options import parse_pipeline_options
+from schemas.merge import merge_fragments
 from tests.conftest import bundled_files
 from transforms.flatten import ReadInstances
 from transforms.read import CHUNK_FILES, PickledRow, ReadProcesses, as_row, instance_uids
@@ -221,6 +222,12 @@ def test_outputs_keep_the_inputs_order_on_processes(folder):
     assert all(type(output.row) is PickledRow for output in outputs if hasattr(output, "row"))  # pickled once, there
     assert [instance_uids(output) for output in outputs if hasattr(output, "row")] == [
         instance_uids(output) for output in expected if hasattr(output, "row")]
+    # Each path of the schema comes over about once per chunk, and the schema is the same.
+    fragments = [output.fragment for output in outputs if hasattr(output, "row")]
+    full = [output.fragment for output in expected if hasattr(output, "row")]
+    assert merge_fragments(fragments) == merge_fragments(full)
+    assert sum(map(len, fragments)) < sum(map(len, full)) / 2
+    assert all(new <= whole for new, whole in zip(fragments, full))
 
 
 class _SomeRemote(Opener):

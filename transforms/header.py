@@ -5,14 +5,15 @@ objects Beam's filesystems open, and ``dicom-bq-export inspect`` calls it on loc
 
 What is read: the preamble and file meta, then the dataset up to Pixel Data (or Float /
 Double Float Pixel Data), whose bytes are never read: only its presence is recorded.
-A buffered file's first bytes (its buffer's first fill, at least :data:`HEAD_BYTES`) are
-parsed in memory, with no Python code per read; a header that does not end inside them
-(no Pixel Data there, a deflated dataset, a value skipped past them, a file pydicom
-stumbles over) is parsed again, element by element, through the file's budget
-(:class:`_GuardedReader`), from the same buffer.
 Large values before it (ICC profiles, encapsulated documents, vendor blobs) are skipped
 with a seek, not read, and read later only if their VR is exported. So on Cloud Storage
 a ranged reader fetches a few KB of a 40 MB object.
+
+A buffered file's first bytes (its buffer's first fill, at least :data:`HEAD_BYTES`) are
+parsed in memory, with no Python code per read (:func:`_read_header_in`); a header that
+does not end inside them (no Pixel Data there, a deflated dataset, a value skipped past
+them, a file pydicom stumbles over) is parsed again, element by element, through the
+file's budget (:class:`_GuardedReader`), from the same buffer.
 
 What follows Pixel Data (Data Set Trailing Padding, Digital Signatures Sequence, private
 elements) is read without reading Pixel Data (:func:`_read_after_pixel_data`): after a
@@ -289,9 +290,10 @@ def _read_header_in(head: bytes, reader: "_GuardedReader", budget: Budget) -> In
     If parsing stopped at Pixel Data, every read before it was inside ``head``: a read
     past its end returns nothing, which ends the dataset (or raises) before any stop. So
     no value was cut short or skipped unread (:func:`_ends_at` says the same of a whole
-    file without Pixel Data). A file pydicom raises on, or a deflated
-    dataset (inflated through the reader), is left to the caller's parse, which tells a
-    truncated file apart and raises what it should. The dataset's buffer is ``reader``:
+    file without Pixel Data). A file pydicom raises on, or a deflated dataset (inflated
+    through the reader), is left to the caller's parse, which tells a truncated file
+    apart and raises what it should. No deadline is checked here: the parse is bounded
+    by ``head``'s size. The dataset's buffer is ``reader``:
     what follows Pixel Data, and any value read later, is read through the budget.
     """
     if head[128:132] != b"DICM" and not _starts_like_a_dataset(head[:132]):
@@ -331,6 +333,7 @@ def _ends_at(dataset: FileDataset, data: bytes) -> bool:
         return True
     little = dataset.original_encoding[1]
     return data.endswith(_SEQUENCE_DELIMITER if little else _SEQUENCE_DELIMITER_BE)
+
 
 def _pixel_data_stop() -> tuple[list, Callable[[int, str | None, int], bool]]:
     """pydicom's ``stop_when`` for the top level, and the list it appends the

@@ -78,7 +78,7 @@ class Instance(NamedTuple):
     """What one input file became."""
 
     row: dict  # or a PickledRow or JsonRow (from a read process; then ``uids`` is set)
-    fragment: frozenset
+    fragment: frozenset  # from a read process: only the paths its chunk had not had before it
     filter_lines: tuple
     path: str = ""  # the input file's path (the files table, pipeline/ledger.py)
     uids: dict | None = None  # the row's UID_COLUMNS, when the row is encoded
@@ -405,10 +405,33 @@ def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
         return _handed_over(read_input(input_file, opener, filter_file), row_form)
 
     if not any(is_remote(input_file.path) for input_file in inputs):
-        return [read(input_file) for input_file in inputs]
+        return _fragments_once(read(input_file) for input_file in inputs)
     if _worker_threads is None:  # remote inputs wait on the network: all of the chunk at once
         _worker_threads = concurrent.futures.ThreadPoolExecutor(REMOTE_CHUNK_FILES, thread_name_prefix="read")
-    return list(_worker_threads.map(read, inputs))
+    return _fragments_once(_worker_threads.map(read, inputs))
+
+
+_NO_PATHS: frozenset = frozenset()
+
+
+def _fragments_once(outcomes) -> list[Outcome]:
+    """The chunk's outcomes, each instance's fragment less the paths an instance before it
+    in the chunk has (an empty one shared by all that add none).
+
+    The read step emits a chunk's outcomes whole and in order, and the table's schema is
+    the union of all fragments (``MergeFragments``), so it is the same; the launcher then
+    unpickles and merges each path about once per chunk rather than once per instance."""
+    seen: set = set()
+    chunk = []
+    for outcome in outcomes:
+        instance = outcome.instance
+        if instance is not None:
+            new = instance.fragment - seen if seen else instance.fragment
+            if new:
+                seen |= new
+            outcome = outcome._replace(instance=instance._replace(fragment=new or _NO_PATHS))
+        chunk.append(outcome)
+    return chunk
 
 
 def _handed_over(outcome: Outcome, row_form: str = PICKLE) -> Outcome:
