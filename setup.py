@@ -25,6 +25,7 @@ setuptools.setup(
         "duckdb>=1.1,<3",
         "pyarrow>=14,<26",
         "requests>=2.28,<3",  # DICOMweb (also a dependency of Beam's GCP extra)
+        "orjson>=3.9,<4",  # rows handed over by the read processes as JSON text
     ],
     extras_require={
         "test": [

@@ -24,7 +24,7 @@ from pipeline.options import parse_pipeline_options
 from schemas.merge import merge_fragments
 from tests.conftest import bundled_files
 from transforms.flatten import ReadInstances
-from transforms.read import CHUNK_FILES, PickledRow, ReadProcesses, as_row, instance_uids
+from transforms.read import CHUNK_FILES, PickledRow, ReadProcesses, as_row, instance_uids, json_row
 from transforms.storage import InputFile, Opener
 
 COUNTS = ("files_matched", "succeeded", "failed", "not_selected_by_filter", "tags_dropped_by_rule", "tags_dropped_not_fit",
@@ -135,6 +135,14 @@ def test_rows_handed_over_as_json_load_as_the_rows_python_completes(folder, tmp_
     kept = {row["SOPInstanceUID"]: row for row in map(json.loads, same_rows) if row["SOPInstanceUID"] in once}
     assert kept == once
     assert errors == same_errors and as_read["failed"] == completed["failed"] > 0
+
+
+def test_json_rows_read_back_as_the_rows_even_where_orjson_refuses_a_value():
+    row = {"A": "Ünïcode ✓ 山田", "B": [1.5, 1e16, -0.0, 5e-324], "C": {"D": None, "E": []}, "F": 2**63 - 1}
+    assert json.loads(json_row(row)) == row
+    assert b"\n" not in json_row({"A": "one\ntwo"})  # one line: a JSON lines file's
+    for refused in ({"A": 2**70}, {"A": "\ud800"}):  # past 64 bits, a lone surrogate: json writes them
+        assert json.loads(json_row(refused)) == refused
 
 
 def test_read_processes_with_a_filter_file_select_what_one_thread_selects(folder, tmp_path, monkeypatch, caplog):

@@ -570,7 +570,7 @@ def _completed_copies(files: list[str], schema: list[dict]) -> list[str]:
     for path in files:
         copy = f"{path[: -len('.json')]}.completed-{key}"  # not a staged file name (pipeline.staging.read_staged)
         if not os.path.exists(copy):
-            with open(path, encoding="ascii") as rows, open(copy + ".partial", "w", encoding="ascii") as out:
+            with open(path, encoding="utf-8") as rows, open(copy + ".partial", "w", encoding="ascii") as out:
                 for line in rows:
                     out.write(json.dumps(with_empty_lists(json.loads(line), schema)) + "\n")
             os.replace(copy + ".partial", copy)
