@@ -278,6 +278,40 @@ def test_a_fifo_or_device_is_never_opened(tmp_path):
     assert result["error"]["type"] == "NotARegularFileError"
 
 
+def test_files_opened_ahead_are_regular_files_only_and_none_is_left_open(tmp_path, monkeypatch):
+    from transforms import read
+    from transforms.storage import InputFile, Opener
+
+    good = tmp_path / "good.dcm"
+    good.write_bytes(to_bytes(instance()))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    inputs = [InputFile(str(path), None) for path in (good, fifo, tmp_path / "folder", tmp_path / "gone", "/dev/zero")]
+    opener = Opener()
+    _returns_within(5, lambda: opener.open_ahead(inputs))  # a FIFO or device is never opened, even ahead
+    assert list(opener._opened_ahead) == [str(good)]
+    taken = opener._opened_ahead[str(good)]
+    fileobj, _counting = opener.open(inputs[0])
+    with fileobj:
+        assert fileobj.raw._raw is taken and not opener._opened_ahead  # open() took the file opened ahead
+        assert read_header(fileobj).uids.instance
+    opener.open_ahead(inputs)
+    left = opener._opened_ahead[str(good)]
+    opener.close_ahead()
+    assert left.closed and not opener._opened_ahead
+
+    # A read process's chunk: every input an outcome, the errors as without opening ahead.
+    monkeypatch.setattr(read, "_worker", (Opener(), None, read.PICKLE))  # as _start_worker sets it
+    descriptors = len(os.listdir("/proc/self/fd"))
+    outcomes = read._read_chunk(inputs)
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert outcomes[0].instance is not None
+    alone = [read.read_input(input_file, Opener()) for input_file in inputs[1:]]  # each opened when read
+    assert [outcome.failure for outcome in outcomes[1:]] == [outcome.failure for outcome in alone]
+    assert {outcome.failure[1] for outcome in alone} == {"NotARegularFileError", "FileNotFoundError"}
+
+
 def test_listing_classifies_links_sockets_and_reads_each_file_once(tmp_path):
     root = tmp_path / "in"
     (root / "a").mkdir(parents=True)

@@ -408,7 +408,11 @@ def _read_chunk(inputs: list[InputFile]) -> list[Outcome]:
         return _handed_over(read_input(input_file, opener, filter_file), row_form)
 
     if not any(is_remote(input_file.path) for input_file in inputs):
-        return _fragments_once(read(input_file) for input_file in inputs)
+        opener.open_ahead(inputs)
+        try:
+            return _fragments_once(read(input_file) for input_file in inputs)
+        finally:
+            opener.close_ahead()
     if _worker_threads is None:  # remote inputs wait on the network: all of the chunk at once
         _worker_threads = concurrent.futures.ThreadPoolExecutor(REMOTE_CHUNK_FILES, thread_name_prefix="read")
     return _fragments_once(_worker_threads.map(read, inputs))

@@ -7,6 +7,10 @@ storage client Beam itself configures, so a header of a few KB costs one small r
 not the whole object (and no metadata request: the size comes from listing), and
 ``bytes_read`` counts what was transferred.
 
+A read process opens a chunk's local files ahead (:meth:`Opener.open_ahead`), asking the
+kernel to fetch their first bytes meanwhile, so a cold disk or a network filesystem is
+not waited on one file at a time.
+
 A worker process holds one storage client (:func:`storage_client`), shared by every
 thread that reads or lists, with an HTTP connection pool as large as
 :data:`REMOTE_CONCURRENCY`: on a network, latency rather than CPU is what a serial loop
@@ -350,6 +354,36 @@ class Opener:
         self._options = pipeline_options
         self.expand_archives = expand_archives
         self.nested_archives = nested_archives
+        self._opened_ahead: dict[str, io.FileIO] = {}
+
+    def open_ahead(self, inputs: list[InputFile]) -> None:
+        """Open the local files among ``inputs`` now, each asking the kernel to fetch its
+        first :data:`READ_BUFFER_BYTES` in the background (``posix_fadvise`` WILLNEED), so
+        that parsing one header overlaps fetching the next ones from a cold disk or a
+        network filesystem; :meth:`open` then takes the file opened here. A file that
+        cannot be opened now is left to :meth:`open` (its dead letter says why); what is
+        not taken is closed by :meth:`close_ahead`. For one thread at a time (a read
+        process's chunk)."""
+        if not hasattr(os, "posix_fadvise"):  # not Linux: the kernel reads ahead on its own terms
+            return
+        for input_file in inputs:
+            path = input_file.path
+            if path in self._opened_ahead or not self.is_local_file(input_file) or "://" in path:
+                continue
+            try:
+                raw = open_regular_file(path)
+            except Exception:  # left to open(): its dead letter says why
+                continue
+            try:
+                os.posix_fadvise(raw.fileno(), 0, READ_BUFFER_BYTES, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            self._opened_ahead[path] = raw
+
+    def close_ahead(self) -> None:
+        """Close the files :meth:`open_ahead` opened that :meth:`open` did not take."""
+        while self._opened_ahead:
+            self._opened_ahead.popitem()[1].close()
 
     def concurrency(self, input_file: InputFile) -> int:
         """How many inputs like this one to read at once."""
@@ -408,8 +442,8 @@ class Opener:
             from apache_beam.io.filesystems import FileSystems
 
             raw = FileSystems.open(path)
-        else:
-            raw = open_regular_file(path)  # never a FIFO or device, even if listing missed it
+        else:  # never a FIFO or device, even if listing missed it
+            raw = self._opened_ahead.pop(path, None) or open_regular_file(path)
         counting = CountingRaw(raw)
         return io.BufferedReader(counting, buffer_size=READ_BUFFER_BYTES), counting
 
