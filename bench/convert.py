@@ -5,8 +5,9 @@
 Without arguments it uses pydicom's bundled test files that are instances. For each
 file both ways read it from disk: the bare walk is ``dcmread(stop_before_pixels=True)``
 and touching every value (sequences included); the conversion is what the pipeline does
-per instance (``read_header`` + ``flatten_instance``, the file buffered as the pipeline's are). It prints instances per second of
-each and the ratio of their costs (aim: conversion ≤ 1.3× the bare walk).
+per instance (``read_header`` + ``flatten_instance``, the file buffered as the pipeline's
+are). It prints instances per second of each and the ratio of their costs (aim:
+conversion ≤ 1.3× the bare walk).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from pipeline import summary as run_summary
 from pipeline.destinations import DestinationError, TooManyFailures, resolve_disposition
 from pipeline.destinations.base import DEFAULT_URI, RunContext, parse_destination
-from pipeline.graph import ExportPlan, build_pipeline
+from pipeline.graph import ExportPlan, build_pipeline, forget_handed_files
 from pipeline import early, ledger
 from pipeline.cli import descriptor_2_to_devnull
 from pipeline.early import MOST_HANDED_FILES, MOST_HANDED_OBJECTS, READ_PROCESSES_MIN_FILES
@@ -409,8 +409,11 @@ def _run_pipeline(options, export, destination, disposition, plan, filter_file, 
         outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)
         destination.attach(outputs, context)
         stage_summary(outputs, context.staging)
-        with progress.display():
-            context.counts = run_summary.counters(_run_to_completion(pipeline))
+        try:
+            with progress.display():
+                context.counts = run_summary.counters(_run_to_completion(pipeline))
+        finally:
+            forget_handed_files()
         for name, value in listed_counts.items():
             context.counts[name] = context.counts.get(name, 0) + value
         destination.finish(context)

@@ -15,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import graph
 from pipeline.graph import ExportPlan, build_pipeline
 from schemas.convert import BASE_FRAGMENT
 from schemas.merge import add_fragment, merge_fragments, to_bigquery_schema
@@ -133,6 +134,32 @@ def test_an_input_listed_with_an_error_is_a_list_stage_dead_letter_and_is_never_
     assert counts[counters.FAILED] == 1
     assert counts[counters.failed_counter("SymlinkLoopError")] == 1
     assert counts.get(counters.BYTES_READ, 0) == 0
+
+
+@pytest.mark.parametrize("runner, mode, carried", [
+    ("FnApiRunner", "in_memory", False), ("FnApiRunner", "multi_processing", True), ("DirectRunner", "in_memory", True)])
+def test_files_listed_by_the_launcher_are_carried_in_the_graph_only_for_workers_elsewhere(inputs, runner, mode, carried):
+    """Handed files reach a pipeline whose workers are this process from this process
+    (Beam would pickle them into the graph); any other runner gets them in its graph."""
+    folder, flattened = inputs
+    listed = tuple(InputFile(str(path), path.stat().st_size) for path in sorted(folder.iterdir()))
+    options = beam.options.pipeline_options.PipelineOptions([f"--runner={runner}", f"--direct_running_mode={mode}"])
+    p = beam.Pipeline(runner=runner, options=options)
+    try:
+        outputs = build_pipeline(p, plan_for(folder, listed_files=listed), options)
+        proto = p.to_runner_api()
+        names = {transform.unique_name for transform in proto.components.transforms.values()}
+        assert ("HandedFiles" in names) is not carried
+        assert bool(graph._HANDED_FILES) is not carried
+        if not carried:  # run it: the rows of the instances, the file that is not DICOM a dead letter
+            assert_that(outputs.rows | beam.Map(lambda row: row["SOPInstanceUID"]),
+                        equal_to([f.row["SOPInstanceUID"] for f in flattened.values()]))
+            assert_that(outputs.dead_letters | beam.Map(lambda record: os.path.basename(record["path"])),
+                        equal_to(["notes.txt"]), label="DeadLetter")
+            p.run().wait_until_finish()
+    finally:
+        graph.forget_handed_files()
+    assert not graph._HANDED_FILES
 
 
 def test_failures_are_counted_by_type(inputs):

@@ -17,6 +17,7 @@ import zlib
 import duckdb
 import pytest
 
+import pipeline.graph
 import pipeline.main
 import transforms.read
 from pipeline.graph import ExportPlan
@@ -99,9 +100,18 @@ def test_a_local_run_over_plain_files_is_listed_by_the_launcher_with_what_the_pi
     if archives == "expanded":
         (folder / "some.zip").unlink()
     extra = ["--input", str(folder / "000*"), *(["--no-archives"] if archives != "expanded" else [])]
+    taken = []  # the files reach the pipeline from this process, not pickled in its graph
+
+    class Handed(dict):
+        def __getitem__(self, token):
+            taken.append(token)
+            return super().__getitem__(token)
+
+    monkeypatch.setattr(pipeline.graph, "_HANDED_FILES", Handed())
     handed, [plan], rows, errors = _export(folder, tmp_path / "handed.duckdb", monkeypatch, *extra)
     files = sorted(os.listdir(folder))
     assert sorted(os.path.basename(f.path) for f in plan.listed_files) == files  # each file once
+    assert len(taken) == 1 and not pipeline.graph._HANDED_FILES  # taken once, forgotten after the run
     assert plan.read_processes == 2  # the count the launcher listed, not a second walk
     monkeypatch.setattr(pipeline.main, "MOST_HANDED_FILES", len(files) - 1)  # too many to hand over
     listed, [plan], same_rows, same_errors = _export(folder, tmp_path / "listed.duckdb", monkeypatch, *extra)

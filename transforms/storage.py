@@ -443,7 +443,9 @@ class Opener:
 
             raw = FileSystems.open(path)
         else:  # never a FIFO or device, even if listing missed it
-            raw = self._opened_ahead.pop(path, None) or open_regular_file(path)
+            raw = self._opened_ahead.pop(path, None)
+            if raw is None:
+                raw = open_regular_file(path)
         counting = CountingRaw(raw)
         return io.BufferedReader(counting, buffer_size=READ_BUFFER_BYTES), counting
 
