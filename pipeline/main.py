@@ -475,7 +475,7 @@ def _list_here(plan: ExportPlan, options):
     None where the pipeline lists: another remote input (or a listing that failed here:
     the pipeline lists again and reports it), a filter file's UID layout, an archive
     among the files (unless ``--no-archives``), or more than MOST_HANDED_FILES files
-    (the list becomes part of the graph; MOST_HANDED_OBJECTS on Cloud Storage)."""
+    (the list is held whole; MOST_HANDED_OBJECTS on Cloud Storage)."""
     if plan.uid_roots or plan.dicomweb_units or not plan.listing_units:
         return None
     remote = not _all_local(plan)
