@@ -34,8 +34,8 @@ READ_PROCESSES_MIN_FILES = 200
 
 #: The launcher hands the pipeline at most this many files it listed (a local run's, or a
 #: local --incremental update's changed files); with more, the pipeline lists (and compares) itself
-#: (the list is held whole: in the launcher's memory for a pipeline run in this process,
-#: else in the pipeline's graph, ``pipeline.graph._HANDED_FILES``).
+#: (the list is held whole: in the launcher's memory, ``pipeline.graph._HANDED_FILES``, for
+#: a pipeline run in this process, else in the pipeline's graph).
 MOST_HANDED_FILES = 10_000
 
 #: The launcher hands the pipeline at most this many Cloud Storage objects it listed (two

@@ -236,8 +236,8 @@ def build_pipeline(
 
 #: The files the launcher listed for a pipeline whose workers are this process (Beam's
 #: ``in_memory`` mode), by a token of the pipeline's: its first step takes them from here
-#: rather than from its graph, where Beam would pickle and bz2-compress them (~35 µs a
-#: file, once more than the files themselves in memory). Emptied by :func:`forget_handed_files`.
+#: rather than from its graph, where Beam would pickle and bz2-compress them (~35 µs of
+#: CPU a file, and a second copy of them in memory). Emptied by :func:`forget_handed_files`.
 _HANDED_FILES: dict[str, tuple] = {}
 
 
