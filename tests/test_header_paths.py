@@ -120,6 +120,10 @@ def test_built_edge_cases_read_the_same_both_ways(in_memory):
         "undefined-length sequence last, big endian": to_bytes(sequences_last, ExplicitVRBigEndian),
         "pixel data past the buffer": to_bytes(with_pixels(instance(), 4 * READ_BUFFER_BYTES)),
     }
+    delimiter_like = instance()  # a last value ending like a delimiter, then 2 bytes of a cut header
+    delimiter_like.add_new(0x00290010, "LO", "CREATOR")
+    delimiter_like.add_new(0x00291010, "OB", b"xx\xfe\xff\xdd\xe0\x00\x00")
+    cases["a value ending like a delimiter, then a cut header"] = to_bytes(delimiter_like) + b"\0\0"
     for name in ("undefined-length sequence last", "undefined-length sequence last, big endian"):
         data = cases[name]
         assert data.endswith(b"\xfe\xff\xdd\xe0\0\0\0\0") or data.endswith(b"\xff\xfe\xe0\xdd\0\0\0\0"), name
@@ -130,6 +134,7 @@ def test_built_edge_cases_read_the_same_both_ways(in_memory):
     assert fast["header longer than the buffer"] == fast["deflated"] == "row"
     assert fast["undefined-length sequence last, cut"] == "error"
     assert fast["undefined-length sequence last, then 5 bytes"] == "error"
+    assert fast["a value ending like a delimiter, then a cut header"] == "error"
     # In memory: the plain files, the sequences ending a whole file; handed over: the rest.
     assert in_memory.count(True) >= 6 and in_memory.count(False) >= 4
 

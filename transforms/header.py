@@ -316,21 +316,25 @@ def _read_header_in(head: bytes, reader: "_GuardedReader", budget: Budget) -> In
 def _ends_at(dataset: FileDataset, data: bytes) -> bool:
     """True if parsing a file held whole in memory (``data``) read it to its end, with no
     read cut short: it must end with the value of the last element read (a defined length,
-    read whole), or with a Sequence Delimitation Item (an element of undefined length:
-    parsing one raises unless its delimiter was read whole; and no 1 to 7 bytes of a cut
-    element header following one can end with all of its 8 bytes)."""
+    read whole), or, after that value, with a Sequence Delimitation Item (an element of
+    undefined length: parsing one raises unless its delimiter was read whole; and no 1 to 7
+    bytes of a cut element header following one can end with all of its 8 bytes, while
+    after a value's own bytes they can: that value must end before them)."""
     last = None
     for element in dataset._dict.values():
         if isinstance(element, RawDataElement) and (last is None or element.value_tell > last.value_tell):
             last = element
-    if (
-        last is not None
-        and last.length != 0xFFFFFFFF
-        and last.value is not None
-        and len(last.value) == last.length
-        and last.value_tell + last.length == len(data)
-    ):
-        return True
+    if last is not None:
+        if last.length != 0xFFFFFFFF:
+            if last.value is not None and len(last.value) == last.length and last.value_tell + last.length == len(data):
+                return True
+            value_end = last.value_tell + last.length
+        elif last.value is not None:  # undefined length: the value up to its delimiter
+            value_end = last.value_tell + len(last.value)
+        else:
+            return False
+        if value_end > len(data) - len(_SEQUENCE_DELIMITER):
+            return False
     little = dataset.original_encoding[1]
     return data.endswith(_SEQUENCE_DELIMITER if little else _SEQUENCE_DELIMITER_BE)
 
