@@ -106,6 +106,7 @@ UNREAD_AFTER_PIXEL_DATA = "unread_after_pixel_data"
 #: PS3.5 §7.5: the Sequence Delimitation Item (FFFE,E0DD) with its zero length, which ends
 #: encapsulated Pixel Data (always little endian: every encapsulated syntax is).
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+#: The same item in a big endian dataset, which can end with a sequence (:func:`_ends_at`).
 _SEQUENCE_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 _ITEM_TAG = 0xFFFEE000
 _SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
@@ -293,15 +294,16 @@ def _read_header_in(head: bytes, reader: "_GuardedReader", budget: Budget) -> In
     file without Pixel Data). A file pydicom raises on, or a deflated dataset (inflated
     through the reader), is left to the caller's parse, which tells a truncated file
     apart and raises what it should. No deadline is checked here: the parse is bounded
-    by ``head``'s size. The dataset's buffer is ``reader``:
-    what follows Pixel Data, and any value read later, is read through the budget.
+    by ``head``'s size. The dataset's buffer is ``reader``: what follows Pixel Data, and
+    any value read later, is read through the budget.
     """
-    if head[128:132] != b"DICM" and not _starts_like_a_dataset(head[:132]):
+    has_prefix = head[128:132] == b"DICM"
+    if not has_prefix and not _starts_like_a_dataset(head[:132]):
         return None
     stopped_at, stop_at_pixel_data = _pixel_data_stop()
     memory = io.BytesIO(head)
     try:
-        dataset = _read_partial(memory, stop_at_pixel_data, head[128:132] != b"DICM", budget, 0, owner=reader)
+        dataset = _read_partial(memory, stop_at_pixel_data, not has_prefix, budget, 0, owner=reader)
     except Exception as error:
         if _from_recursion(error):
             raise  # with_deep_stack parses again with a deep stack

@@ -368,7 +368,7 @@ class Opener:
             return
         for input_file in inputs:
             path = input_file.path
-            if path in self._opened_ahead or not self.is_local_file(input_file) or "://" in path:
+            if path in self._opened_ahead or not self.is_local_file(input_file):
                 continue
             try:
                 raw = open_regular_file(path)
