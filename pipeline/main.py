@@ -392,8 +392,17 @@ def _read_ahead(plan: ExportPlan, filter_file, options) -> ReadProcesses:
 
 def _run_pipeline(options, export, destination, disposition, plan, filter_file, context, runner, local, started,
                   listed_counts, read_ledger) -> dict:
-    progress = LocalProgress(export.progress_seconds if local else 0)
     pipeline = beam.Pipeline(options=options)
+    try:
+        return _build_and_run(pipeline, options, export, destination, disposition, plan, filter_file, context, runner,
+                              local, started, listed_counts, read_ledger)
+    finally:  # Beam removes its temporary folder in run(), which a build that fails never reaches
+        shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
+
+
+def _build_and_run(pipeline, options, export, destination, disposition, plan, filter_file, context, runner, local, started,
+                   listed_counts, read_ledger) -> dict:
+    progress = LocalProgress(export.progress_seconds if local else 0)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
     if not local:
         outputs = build_pipeline(pipeline, plan, options, progress.reporter, recorded)

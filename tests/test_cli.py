@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -132,6 +133,21 @@ class TestErrorsAreOneLine:
         assert err == "dicom-bq-export: error: unexpected KeyError; run again with --debug to see the traceback\n"
         code, _out, err = run_main(capsys, "--input", str(SAMPLES), "--debug")
         assert code == 1 and "Traceback (most recent call last)" in err and "KeyError" in err
+
+    def test_a_run_that_fails_while_its_pipeline_is_built_leaves_no_temporary_folder(self, capsys, monkeypatch,
+                                                                                     tmp_path):
+        import pipeline.main
+
+        def broken(*args, **kwargs):
+            raise KeyError("internal")
+
+        temporary = tmp_path / "tmp"
+        temporary.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where Beam makes its pipeline's folder
+        monkeypatch.setattr(pipeline.main, "build_pipeline", broken)
+        code, _out, err = run_main(capsys, "--input", str(SAMPLES), f"--bq-table=duckdb://{tmp_path / 'out.duckdb'}#t")
+        assert code == 1 and "unexpected KeyError" in err
+        assert list(temporary.iterdir()) == []
 
 
 def test_a_default_run_prints_only_the_summary(tmp_path):

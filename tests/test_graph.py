@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import shutil
 
 import apache_beam as beam
 import pytest
@@ -159,6 +160,7 @@ def test_files_listed_by_the_launcher_are_carried_in_the_graph_only_for_workers_
             p.run().wait_until_finish()
     finally:
         graph.forget_handed_files()
+        shutil.rmtree(p.local_tempdir, ignore_errors=True)  # Beam's own, removed by run() only
     assert not graph._HANDED_FILES
 
 
