@@ -205,13 +205,18 @@ def test_finish_with_too_many_failures_writes_nothing(tmp_path):
 
 
 def test_the_load_connection_writes_small_row_groups_with_one_thread_and_spills_beside_the_file(tmp_path):
-    """What keeps DuckDB's load from holding every new row in memory (LOAD_ROW_GROUP_SIZE);
-    a name with a quote and a space reaches ATTACH intact."""
+    """What keeps DuckDB's load from holding every new row in memory (LOAD_ROW_GROUP_SIZE,
+    LOAD_BUFFERED_ROW_GROUPS); a name with a quote and a space reaches ATTACH intact."""
+    from pipeline.destinations import duckdb as destination
+
     path = tmp_path / "it's a db.duckdb"
     con = DuckDBTable(str(path), "t")._connect(load=True)
     try:
         settings = con.execute("SELECT current_setting('threads'), current_setting('temp_directory')").fetchone()
         assert settings == (1, str(path) + ".tmp")
+        buffered = con.execute("SELECT value FROM duckdb_settings() WHERE name = 'write_buffer_row_group_count'"
+                               ).fetchall()
+        assert buffered in ([], [(str(destination.LOAD_BUFFERED_ROW_GROUPS),)])  # where this DuckDB has it
         con.execute("CREATE TABLE t AS SELECT range AS n FROM range(20000)")
     finally:
         con.close()
