@@ -231,3 +231,17 @@ def test_incremental_keeps_one_row_per_instance_the_greatest_path(tmp_path, spoo
             equal_to([("a.dcm", "duplicate"), ("b.dcm", "row"), ("c.dcm", "row")]),
             label="Outcomes",
         )
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_every_input_is_flattened_only_for_incremental_which_reads_it(inputs, incremental):
+    """Beam's local runner holds a Flatten's output whole even when nothing consumes it
+    (one entry per file): a plain run with archive steps builds none of every input."""
+    folder, _ = inputs
+    p = beam.Pipeline(runner="FnApiRunner")
+    try:
+        build_pipeline(p, plan_for(folder, expand_archives=True, incremental=incremental))
+        names = {transform.unique_name for transform in p.to_runner_api().components.transforms.values()}
+    finally:
+        shutil.rmtree(p.local_tempdir, ignore_errors=True)
+    assert "Archives" in names and ("EveryInput" in names) is incremental

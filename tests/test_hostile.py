@@ -335,6 +335,29 @@ def test_listing_classifies_links_sockets_and_reads_each_file_once(tmp_path):
     assert match_files(str(root / "a" / "*.dcm")) == match_files(str(root / "a" / "f.dcm"))
 
 
+def test_listing_a_large_folder_holds_its_names_not_an_object_per_entry(tmp_path):
+    """A folder of 20,000 files is listed holding little more than their names while they
+    are sorted (sorted DirEntry objects with their stats took ~800 bytes a file; the names ~70)."""
+    import tracemalloc
+
+    from transforms.listing import iter_files
+
+    for index in range(20_000):
+        (tmp_path / f"{index:06d}.dcm").touch()
+    tracemalloc.start()
+    try:
+        first, count = [], 0
+        for input_file in iter_files(str(tmp_path) + "/"):
+            count += 1
+            if count <= 2:
+                first.append(input_file.path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 20_000 and first == [str(tmp_path / "000000.dcm"), str(tmp_path / "000001.dcm")]
+    assert peak < 20_000 * 200, peak
+
+
 def test_inspect_on_the_hostile_folder_answers_for_every_file(hostile_folder):
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline.main", "inspect", str(hostile_folder)],
