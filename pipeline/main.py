@@ -400,8 +400,8 @@ def _run_pipeline(options, export, destination, disposition, plan, filter_file, 
         shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
 
 
-def _build_and_run(pipeline, options, export, destination, disposition, plan, filter_file, context, runner, local, started,
-                   listed_counts, read_ledger) -> dict:
+def _build_and_run(pipeline, options, export, destination, disposition, plan, filter_file, context, runner, local,
+                   started, listed_counts, read_ledger) -> dict:
     progress = LocalProgress(export.progress_seconds if local else 0)
     recorded = pipeline | "ReadFilesTable" >> read_ledger if read_ledger is not None else None
     if not local:
