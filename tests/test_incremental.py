@@ -403,14 +403,17 @@ def test_a_killed_run_leaves_the_old_or_the_new_state(archive, db, tmp_path, mom
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = pathlib.Path(db.path).parent
     deadline = time.monotonic() + 60
+    pattern = {
+        "reading": ".export.duckdb.staging-*",
+        "staged": ".export.duckdb.staging-*/files-*.json",
+        "committing": "export.duckdb.wal",  # the transaction is being committed
+    }[moment]
     while process.poll() is None and time.monotonic() < deadline:
-        seen = {
-            "reading": list(folder.glob(".export.duckdb.staging-*")),
-            "staged": list(folder.glob(".export.duckdb.staging-*/files-*.json")),
-            "committing": list(folder.glob("export.duckdb.wal")),  # the transaction is being committed
-        }
-        if seen[moment]:
-            break
+        try:
+            if any(folder.glob(pattern)):
+                break
+        except FileNotFoundError:  # the staging folder was removed while glob listed it
+            pass
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
