@@ -65,6 +65,7 @@ from transforms.read import (
     offer,
     processes_available,
     start_fork_server,
+    stop_read_processes,
     usable_cores,
 )
 from transforms.storage import Opener, client_settings
@@ -423,6 +424,7 @@ def _build_and_run(pipeline, options, export, destination, disposition, plan, fi
                 context.counts = run_summary.counters(_run_to_completion(pipeline))
         finally:
             forget_handed_files()
+        stop_read_processes()  # their fork server would add to the peak of the load below
         for name, value in listed_counts.items():
             context.counts[name] = context.counts.get(name, 0) + value
         destination.finish(context)

@@ -88,6 +88,43 @@ def test_a_local_run_reads_on_processes_with_exactly_the_rows_and_dead_letters_o
     assert FELL_BACK not in caplog.text  # every chunk was read on the processes
 
 
+def test_the_fork_server_is_stopped_before_the_load_and_started_again_by_the_next_run(
+    folder, tmp_path, monkeypatch, caplog
+):
+    """The read processes' fork server (~50 MiB) was alive through the destination's
+    load, the peak of a run's memory; it is stopped when the pipeline is done."""
+    from multiprocessing import forkserver
+
+    from pipeline.destinations.duckdb import DuckDBTable
+
+    monkeypatch.setattr(pipeline.main, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline.main, "READ_PROCESSES_MIN_FILES", 50)
+    servers, alive_at_load = [], []
+    init = ReadProcesses.__init__
+
+    def started(self, *a, **k):
+        init(self, *a, **k)
+        servers.append(forkserver._forkserver._forkserver_pid)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    write = DuckDBTable.write
+    monkeypatch.setattr(ReadProcesses, "__init__", started)
+    monkeypatch.setattr(DuckDBTable, "write",
+                        lambda self, *a, **k: alive_at_load.append([alive(pid) for pid in servers]) or write(self, *a, **k))
+    first, *_ = _export(folder, tmp_path / "first.duckdb", monkeypatch)
+    second, *_ = _export(folder, tmp_path / "second.duckdb", monkeypatch)
+    assert len(servers) == 2 and servers[0] != servers[1]  # the second run started a fork server of its own
+    assert alive_at_load == [[False], [False, False]]
+    assert first["succeeded"] == second["succeeded"] > 150
+    assert FELL_BACK not in caplog.text  # both runs read on processes
+
+
 @pytest.mark.parametrize("archives", ["expanded", "--no-archives"])
 def test_a_local_run_over_plain_files_is_listed_by_the_launcher_with_what_the_pipeline_would_list(
     folder, tmp_path, monkeypatch, archives
