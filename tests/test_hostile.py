@@ -357,6 +357,19 @@ def test_listing_a_large_folder_holds_its_names_not_an_object_per_entry(tmp_path
     assert count == 20_000 and first == [str(tmp_path / "000000.dcm"), str(tmp_path / "000001.dcm")]
     assert peak < 20_000 * 200, peak
 
+    # The launcher's split of the same folder keeps only its sub-folders' names (the list of
+    # every DirEntry it held took ~200 bytes a file).
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    tracemalloc.start()
+    try:
+        units = shard_listing_units([str(tmp_path) + "/**"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert units == [str(tmp_path) + "/*", str(tmp_path / "a") + "/*", str(tmp_path / "b") + "/*"]
+    assert peak < 20_000 * 20, peak
+
 
 def test_inspect_on_the_hostile_folder_answers_for_every_file(hostile_folder):
     started = time.monotonic()

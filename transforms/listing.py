@@ -137,12 +137,11 @@ def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
     if is_remote(folder):
         return []
     try:  # a folder's type comes with its entry: no stat of each file (links are followed)
-        with os.scandir(folder or ".") as scan:
-            entries = list(scan)
+        with os.scandir(folder or ".") as scan:  # only the sub-folders' names are kept
+            names = [entry.name for entry in scan if _is_folder(entry)]
     except OSError:
         return []
-    return sorted(os.path.join(folder, entry.name) if folder else entry.name
-                  for entry in entries if _is_folder(entry))
+    return sorted(os.path.join(folder, name) if folder else name for name in names)
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
