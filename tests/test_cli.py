@@ -20,6 +20,8 @@ import duckdb
 import pytest
 
 from pipeline import main as command
+from pipeline.cli import NOT_FOR_BEAM, NOT_FOR_LOCAL_RUNS
+from pipeline.cli import not_for_beam as cli_not_for_beam
 from tests.test_progress import copies_of_the_samples
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -326,3 +328,34 @@ def test_beam_is_imported_without_the_modules_it_would_import_for_nothing():
     assert result["during"] == {"pandas": False, "pymongo": False, "bson": False}
     has_pandas = importlib.util.find_spec("pandas") is not None
     assert result["after"] == {"pymongo": True, "bson": True, "pandas": has_pandas}
+
+
+@pytest.mark.parametrize("runner, hidden", [([], True), (["--runner=DirectRunner"], False), (["--runner", "x"], False)])
+def test_a_local_run_imports_beam_without_the_clients_only_a_remote_runner_uses(tmp_path, runner, hidden):
+    """Without --runner (a local export), Beam is imported without the Dataflow API's
+    client, Pub/Sub's and BigQuery Storage's read client: the export still runs, and
+    they import as usual afterwards. With --runner, Beam is imported whole."""
+    hides = set(cli_not_for_beam(runner))
+    assert hides >= set(NOT_FOR_BEAM) and (hides >= set(NOT_FOR_LOCAL_RUNS)) is hidden
+    if runner:
+        return
+    table = tmp_path / "out.duckdb"
+    script = (
+        "import importlib, json, sys\n"
+        "from pipeline import cli\n"
+        f"code = cli.main(['--input', {str(SAMPLES)!r}, '--bq-table=duckdb://{table}#instances', "
+        "'--progress-seconds=0'])\n"
+        "during = sorted(name for name in cli.NOT_FOR_LOCAL_RUNS if sys.modules.get(name) is not None)\n"
+        "after = [name for name in cli.NOT_FOR_LOCAL_RUNS if importlib.util.find_spec(name) is not None]\n"
+        "for name in after:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps({'code': code, 'during': during, 'after': after}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["code"] == 0 and result["during"] == []
+    assert "google.cloud.dataflow" in result["after"]  # installed with Beam's gcp extra: it was there to hide
+    with duckdb.connect(str(table), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM instances").fetchone()[0] == len(list(SAMPLES.rglob("*.dcm")))
+    assert "Traceback" not in done.stderr and "bigquery_storage" not in done.stderr

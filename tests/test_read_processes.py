@@ -430,22 +430,26 @@ def test_read_ahead_chunks_as_the_read_step_does(folder):
 
 
 @pytest.mark.parametrize("argv, starts", [
-    (["--input", "/no/such/folder"], "beam imported: False, Cloud Storage: False"),
-    (["--input", "gs://b/x/", "--no-such-flag"], "beam imported: False, Cloud Storage: True"),  # its client preloaded
+    (["--input", "/no/such/folder"], "beam imported: False, pydicom imported: False, Cloud Storage: False"),
+    (["--input", "gs://b/x/", "--no-such-flag"],  # its client preloaded
+     "beam imported: False, pydicom imported: False, Cloud Storage: True"),
     (["--help"], None),
     (["inspect", "x.dcm"], None),
 ])
 def test_the_command_starts_the_read_server_before_it_imports_beam(argv, starts):
-    """pipeline.cli.main: for an export, the fork server starts before Beam is imported."""
+    """pipeline.cli.main: for an export, the fork server starts before Beam is imported,
+    and before the launcher imports the reading code (pydicom), which the server imports
+    meanwhile on the other core."""
     import subprocess
     import sys
 
     script = (
         "import sys\n"
-        "import transforms.read as read\n"
-        "start = read.start_fork_server\n"
-        "read.start_fork_server = lambda cloud_storage=False: print(\n"
-        "    f\"beam imported: {'apache_beam' in sys.modules}, Cloud Storage: {cloud_storage}\") or start(cloud_storage)\n"
+        "import transforms.fork_server as fork_server\n"
+        "start = fork_server.start_fork_server\n"
+        "fork_server.start_fork_server = lambda cloud_storage=False: print(\n"
+        "    f\"beam imported: {'apache_beam' in sys.modules}, pydicom imported: {'pydicom' in sys.modules}, \"\n"
+        "    f\"Cloud Storage: {cloud_storage}\") or start(cloud_storage)\n"
         "from pipeline import cli\n"
         f"cli.main({argv!r})\n"
     )

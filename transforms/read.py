@@ -35,6 +35,12 @@ import orjson
 
 from schemas.convert import flatten_instance
 from transforms.filter_file import FilterFile
+from transforms.fork_server import (  # noqa: F401 (processes_available, usable_cores: this module's API too)
+    processes_available,
+    start_fork_server,
+    stop_fork_server,
+    usable_cores,
+)
 from transforms.header import describe_error, read_header, silence_pydicom
 from transforms.storage import ClientSettings, InputFile, Opener, is_remote, use_client_settings
 
@@ -153,36 +159,6 @@ REMOTE_CHUNK_FILES = 32
 #: Files the launcher starts reading before the pipeline's read step runs (ReadProcesses.read_ahead):
 #: more than two cores read in the half second Beam takes to start; their rows wait in memory.
 READ_AHEAD_FILES = 1024
-_PRELOAD = ["transforms.read"]
-_CLOUD_STORAGE_PRELOAD = ["google.cloud.storage"]
-
-
-def processes_available() -> bool:
-    """True where read processes can start: a fork server (Linux, macOS; not Windows),
-    and this process is not a daemonic one (which may have no child processes)."""
-    return "forkserver" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or a
-    scheduler's share, not the whole host), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def start_fork_server(cloud_storage: bool = False) -> None:
-    """Start the fork server the read processes come from, with this module imported
-    (and Cloud Storage's client library, for a run that reads ``gs://``), so that it
-    starts while the launcher builds the pipeline. Idempotent: the first call decides."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD + (_CLOUD_STORAGE_PRELOAD if cloud_storage else []))
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
-
-
 class ReadProcesses:
     """``processes`` worker processes reading local inputs in chunks with
     :func:`read_input`, each with its own opener (``expand_archives``,
@@ -343,17 +319,10 @@ def stop_read_processes() -> None:
     run does so once its pipeline is done, before the destination's load: the fork
     server (~50 MiB resident, with the reading code imported) was part of the run's
     peak memory, which is that load's. A later run starts it again
-    (:func:`start_fork_server`). The fork server is stopped through the standard
-    library's own ``ForkServer._stop`` (there is no public call); where a Python lacks
-    it, the server stays until the process ends, as before."""
+    (:func:`transforms.fork_server.start_fork_server`)."""
     for processes in list(_running):
         processes.shutdown()
-    from multiprocessing import forkserver
-
-    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
-    if stop is not None:
-        with contextlib.suppress(OSError):
-            stop()
+    stop_fork_server()
 
 
 def kill_read_processes() -> None:
