@@ -235,6 +235,41 @@ def test_the_load_files_in_the_temp_location_are_removed(client, dataset, export
     assert [blob.name for blob in storage_client.list_blobs(bucket, prefix="tmp/dicom-bq-export/")] == []
 
 
+def test_a_local_run_of_the_command_loads_with_beam_imported_as_the_command_imports_it(
+        client, dataset, gcp_local, temp_location):
+    """The command imports Beam without the clients only a remote runner uses (BigQuery
+    Storage's read client, the Dataflow API's, Pub/Sub's: ``pipeline.cli.not_for_beam``)
+    when it names no runner: a local export to BigQuery still loads every row. In a process
+    of its own, as the command's, since this one imported Beam whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    table_id = f"{PROJECT}.{dataset}.instances"
+    script = (
+        "import json, sys\n"
+        "import google.auth\n"
+        "from google.auth.credentials import AnonymousCredentials\n"
+        f"google.auth.default = lambda *a, **k: (AnonymousCredentials(), {PROJECT!r})\n"
+        "from pipeline import cli\n"
+        "with cli.beam_imported_without(cli.not_for_beam([])):\n"
+        "    import pipeline.main\n"
+        "hidden = [name for name in cli.NOT_FOR_LOCAL_RUNS if sys.modules.get(name) is not None]\n"
+        "from apache_beam.io.gcp.internal.clients import bigquery as bq_apitools\n"
+        f"bq_apitools.BigqueryV2.BASE_URL = {gcp_local['bq'] + '/bigquery/v2/'!r}\n"
+        f"code = pipeline.main.main(['--input', {str(SAMPLES)!r}, '--bq-table=bq://{table_id}', '--progress-seconds=0',\n"
+        f"                           '--project={PROJECT}', '--temp_location={temp_location}'])\n"
+        "print(json.dumps({'code': code, 'imported': hidden}))\n"
+    )
+    env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "imported": []}
+    assert len(table_rows(client, table_id)) == len(sample_files())
+
+
 def test_cluster_by_clusters_a_new_table(client, dataset, export):
     table_id = f"{PROJECT}.{dataset}.instances"
     export("--input", str(SAMPLES), f"--bq-table=bq://{table_id}", "--cluster-by=StudyInstanceUID,SeriesInstanceUID")
