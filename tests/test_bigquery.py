@@ -258,8 +258,9 @@ def test_a_local_run_of_the_command_loads_with_beam_imported_as_the_command_impo
         "hidden = [name for name in cli.NOT_FOR_LOCAL_RUNS if sys.modules.get(name) is not None]\n"
         "from apache_beam.io.gcp.internal.clients import bigquery as bq_apitools\n"
         f"bq_apitools.BigqueryV2.BASE_URL = {gcp_local['bq'] + '/bigquery/v2/'!r}\n"
-        f"code = pipeline.main.main(['--input', {str(SAMPLES)!r}, '--bq-table=bq://{table_id}', '--progress-seconds=0',\n"
-        f"                           '--project={PROJECT}', '--temp_location={temp_location}'])\n"
+        f"code = pipeline.main.main(['--input', {str(SAMPLES)!r}, '--bq-table=bq://{table_id}',\n"
+        f"                           '--progress-seconds=0', '--project={PROJECT}',\n"
+        f"                           '--temp_location={temp_location}'])\n"
         "print(json.dumps({'code': code, 'imported': hidden}))\n"
     )
     env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])

@@ -159,6 +159,8 @@ REMOTE_CHUNK_FILES = 32
 #: Files the launcher starts reading before the pipeline's read step runs (ReadProcesses.read_ahead):
 #: more than two cores read in the half second Beam takes to start; their rows wait in memory.
 READ_AHEAD_FILES = 1024
+
+
 class ReadProcesses:
     """``processes`` worker processes reading local inputs in chunks with
     :func:`read_input`, each with its own opener (``expand_archives``,
