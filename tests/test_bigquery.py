@@ -239,7 +239,8 @@ def test_a_local_run_of_the_command_loads_with_beam_imported_as_the_command_impo
         client, dataset, gcp_local, temp_location):
     """The command imports Beam without the clients only a remote runner uses (BigQuery
     Storage's read client, the Dataflow API's, Pub/Sub's: ``pipeline.cli.not_for_beam``)
-    when it names no runner: a local export to BigQuery still loads every row. In a process
+    when it names no runner, but with BigQuery IO and Cloud Storage when it names a
+    BigQuery table: a local export to BigQuery still loads every row. In a process
     of its own, as the command's, since this one imported Beam whole."""
     import json
     import os
@@ -253,14 +254,15 @@ def test_a_local_run_of_the_command_loads_with_beam_imported_as_the_command_impo
         "from google.auth.credentials import AnonymousCredentials\n"
         f"google.auth.default = lambda *a, **k: (AnonymousCredentials(), {PROJECT!r})\n"
         "from pipeline import cli\n"
-        "with cli.beam_imported_without(cli.not_for_beam([])):\n"
+        f"argv = ['--input', {str(SAMPLES)!r}, '--bq-table=bq://{table_id}', '--progress-seconds=0',\n"
+        f"        '--project={PROJECT}', '--temp_location={temp_location}']\n"
+        "assert not set(cli.NOT_FOR_LOCAL_FILES) & set(cli.not_for_beam(argv))\n"
+        "with cli.beam_imported_without(cli.not_for_beam(argv)):\n"
         "    import pipeline.main\n"
         "hidden = [name for name in cli.NOT_FOR_LOCAL_RUNS if sys.modules.get(name) is not None]\n"
         "from apache_beam.io.gcp.internal.clients import bigquery as bq_apitools\n"
         f"bq_apitools.BigqueryV2.BASE_URL = {gcp_local['bq'] + '/bigquery/v2/'!r}\n"
-        f"code = pipeline.main.main(['--input', {str(SAMPLES)!r}, '--bq-table=bq://{table_id}',\n"
-        f"                           '--progress-seconds=0', '--project={PROJECT}',\n"
-        f"                           '--temp_location={temp_location}'])\n"
+        "code = pipeline.main.main(argv)\n"
         "print(json.dumps({'code': code, 'imported': hidden}))\n"
     )
     env = dict(os.environ, BIGQUERY_EMULATOR_HOST=gcp_local["bq"], STORAGE_EMULATOR_HOST=gcp_local["gcs"])

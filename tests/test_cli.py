@@ -20,7 +20,7 @@ import duckdb
 import pytest
 
 from pipeline import main as command
-from pipeline.cli import NOT_FOR_BEAM, NOT_FOR_LOCAL_RUNS
+from pipeline.cli import NOT_FOR_BEAM, NOT_FOR_LOCAL_FILES, NOT_FOR_LOCAL_RUNS
 from pipeline.cli import not_for_beam as cli_not_for_beam
 from tests.test_progress import copies_of_the_samples
 
@@ -330,32 +330,63 @@ def test_beam_is_imported_without_the_modules_it_would_import_for_nothing():
     assert result["after"] == {"pymongo": True, "bson": True, "pandas": has_pandas}
 
 
-@pytest.mark.parametrize("runner, hidden", [([], True), (["--runner=DirectRunner"], False), (["--runner", "x"], False)])
-def test_a_local_run_imports_beam_without_the_clients_only_a_remote_runner_uses(tmp_path, runner, hidden):
-    """Without --runner (a local export), Beam is imported without the Dataflow API's
-    client, Pub/Sub's and BigQuery Storage's read client: the export still runs, and
-    they import as usual afterwards. With --runner, Beam is imported whole."""
-    hides = set(cli_not_for_beam(runner))
-    assert hides >= set(NOT_FOR_BEAM) and (hides >= set(NOT_FOR_LOCAL_RUNS)) is hidden
-    if runner:
-        return
-    table = tmp_path / "out.duckdb"
+@pytest.mark.parametrize("argv, local_run, local_files", [
+    ([], True, True),
+    (["--input", "scans", "--bq-table=duckdb://out.duckdb#t", "--bq_table", "parquet://out"], True, True),
+    (["--runner=DirectRunner"], False, False),
+    (["--runner", "x", "--input", "scans"], False, False),
+    (["--input", "gs://bucket/scans"], True, False),
+    (["--input", "scans", "--filter-config-gcs-uri", "gs://bucket/filter.txt"], True, False),
+    (["--input", "scans", "--bq-table", "parquet+gs://bucket/out"], True, False),
+    (["--input", "scans", "--bq-table", "bq://project.dataset.table"], True, False),
+    (["--input", "scans", "--bq-table=project:dataset.table"], True, False),
+    (["--input", "scans", "--bq_table", "project.dataset.table"], True, False),
+    (["--input", "scans", "--bq-table"], True, False),
+])
+def test_beam_is_imported_without_what_the_command_line_cannot_use(argv, local_run, local_files):
+    """Without --runner, Beam is imported without the clients only a remote runner or a
+    streaming pipeline uses; if the command line also names no Cloud Storage path and no
+    BigQuery table (a scheme-less --bq-table is one), without Beam's Cloud Storage and
+    BigQuery IO too. With --runner, Beam is imported whole."""
+    hides = set(cli_not_for_beam(argv))
+    assert hides >= set(NOT_FOR_BEAM)
+    assert (hides >= set(NOT_FOR_LOCAL_RUNS)) is local_run
+    assert (hides >= set(NOT_FOR_LOCAL_FILES)) is local_files
+
+
+@pytest.mark.parametrize("destination", ["duckdb", "parquet"])
+def test_a_local_run_exports_with_beam_imported_without_what_it_cannot_use(tmp_path, destination):
+    """A local run into a DuckDB file or a Parquet folder, as the command imports Beam (the
+    test above): it exports every instance; none of the modules hidden from Beam is
+    imported by the run (but pyarrow's Parquet module, which the Parquet destination
+    imports for itself), and each imports as usual afterwards."""
+    uri = f"duckdb://{tmp_path / 'out.duckdb'}#instances" if destination == "duckdb" else f"parquet://{tmp_path / 'out'}"
     script = (
         "import importlib, json, sys\n"
         "from pipeline import cli\n"
-        f"code = cli.main(['--input', {str(SAMPLES)!r}, '--bq-table=duckdb://{table}#instances', "
-        "'--progress-seconds=0'])\n"
-        "during = sorted(name for name in cli.NOT_FOR_LOCAL_RUNS if sys.modules.get(name) is not None)\n"
-        "after = [name for name in cli.NOT_FOR_LOCAL_RUNS if importlib.util.find_spec(name) is not None]\n"
+        "hidden = cli.NOT_FOR_LOCAL_RUNS + cli.NOT_FOR_LOCAL_FILES\n"
+        f"code = cli.main(['--input', {str(SAMPLES)!r}, '--bq-table={uri}', '--progress-seconds=0'])\n"
+        "during = sorted(name for name in hidden if sys.modules.get(name) is not None)\n"
+        "clients = ('google.cloud.storage', 'google.cloud.bigquery')\n"
+        "clients_during = sorted(name for name in clients if name in sys.modules)\n"
+        "after = [name for name in hidden + clients if importlib.util.find_spec(name) is not None]\n"
         "for name in after:\n"
         "    importlib.import_module(name)\n"
-        "print(json.dumps({'code': code, 'during': during, 'after': after}))\n"
+        "print(json.dumps({'code': code, 'during': during, 'clients': clients_during, 'after': after}))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["code"] == 0 and result["during"] == []
-    assert "google.cloud.dataflow" in result["after"]  # installed with Beam's gcp extra: it was there to hide
-    with duckdb.connect(str(table), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM instances").fetchone()[0] == len(list(SAMPLES.rglob("*.dcm")))
-    assert "Traceback" not in done.stderr and "bigquery_storage" not in done.stderr
+    assert result["code"] == 0 and result["clients"] == []
+    assert result["during"] == ([] if destination == "duckdb" else ["pyarrow.parquet"])
+    # Installed with Beam's gcp extra: there was something to hide.
+    assert {"google.cloud.dataflow", "google.cloud.storage", "apache_beam.io.gcp.gcsio"} <= set(result["after"])
+    expected = len(list(SAMPLES.rglob("*.dcm")))
+    if destination == "duckdb":
+        with duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM instances").fetchone()[0] == expected
+    else:
+        with duckdb.connect() as con:
+            rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path / 'out'}/*.parquet')").fetchone()[0]
+        assert rows == expected
+    assert "Traceback" not in done.stderr and "bigquery" not in done.stderr.lower()
