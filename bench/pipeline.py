@@ -13,10 +13,15 @@ series and SOP instance UIDs) to a temporary folder, then measures, interleaved 
   keywords → pandas → Parquet → DuckDB), end to end as a process;
 * ``dicom-bq-export`` as a user runs it (default local runner) into each of
   ``--destinations`` (a DuckDB file, a Parquet folder), wall time from process start
-  to exit, with the CPU time of the whole process tree (launcher + read processes and
-  their fork server, as the kernel counts a process's reaped descendants: less
-  sensitive than wall time to what else the machine runs) and its peak resident
-  memory, sampled every 50 ms.
+  to exit, with the CPU time of the whole process tree (launcher, read processes and
+  their fork server: each one's as last sampled, so at most 50 ms short per process;
+  less sensitive than wall time to what else the machine runs) and its peak resident
+  memory, both sampled every 50 ms.
+
+Before measuring, the checkouts' own modules are byte-compiled (``compileall``), as
+``pip install`` does at install time: a machine with ``PYTHONDONTWRITEBYTECODE`` set
+would otherwise compile them from source in every run (~0.2 s of the launcher's CPU
+and again in the read processes' fork server), which no installed copy does.
 
 Aims (issue 12), on 2 cores: the export faster than the user's script; ≥ 1.5× the bare
 walk's throughput at 2,000 instances and ≥ 2.5× at 10,000; peak memory flat in the
@@ -26,11 +31,11 @@ number of instances. Needs the ``bench`` extra (pandas) for the user's script.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import pathlib
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -72,8 +77,9 @@ def make_instances(folder: pathlib.Path, count: int, seed: int = 1) -> list[str]
     return paths
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc)."""
+def tree_rss_bytes(pid: int, cpu_ticks: dict | None = None) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc); with
+    ``cpu_ticks``, also each one's CPU time so far (user + system, in clock ticks) by pid."""
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
@@ -82,12 +88,22 @@ def tree_rss_bytes(pid: int) -> int:
                 for line in status:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
+            if cpu_ticks is not None:
+                with open(f"/proc/{current}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+                cpu_ticks[current] = int(fields[11]) + int(fields[12])  # utime, stime
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as children:
                     stack += [int(c) for c in children.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def byte_compile(source: pathlib.Path) -> None:
+    """Byte-compile a checkout's packages, as ``pip install`` would (see above)."""
+    for package in ("pipeline", "transforms", "schemas"):
+        compileall.compile_dir(str(source / package), quiet=1)
 
 
 DESTINATIONS = {
@@ -108,7 +124,7 @@ def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None,
     if workers:
         command += ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     peak = 0
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_ticks: dict[int, int] = {}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = threading.Event()
@@ -116,20 +132,19 @@ def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None,
     def sample():
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss_bytes(process.pid))
+            peak = max(peak, tree_rss_bytes(process.pid, cpu_ticks))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     _, stderr = process.communicate()
     wall = time.perf_counter() - started
-    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     done.set()
     sampler.join()
     if process.returncode:
         raise SystemExit(f"export failed:\n{stderr}")
     summary = json.loads(summary_path.read_text())
-    cpu = sum(getattr(children_after, name) - getattr(children_before, name) for name in ("ru_utime", "ru_stime"))
+    cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
     return {"wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_bytes": peak, "summary": summary}
 
 
@@ -153,6 +168,8 @@ def main() -> None:
                         help="another checkout of the project (e.g. a clone of main beside this one): its export runs in each round too")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}; pydicom {pydicom.__version__}")
+    for source in [ROOT] + ([pathlib.Path(args.baseline)] if args.baseline else []):
+        byte_compile(source)
     for size in (int(s) for s in args.sizes.split(",")):
         workdir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="dicom-bench-"))
         try:

@@ -36,7 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import latency_proxy  # noqa: E402
-from pipeline import make_instances  # noqa: E402  (bench/pipeline.py)
+from pipeline import byte_compile, make_instances  # noqa: E402  (bench/pipeline.py)
 
 _THREADED_EMULATOR = """
 import sys, time
@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=None,
                         help="another checkout of the project (e.g. a clone of main beside this one): its gs:// exports run in each round too")
     args = parser.parse_args()
+    for source in [ROOT] + ([pathlib.Path(args.baseline)] if args.baseline else []):
+        byte_compile(source)  # as an installed copy is (bench/pipeline.py)
     workdir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="dicom-bench-remote-"))
     emulator, emulator_url = start_emulator()
     proxies = []
