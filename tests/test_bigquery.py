@@ -256,7 +256,7 @@ def test_a_local_run_of_the_command_loads_with_beam_imported_as_the_command_impo
         "from pipeline import cli\n"
         f"argv = ['--input', {str(SAMPLES)!r}, '--bq-table=bq://{table_id}', '--progress-seconds=0',\n"
         f"        '--project={PROJECT}', '--temp_location={temp_location}']\n"
-        "assert not set(cli.NOT_FOR_LOCAL_FILES) & set(cli.not_for_beam(argv))\n"
+        "assert not set(cli.NOT_FOR_LOCAL_TABLES + cli.NOT_FOR_LOCAL_FILES) & set(cli.not_for_beam(argv))\n"
         "with cli.beam_imported_without(cli.not_for_beam(argv)):\n"
         "    import pipeline.main\n"
         "hidden = [name for name in cli.NOT_FOR_LOCAL_RUNS if sys.modules.get(name) is not None]\n"

@@ -20,7 +20,7 @@ import duckdb
 import pytest
 
 from pipeline import main as command
-from pipeline.cli import NOT_FOR_BEAM, NOT_FOR_LOCAL_FILES, NOT_FOR_LOCAL_RUNS
+from pipeline.cli import NOT_FOR_BEAM, NOT_FOR_LOCAL_FILES, NOT_FOR_LOCAL_RUNS, NOT_FOR_LOCAL_TABLES
 from pipeline.cli import not_for_beam as cli_not_for_beam
 from tests.test_progress import copies_of_the_samples
 
@@ -330,27 +330,29 @@ def test_beam_is_imported_without_the_modules_it_would_import_for_nothing():
     assert result["after"] == {"pymongo": True, "bson": True, "pandas": has_pandas}
 
 
-@pytest.mark.parametrize("argv, local_run, local_files", [
-    ([], True, True),
-    (["--input", "scans", "--bq-table=duckdb://out.duckdb#t", "--bq_table", "parquet://out"], True, True),
-    (["--runner=DirectRunner"], False, False),
-    (["--runner", "x", "--input", "scans"], False, False),
-    (["--input", "gs://bucket/scans"], True, False),
-    (["--input", "scans", "--filter-config-gcs-uri", "gs://bucket/filter.txt"], True, False),
-    (["--input", "scans", "--bq-table", "parquet+gs://bucket/out"], True, False),
-    (["--input", "scans", "--bq-table", "bq://project.dataset.table"], True, False),
-    (["--input", "scans", "--bq-table=project:dataset.table"], True, False),
-    (["--input", "scans", "--bq_table", "project.dataset.table"], True, False),
-    (["--input", "scans", "--bq-table"], True, False),
+@pytest.mark.parametrize("argv, local_run, local_tables, local_files", [
+    ([], True, True, True),
+    (["--input", "scans", "--bq-table=duckdb://out.duckdb#t", "--bq_table", "parquet://out"], True, True, True),
+    (["--runner=DirectRunner"], False, False, False),
+    (["--runner", "x", "--input", "scans"], False, False, False),
+    (["--input", "gs://bucket/scans"], True, True, False),
+    (["--input", "scans", "--filter-config-gcs-uri", "gs://bucket/filter.txt"], True, True, False),
+    (["--input", "scans", "--bq-table", "parquet+gs://bucket/out"], True, True, False),
+    (["--input", "scans", "--bq-table", "bq://project.dataset.table"], True, False, False),
+    (["--input", "scans", "--bq-table=project:dataset.table"], True, False, False),
+    (["--input", "scans", "--bq_table", "project.dataset.table"], True, False, False),
+    (["--input", "scans", "--bq-table"], True, False, False),
 ])
-def test_beam_is_imported_without_what_the_command_line_cannot_use(argv, local_run, local_files):
+def test_beam_is_imported_without_what_the_command_line_cannot_use(argv, local_run, local_tables, local_files):
     """Without --runner, Beam is imported without the clients only a remote runner or a
-    streaming pipeline uses; if the command line also names no Cloud Storage path and no
-    BigQuery table (a scheme-less --bq-table is one), without Beam's Cloud Storage and
-    BigQuery IO too. With --runner, Beam is imported whole."""
+    streaming pipeline uses; if the command line also names no BigQuery table (a
+    scheme-less --bq-table is one), without Beam's BigQuery IO; if it names no Cloud
+    Storage path either, without Beam's Cloud Storage client. With --runner, Beam is
+    imported whole."""
     hides = set(cli_not_for_beam(argv))
     assert hides >= set(NOT_FOR_BEAM)
     assert (hides >= set(NOT_FOR_LOCAL_RUNS)) is local_run
+    assert (hides >= set(NOT_FOR_LOCAL_TABLES)) is local_tables
     assert (hides >= set(NOT_FOR_LOCAL_FILES)) is local_files
 
 
@@ -364,7 +366,7 @@ def test_a_local_run_exports_with_beam_imported_without_what_it_cannot_use(tmp_p
     script = (
         "import importlib, json, sys\n"
         "from pipeline import cli\n"
-        "hidden = cli.NOT_FOR_LOCAL_RUNS + cli.NOT_FOR_LOCAL_FILES\n"
+        "hidden = cli.NOT_FOR_LOCAL_RUNS + cli.NOT_FOR_LOCAL_TABLES + cli.NOT_FOR_LOCAL_FILES\n"
         f"code = cli.main(['--input', {str(SAMPLES)!r}, '--bq-table={uri}', '--progress-seconds=0'])\n"
         "during = sorted(name for name in hidden if sys.modules.get(name) is not None)\n"
         "clients = ('google.cloud.storage', 'google.cloud.bigquery')\n"
@@ -390,3 +392,34 @@ def test_a_local_run_exports_with_beam_imported_without_what_it_cannot_use(tmp_p
             rows = con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path / 'out'}/*.parquet')").fetchone()[0]
         assert rows == expected
     assert "Traceback" not in done.stderr and "bigquery" not in done.stderr.lower()
+
+
+def test_a_cloud_storage_run_exports_with_beam_imported_without_bigquery_io(gcs_bucket, gcs_emulator, tmp_path):
+    """A local run from gs:// into DuckDB, as the command imports Beam: without Beam's
+    BigQuery IO (never imported by the run), with its Cloud Storage filesystem; every
+    instance is exported."""
+    _client, bucket = gcs_bucket
+    samples = sorted(SAMPLES.rglob("*.dcm"))
+    for path in samples:
+        bucket.blob("in/" + str(path.relative_to(SAMPLES))).upload_from_filename(str(path))
+    argv = ["--input", f"gs://{bucket.name}/in/", f"--bq-table=duckdb://{tmp_path / 'out.duckdb'}#instances",
+            "--progress-seconds=0"]
+    assert set(NOT_FOR_LOCAL_TABLES) <= set(cli_not_for_beam(argv))
+    script = (
+        "import json, sys\n"
+        "import google.auth\n"
+        "from google.auth.credentials import AnonymousCredentials\n"
+        "google.auth.default = lambda *a, **k: (AnonymousCredentials(), 'test-project')\n"
+        "from pipeline import cli\n"
+        f"code = cli.main({argv!r})\n"
+        "during = sorted(name for name in cli.NOT_FOR_LOCAL_TABLES + ('google.cloud.bigquery',) if name in sys.modules)\n"
+        "print(json.dumps({'code': code, 'during': during}))\n"
+    )
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs_emulator)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "during": []}
+    with duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM instances").fetchone()[0] == len(samples)
+    assert "Traceback" not in done.stderr

@@ -572,6 +572,33 @@ def _sample_uids() -> dict:
         SimpleNamespace(uids=read_header(io.BytesIO(Path(p).read_bytes())).uids) for p in SAMPLES)}
 
 
+def test_the_command_exports_from_dicomweb_with_beam_imported_as_it_imports_it(orthanc, tmp_path):
+    """``dicom-bq-export`` as a user runs it (no --runner, in a process of its own): Beam
+    imported without its Cloud Storage and BigQuery IO and Google's older API client
+    (``pipeline.cli.not_for_beam``: the command line names no gs:// and no BigQuery table),
+    a DICOM store's every instance exported into DuckDB."""
+    import json
+    import subprocess
+    import sys
+
+    database = tmp_path / "export.duckdb"
+    script = (
+        "import json, sys\n"
+        "from pipeline import cli\n"
+        f"code = cli.main(['--input', {orthanc.root!r}, '--bq-table=duckdb://{database}#instances',\n"
+        "                 '--progress-seconds=0'])\n"
+        "hidden = cli.NOT_FOR_LOCAL_TABLES + cli.NOT_FOR_LOCAL_FILES\n"
+        "print(json.dumps({'code': code, 'imported': [name for name in hidden if name in sys.modules]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "imported": []}
+    table = _table(tmp_path)
+    assert sorted(row["SOPInstanceUID"] for row in table.read_rows()) == sorted(orthanc.disk)
+    assert PASSWORD not in done.stderr + done.stdout
+
+
 class TestExport:
     def test_files_and_dicomweb_in_one_run_give_the_same_rows_up_to_pixel_data(self, orthanc, tmp_path):
         table = _table(tmp_path)
