@@ -51,7 +51,7 @@ NOT_FOR_LOCAL_RUNS = ("google.cloud.dataflow", "google.cloud.pubsub", "google.cl
 NOT_FOR_LOCAL_TABLES = ("apache_beam.io.gcp.internal.clients.bigquery",)
 #: What a run that names no Cloud Storage path and no BigQuery table never uses: Beam's
 #: Cloud Storage client, which Beam's filesystems import to know ``gs://`` (with it, Cloud
-#: Storage's client library and Beam's Google auth: ~0.2 s, ~5 MiB), and apitools, the
+#: Storage's client library and Beam's Google auth: ~0.2 s, ~2 MiB), and apitools, the
 #: client library of Google's older APIs, which Beam imports for the errors of those APIs
 #: (its retry filters, its metrics of Google API calls) and for the Dataflow API's values
 #: (~0.3 s, ~6 MiB). Without them, for the rest of the process, Beam's filesystems have no
