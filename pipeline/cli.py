@@ -57,8 +57,6 @@ NOT_FOR_LOCAL_TABLES = ("apache_beam.io.gcp.internal.clients.bigquery",)
 #: (~0.3 s, ~6 MiB). Without them, for the rest of the process, Beam's filesystems have no
 #: ``gs://`` and its retry filters do not tell Google APIs' errors apart.
 NOT_FOR_LOCAL_FILES = ("apache_beam.io.gcp.gcsio", "apitools")
-#: ``--bq-table`` values that name no BigQuery table (a scheme-less value is one).
-_NOT_BIGQUERY = ("duckdb://", "parquet://", "parquet+gs://")
 
 
 def not_for_beam(argv: list[str]) -> tuple[str, ...]:
@@ -78,16 +76,20 @@ def not_for_beam(argv: list[str]) -> tuple[str, ...]:
 
 def _names_bigquery(argv: list[str]) -> bool:
     """True unless the command line surely names no BigQuery table: no argument mentions
-    bq://, and every ``--bq-table`` is a DuckDB file or a Parquet folder. Without
-    ``--bq-table`` the destination is a DuckDB file."""
+    bq://, and every ``--bq-table`` starts with the URI scheme of another destination
+    (``pipeline.destinations.base.SCHEMES``; a scheme-less value is a BigQuery table).
+    Without ``--bq-table`` the destination is a DuckDB file."""
+    from pipeline.destinations.base import SCHEMES  # no Beam: the destinations' modules load when used
+
     if any("bq://" in arg for arg in argv):
         return True
+    not_bigquery = tuple(scheme for scheme in SCHEMES if scheme != "bq://")
     for at, arg in enumerate(argv):
         name, equals, value = arg.partition("=")
         if name in ("--bq-table", "--bq_table"):
             if not equals:
                 value = argv[at + 1] if at + 1 < len(argv) else ""
-            if not value.startswith(_NOT_BIGQUERY):
+            if not value.startswith(not_bigquery):
                 return True
     return False
 
