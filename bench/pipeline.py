@@ -113,21 +113,15 @@ DESTINATIONS = {
 }
 
 
-def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb",
-               source: pathlib.Path = ROOT) -> dict:
-    """The export of ``folder`` as a process, with the code in ``source`` (this checkout,
-    or another one to compare with, e.g. the main branch)."""
-    run = time.monotonic_ns()
-    summary_path = workdir / f"summary-{destination}-{run}.json"
-    command = [sys.executable, "-m", "pipeline.cli", "--input", str(folder),
-               f"--bq-table={DESTINATIONS[destination](workdir, run)}", "--progress-seconds=0",
-               f"--summary-json={summary_path}"]
-    if workers:
-        command += ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+def run_sampled(command: list[str], cwd: pathlib.Path, env: dict | None = None) -> dict:
+    """Run ``command`` as a process, sampling its process tree every 50 ms: wall time
+    from start to exit, CPU time (each process's user + system time as last sampled),
+    peak resident memory, return code and standard error."""
     peak = 0
     cpu_ticks: dict[int, int] = {}
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     done = threading.Event()
 
     def sample():
@@ -142,11 +136,33 @@ def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None,
     wall = time.perf_counter() - started
     done.set()
     sampler.join()
-    if process.returncode:
-        raise SystemExit(f"export failed:\n{stderr}")
-    summary = json.loads(summary_path.read_text())
     cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
-    return {"wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_bytes": peak, "summary": summary}
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_bytes": peak, "returncode": process.returncode,
+            "stderr": stderr}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a running process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_export(folder: pathlib.Path, workdir: pathlib.Path, workers: int | None, destination: str = "duckdb",
+               source: pathlib.Path = ROOT) -> dict:
+    """The export of ``folder`` as a process, with the code in ``source`` (this checkout,
+    or another one to compare with, e.g. the main branch)."""
+    run = time.monotonic_ns()
+    summary_path = workdir / f"summary-{destination}-{run}.json"
+    command = [sys.executable, "-m", "pipeline.cli", "--input", str(folder),
+               f"--bq-table={DESTINATIONS[destination](workdir, run)}", "--progress-seconds=0",
+               f"--summary-json={summary_path}"]
+    if workers:
+        command += ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    result = run_sampled(command, source)
+    if result["returncode"]:
+        raise SystemExit(f"export failed:\n{result['stderr']}")
+    return dict(result, summary=json.loads(summary_path.read_text()))
 
 
 def run_user_script(folder: pathlib.Path, workdir: pathlib.Path) -> float:

@@ -9,7 +9,11 @@ One run measures, on the same ``count`` instances (copies of samples/dicom with 
   *threaded* server so that concurrent requests are served concurrently) through
   bench/latency_proxy.py adding ``delay`` ms to every request, for each delay: wall
   time, requests per instance (every request the export made: listing, metadata,
-  reads), bytes served per instance;
+  reads), bytes served per instance; and where the CPU went: the export's process tree
+  (against the local run's), and the emulator's and the latency proxy's (the proxy runs
+  as threads of this process), as a share of the machine's cores over the run. The
+  servers share the machine's cores with the export: near 100%, the run waits for CPU,
+  not for the network;
 * a plain reader with 32 threads fetching the first 64 KiB of every object through the
   same proxy (no conversion): what the network alone allows.
 
@@ -36,7 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import latency_proxy  # noqa: E402
-from pipeline import byte_compile, make_instances  # noqa: E402  (bench/pipeline.py)
+from pipeline import byte_compile, make_instances, process_cpu_seconds, run_sampled  # noqa: E402  (bench/pipeline.py)
 
 _THREADED_EMULATOR = """
 import sys, time
@@ -111,13 +115,18 @@ def export(input_: str, workdir: pathlib.Path, env: dict, source: pathlib.Path =
     summary_path = workdir / f"summary-{time.monotonic_ns()}.json"
     command = [sys.executable, "-m", "pipeline.cli", "--input", input_, f"--bq-table=duckdb://{db}#instances",
                "--progress-seconds=0", f"--summary-json={summary_path}"]
-    started = time.perf_counter()
     env = dict(env, PYTHONPATH=env["PYTHONPATH"].replace(str(ROOT), str(source)))
-    process = subprocess.run(command, cwd=source, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if process.returncode:
-        raise SystemExit(f"export failed:\n{process.stderr[-3000:]}")
-    return {"wall": wall, "summary": json.loads(summary_path.read_text())}
+    result = run_sampled(command, source, env)
+    if result["returncode"]:
+        raise SystemExit(f"export failed:\n{result['stderr'][-3000:]}")
+    return {"wall": result["wall_seconds"], "cpu": result["cpu_seconds"],
+            "summary": json.loads(summary_path.read_text())}
+
+
+def servers_cpu(emulator: subprocess.Popen) -> float:
+    """CPU time so far of the servers an export from ``gs://`` makes work: the emulator's
+    process, and this one (the latency proxy's threads, and the export's sampler)."""
+    return process_cpu_seconds(emulator.pid) + time.process_time()
 
 
 def plain_reader(proxy: str, bucket: str, names: list[str], threads: int = 32) -> float:
@@ -177,14 +186,17 @@ def main() -> None:
         delays = [float(d) for d in args.delays.split(",")]
         proxies = [latency_proxy.start(emulator_url, delay) for delay in delays]
         layout = f" in {args.folders} folders" if args.folders > 1 else ""
-        print(f"{args.count:,} instances{layout}, {os.cpu_count()} cores; {args.repeat} interleaved rounds", flush=True)
+        cores = os.cpu_count()
+        print(f"{args.count:,} instances{layout}, {cores} cores; {args.repeat} interleaved rounds", flush=True)
         for round_ in range(1, args.repeat + 1):
             local = export(str(workdir / "input"), workdir, env)
             local_rate = args.count / local["wall"]
             print(f" round {round_}: local disk {local_rate:6.1f} instances/s ({local['wall']:.1f} s end to end)")
             for delay, (server, proxy) in zip(delays, proxies):
                 _stats(proxy, reset=True)
+                servers_before = servers_cpu(emulator)
                 remote = export(f"gs://{bucket}/dicom/", workdir, dict(env, STORAGE_EMULATOR_HOST=proxy))
+                servers = servers_cpu(emulator) - servers_before
                 stats = _stats(proxy, reset=True)
                 rate = args.count / remote["wall"]
                 print(f"   gs:// + {delay:3.0f} ms/request: {rate:6.1f} instances/s ({remote['wall']:.1f} s) = "
@@ -192,6 +204,9 @@ def main() -> None:
                       f"{stats['total'] / args.count:.2f} requests/instance (aim <= 1.2) {stats['requests']}, "
                       f"up to {stats['max_in_flight']} in flight; {stats['bytes_out'] / args.count:,.0f} bytes/instance",
                       flush=True)
+                print(f"     cpu: export {remote['cpu']:.1f} s (local {local['cpu']:.1f} s), emulator and proxy "
+                      f"{servers:.1f} s; {(remote['cpu'] + servers) / (cores * remote['wall']):.0%} of "
+                      f"{cores} cores over the run", flush=True)
                 if args.baseline:
                     base = export(f"gs://{bucket}/dicom/", workdir, dict(env, STORAGE_EMULATOR_HOST=proxy),
                                   pathlib.Path(args.baseline))
