@@ -5,7 +5,8 @@
 
 For each size it writes that many instances (copies of samples/dicom with new study,
 series and SOP instance UIDs) to a temporary folder, then measures, interleaved and
-``--repeat`` times (the machine is shared: compare within a round, report the best; with
+``--repeat`` times (the machine is shared: compare within a round; the median of the
+rounds' ratios, and in how many rounds each aim was met, close each size; with
 ``--baseline``, its export and this checkout's take turns at going first):
 
 * the bare single-process pydicom walk over all of them (bench/convert.py's
@@ -38,6 +39,7 @@ import os
 import pathlib
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,7 +177,7 @@ def run_user_script(folder: pathlib.Path, workdir: pathlib.Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="2000,10000", help="comma-separated instance counts")
-    parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds per size (best one reported)")
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds per size (each reported, then the median)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the export's own choice)")
     parser.add_argument("--keep", default=None, help="keep the generated files in this folder")
     parser.add_argument("--destinations", default="duckdb",
@@ -194,6 +196,7 @@ def main() -> None:
             paths = make_instances(folder, size)
             megabytes = sum(os.path.getsize(p) for p in paths) / 1e6
             print(f"\n{size:,} instances ({megabytes:.0f} MB on disk)", flush=True)
+            ratios: dict[str, list[tuple[float, float]]] = {}  # destination → (× walk, × script) per round
             for round_ in range(1, args.repeat + 1):
                 line = [f"  round {round_}:"]
                 if not args.no_compare:
@@ -229,7 +232,15 @@ def main() -> None:
                     if not args.no_compare:
                         line.append(f"= {bare / wall:4.2f}x the bare walk (aim {1.5 if size <= 2000 else 2.5}x), "
                                     f"{user / wall:4.2f}x the user's script (aim > 1x)")
+                        ratios.setdefault(destination, []).append((bare / wall, user / wall))
                 print(" ".join(line), flush=True)
+            aim = 1.5 if size <= 2000 else 2.5
+            for destination, rounds in ratios.items():
+                walk, script = [r[0] for r in rounds], [r[1] for r in rounds]
+                print(f"  median of {len(rounds)} rounds, into {destination}: {statistics.median(walk):4.2f}x the bare walk "
+                      f"(aim {aim}x met in {sum(r >= aim for r in walk)} of {len(rounds)}), "
+                      f"{statistics.median(script):4.2f}x the user's script (aim > 1x met in "
+                      f"{sum(r > 1 for r in script)} of {len(rounds)})", flush=True)
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
