@@ -20,7 +20,8 @@ reads of the folder (a filter on one column; a scan of a nested repeated column)
 one transaction, the file closed) of that many rows staged as JSON lines (10,000 rows per
 file), each in a fresh process: its wall time and peak resident memory with the load
 connection's settings (``LOAD_ROW_GROUP_SIZE``, ``LOAD_THREADS``, ``LOAD_MEMORY_LIMIT``) and
-with DuckDB's defaults (122,880 rows per row group, one thread per core, no memory limit).
+with DuckDB's defaults (122,880 rows per row group, one thread per core, no memory limit),
+and with the load connection's settings but two threads.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def load_memory(counts: list[int]) -> None:
             "load connection": (destination.LOAD_ROW_GROUP_SIZE, destination.LOAD_THREADS,
                                 destination.LOAD_MEMORY_LIMIT),
             "DuckDB's defaults": (122_880, os.cpu_count() or 1, ""),
+            "2 threads": (destination.LOAD_ROW_GROUP_SIZE, 2, destination.LOAD_MEMORY_LIMIT),
         }
         print(f"\nDuckDB load alone, rows of samples/dicom staged 10,000 per file ({staged.stat().st_size / 1e6:.0f} MB)")
         for count in counts:
