@@ -1,8 +1,13 @@
 """Benchmark: convert-from-file against a bare pydicom header walk, on the same files.
 
-    python bench/convert.py [--repeat 20] [FILE_OR_FOLDER...]
+    python bench/convert.py [--repeat 20] [--multiframe FRAMES] [FILE_OR_FOLDER...]
 
-Without arguments it uses pydicom's bundled test files that are instances. For each
+Without arguments it uses pydicom's bundled test files that are instances. With
+``--multiframe`` it measures instead (or besides the files given) two synthetic enhanced
+MR headers of that many frames, each frame an item of the Per-frame Functional Groups
+Sequence holding five one-item sequences (a header made mostly of sequence items, where
+the Datasets pydicom builds for them cost the most), once with sequences and items of
+defined length and once of undefined length. For each
 file both ways read it from disk: the bare walk is ``dcmread(stop_before_pixels=True)``
 and touching every value (sequences included); the conversion is what the pipeline does
 per instance (``read_header`` + ``flatten_instance``, the file buffered as the pipeline's
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,6 +79,57 @@ def instance_files(paths: list[str]) -> list[str]:
     return usable
 
 
+def multiframe_files(folder: str, frames: int) -> list[str]:
+    """Two enhanced MR headers of ``frames`` frames (no pixel data) in ``folder``: one
+    with sequences and items of defined length, one of undefined length."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def item(**elements) -> Sequence:
+        dataset = Dataset()
+        for keyword, value in elements.items():
+            setattr(dataset, keyword, value)
+        return Sequence([dataset])
+
+    paths = []
+    for undefined in (False, True):
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+        ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (generate_uid() for _ in range(3))
+        ds.Modality, ds.NumberOfFrames = "MR", frames
+        groups = []
+        for index in range(frames):
+            group = Dataset()
+            group.FrameContentSequence = item(DimensionIndexValues=[1, index + 1], StackID="1",
+                                              InStackPositionNumber=index + 1,
+                                              FrameAcquisitionDateTime="20200101120000.000000")
+            group.PlanePositionSequence = item(ImagePositionPatient=[0.0, 0.0, float(index)])
+            group.PlaneOrientationSequence = item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+            group.PixelMeasuresSequence = item(PixelSpacing=[0.5, 0.5], SliceThickness=1.0)
+            group.FrameVOILUTSequence = item(WindowCenter=40, WindowWidth=400)
+            groups.append(group)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+        if undefined:
+            _undefined_lengths(ds)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        path = os.path.join(folder, f"enhanced-mr-{frames}-{'undefined' if undefined else 'defined'}.dcm")
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _undefined_lengths(dataset) -> None:
+    for element in dataset:
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for entry in element.value:
+                entry.is_undefined_length_sequence_item = True
+                _undefined_lengths(entry)
+
+
 def timed(function, files: list[str], repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -87,12 +144,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*")
     parser.add_argument("--repeat", type=int, default=20, help="rounds; the best round counts")
+    parser.add_argument("--multiframe", type=int, metavar="FRAMES",
+                        help="measure two synthetic enhanced MR headers of FRAMES frames (defined and undefined lengths)")
     args = parser.parse_args()
-    files = instance_files(args.paths)
+    if args.multiframe is not None and args.multiframe < 1:
+        parser.error("--multiframe needs a number of frames of 1 or more")
+    with tempfile.TemporaryDirectory() as folder:
+        files = instance_files(args.paths) if args.paths or not args.multiframe else []
+        if args.multiframe:
+            files += instance_files(multiframe_files(folder, args.multiframe))
+        measure(files, args.repeat)
+
+
+def measure(files: list[str], repeat: int) -> None:
+    if not files:
+        sys.exit("no instance among the files given")
     size = sum(os.path.getsize(f) for f in files)
-    print(f"{len(files)} instances, {size / 1e6:.1f} MB on disk, best of {args.repeat} rounds")
-    bare = timed(bare_walk, files, args.repeat)
-    ours = timed(convert, files, args.repeat)
+    print(f"{len(files)} instances, {size / 1e6:.1f} MB on disk, best of {repeat} rounds")
+    bare = timed(bare_walk, files, repeat)
+    ours = timed(convert, files, repeat)
     print(f"bare pydicom walk : {len(files) / bare:8.0f} instances/s  ({bare * 1e3 / len(files):.3f} ms each)")
     print(f"convert (ours)    : {len(files) / ours:8.0f} instances/s  ({ours * 1e3 / len(files):.3f} ms each)")
     print(f"cost ratio convert/bare: {ours / bare:.2f}x (aim <= 1.30x)")

@@ -703,3 +703,52 @@ def test_a_public_un_value_that_does_not_parse_as_its_dictionary_vr_is_not_fit()
     assert "ReferencedSeriesSequence" in dropped(flat.row)
     assert flat.row["OtherElements"] == [{"Tag": "Tag_00280010", "Data": ["010203"]}]
     assert flat.counts["dropped_not_fit"] == 1
+
+
+def _undefined_lengths(dataset: Dataset) -> None:
+    for element in dataset:
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for entry in element.value:
+                entry.is_undefined_length_sequence_item = True
+                _undefined_lengths(entry)
+
+
+def test_a_header_of_nested_sequence_items_gives_one_row_whatever_its_encoding():
+    """An enhanced multi-frame header (bench/convert.py --multiframe): each frame an item
+    of the Per-frame Functional Groups Sequence holding one-item sequences. Sequences and
+    items of defined or undefined length, in each transfer syntax, are the same row."""
+
+    def enhanced(undefined: bool) -> Dataset:
+        ds = instance(study="1.2.3", series="1.2.3.4", sop="1.2.3.4.5")
+        ds.NumberOfFrames = 40
+        ds.SharedFunctionalGroupsSequence = sequence(item(PixelMeasuresSequence=sequence(
+            item(PixelSpacing=[0.5, 0.5], SliceThickness=1.0))))
+        ds.PerFrameFunctionalGroupsSequence = sequence(*(
+            item(FrameContentSequence=sequence(item(DimensionIndexValues=[1, frame], InStackPositionNumber=frame,
+                                                    FrameAcquisitionDateTime="20200101120000.000000")),
+                 PlanePositionSequence=sequence(item(ImagePositionPatient=[0.0, 0.0, frame / 2])),
+                 FrameVOILUTSequence=sequence(item(WindowCenter=40, WindowWidth=400)))
+            for frame in range(1, 41)))
+        if undefined:
+            _undefined_lengths(ds)
+        return ds
+
+    meta = {"FileMetaInformationGroupLength", "TransferSyntaxUID"}  # they name the encoding
+    rows = {
+        (undefined, syntax): {name: value for name, value in flatten(enhanced(undefined), syntax).row.items()
+                              if name not in meta}
+        for undefined in (False, True)
+        for syntax in (pydicom.uid.ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+    }
+    first = rows[(False, pydicom.uid.ExplicitVRLittleEndian)]
+    frames = first["PerFrameFunctionalGroupsSequence"]
+    assert len(frames) == 40
+    assert frames[39]["FrameContentSequence"] == [
+        {"DimensionIndexValues": [1, 40], "InStackPositionNumber": 40,
+         "FrameAcquisitionDateTime": "2020-01-01 12:00:00.000000+00:00"}]
+    assert frames[39]["PlanePositionSequence"] == [{"ImagePositionPatient": ["0.0", "0.0", "20.0"]}]  # DS: text
+    assert first["SharedFunctionalGroupsSequence"] == [
+        {"PixelMeasuresSequence": [{"PixelSpacing": ["0.5", "0.5"], "SliceThickness": "1.0"}]}]
+    for key, row in rows.items():
+        assert row == first, key
