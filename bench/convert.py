@@ -86,11 +86,22 @@ def multiframe_files(folder: str, frames: int) -> list[str]:
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    def item(**elements) -> Sequence:
+    def sequence(items: list, undefined: bool) -> Sequence:
+        for entry in items:
+            entry.is_undefined_length_sequence_item = undefined
+        return Sequence(items)
+
+    def sequences_of(dataset, undefined: bool):  # a sequence's length is its element's
+        for element in dataset:
+            if element.VR == "SQ":
+                element.is_undefined_length = undefined
+        return dataset
+
+    def item(undefined: bool, **elements) -> Sequence:
         dataset = Dataset()
         for keyword, value in elements.items():
             setattr(dataset, keyword, value)
-        return Sequence([dataset])
+        return sequence([dataset], undefined)
 
     paths = []
     for undefined in (False, True):
@@ -101,17 +112,16 @@ def multiframe_files(folder: str, frames: int) -> list[str]:
         groups = []
         for index in range(frames):
             group = Dataset()
-            group.FrameContentSequence = item(DimensionIndexValues=[1, index + 1], StackID="1",
+            group.FrameContentSequence = item(undefined, DimensionIndexValues=[1, index + 1], StackID="1",
                                               InStackPositionNumber=index + 1,
                                               FrameAcquisitionDateTime="20200101120000.000000")
-            group.PlanePositionSequence = item(ImagePositionPatient=[0.0, 0.0, float(index)])
-            group.PlaneOrientationSequence = item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
-            group.PixelMeasuresSequence = item(PixelSpacing=[0.5, 0.5], SliceThickness=1.0)
-            group.FrameVOILUTSequence = item(WindowCenter=40, WindowWidth=400)
-            groups.append(group)
-        ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
-        if undefined:
-            _undefined_lengths(ds)
+            group.PlanePositionSequence = item(undefined, ImagePositionPatient=[0.0, 0.0, float(index)])
+            group.PlaneOrientationSequence = item(undefined, ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+            group.PixelMeasuresSequence = item(undefined, PixelSpacing=[0.5, 0.5], SliceThickness=1.0)
+            group.FrameVOILUTSequence = item(undefined, WindowCenter=40, WindowWidth=400)
+            groups.append(sequences_of(group, undefined))
+        ds.PerFrameFunctionalGroupsSequence = sequence(groups, undefined)
+        sequences_of(ds, undefined)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
@@ -119,15 +129,6 @@ def multiframe_files(folder: str, frames: int) -> list[str]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def _undefined_lengths(dataset) -> None:
-    for element in dataset:
-        if element.VR == "SQ":
-            element.is_undefined_length = True
-            for entry in element.value:
-                entry.is_undefined_length_sequence_item = True
-                _undefined_lengths(entry)
 
 
 def timed(function, files: list[str], repeat: int) -> float:
