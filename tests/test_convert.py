@@ -734,6 +734,9 @@ def test_a_header_of_nested_sequence_items_gives_one_row_whatever_its_encoding()
             _undefined_lengths(ds)
         return ds
 
+    delimiter = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD) Sequence Delimitation Item, little endian
+    assert to_bytes(enhanced(False)).count(delimiter) == 0
+    assert to_bytes(enhanced(True)).count(delimiter) == 3 + 40 * 3  # every sequence, at every level
     meta = {"FileMetaInformationGroupLength", "TransferSyntaxUID"}  # they name the encoding
     rows = {
         (undefined, syntax): {name: value for name, value in flatten(enhanced(undefined), syntax).row.items()
