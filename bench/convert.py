@@ -82,51 +82,13 @@ def instance_files(paths: list[str]) -> list[str]:
 def multiframe_files(folder: str, frames: int) -> list[str]:
     """Two enhanced MR headers of ``frames`` frames (no pixel data) in ``folder``: one
     with sequences and items of defined length, one of undefined length."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    def sequence(items: list, undefined: bool) -> Sequence:
-        for entry in items:
-            entry.is_undefined_length_sequence_item = undefined
-        return Sequence(items)
-
-    def sequences_of(dataset, undefined: bool):  # a sequence's length is its element's
-        for element in dataset:
-            if element.VR == "SQ":
-                element.is_undefined_length = undefined
-        return dataset
-
-    def item(undefined: bool, **elements) -> Sequence:
-        dataset = Dataset()
-        for keyword, value in elements.items():
-            setattr(dataset, keyword, value)
-        return sequence([dataset], undefined)
+    from tests.builders import enhanced_multiframe, to_bytes, undefined_lengths
 
     paths = []
-    for undefined in (False, True):
-        ds = Dataset()
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
-        ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (generate_uid() for _ in range(3))
-        ds.Modality, ds.NumberOfFrames = "MR", frames
-        groups = []
-        for index in range(frames):
-            group = Dataset()
-            group.FrameContentSequence = item(undefined, DimensionIndexValues=[1, index + 1], StackID="1",
-                                              InStackPositionNumber=index + 1,
-                                              FrameAcquisitionDateTime="20200101120000.000000")
-            group.PlanePositionSequence = item(undefined, ImagePositionPatient=[0.0, 0.0, float(index)])
-            group.PlaneOrientationSequence = item(undefined, ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
-            group.PixelMeasuresSequence = item(undefined, PixelSpacing=[0.5, 0.5], SliceThickness=1.0)
-            group.FrameVOILUTSequence = item(undefined, WindowCenter=40, WindowWidth=400)
-            groups.append(sequences_of(group, undefined))
-        ds.PerFrameFunctionalGroupsSequence = sequence(groups, undefined)
-        sequences_of(ds, undefined)
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-        path = os.path.join(folder, f"enhanced-mr-{frames}-{'undefined' if undefined else 'defined'}.dcm")
-        ds.save_as(path, enforce_file_format=True)
+    for kind, mark in (("defined", lambda ds: ds), ("undefined", undefined_lengths)):
+        path = os.path.join(folder, f"enhanced-mr-{frames}-{kind}.dcm")
+        with open(path, "wb") as out:
+            out.write(to_bytes(mark(enhanced_multiframe(frames))))
         paths.append(path)
     return paths
 

@@ -42,6 +42,41 @@ def item(**keywords) -> Dataset:
     return ds
 
 
+def enhanced_multiframe(frames: int, study: str | None = None, series: str | None = None,
+                        sop: str | None = None) -> Dataset:
+    """An enhanced MR header of ``frames`` frames, no pixel data: a header made mostly of
+    sequence items. Shared Functional Groups hold Pixel Measures; each frame is an item of
+    the Per-frame Functional Groups Sequence holding five one-item sequences (frame content,
+    plane position and orientation, pixel measures, VOI LUT)."""
+    ds = instance(study, series, sop)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    ds.Modality, ds.NumberOfFrames = "MR", frames
+    ds.SharedFunctionalGroupsSequence = sequence(item(PixelMeasuresSequence=sequence(
+        item(PixelSpacing=[0.5, 0.5], SliceThickness=1.0))))
+    ds.PerFrameFunctionalGroupsSequence = sequence(*(
+        item(FrameContentSequence=sequence(item(DimensionIndexValues=[1, frame], StackID="1",
+                                                InStackPositionNumber=frame,
+                                                FrameAcquisitionDateTime="20200101120000.000000")),
+             PlanePositionSequence=sequence(item(ImagePositionPatient=[0.0, 0.0, frame / 2])),
+             PlaneOrientationSequence=sequence(item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])),
+             PixelMeasuresSequence=sequence(item(PixelSpacing=[0.5, 0.5], SliceThickness=1.0)),
+             FrameVOILUTSequence=sequence(item(WindowCenter=40, WindowWidth=400)))
+        for frame in range(1, frames + 1)))
+    return ds
+
+
+def undefined_lengths(dataset: Dataset) -> Dataset:
+    """``dataset`` with every sequence and sequence item, at every level, written with
+    undefined length (delimited) rather than defined length."""
+    for element in dataset:
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for entry in element.value:
+                entry.is_undefined_length_sequence_item = True
+                undefined_lengths(entry)
+    return dataset
+
+
 def to_bytes(
     ds: Dataset,
     transfer_syntax: str = ExplicitVRLittleEndian,
@@ -98,6 +133,7 @@ __all__ = [
     "ExplicitVRBigEndian",
     "ExplicitVRLittleEndian",
     "ImplicitVRLittleEndian",
+    "enhanced_multiframe",
     "field_map",
     "flatten",
     "flatten_bytes",
@@ -106,4 +142,5 @@ __all__ = [
     "schema_fields",
     "sequence",
     "to_bytes",
+    "undefined_lengths",
 ]

@@ -17,6 +17,7 @@ from tests.builders import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
+    enhanced_multiframe,
     flatten,
     flatten_bytes,
     instance,
@@ -24,6 +25,7 @@ from tests.builders import (
     schema_fields,
     sequence,
     to_bytes,
+    undefined_lengths,
 )
 from transforms.header import read_header
 
@@ -705,38 +707,18 @@ def test_a_public_un_value_that_does_not_parse_as_its_dictionary_vr_is_not_fit()
     assert flat.counts["dropped_not_fit"] == 1
 
 
-def _undefined_lengths(dataset: Dataset) -> None:
-    for element in dataset:
-        if element.VR == "SQ":
-            element.is_undefined_length = True
-            for entry in element.value:
-                entry.is_undefined_length_sequence_item = True
-                _undefined_lengths(entry)
-
 
 def test_a_header_of_nested_sequence_items_gives_one_row_whatever_its_encoding():
-    """An enhanced multi-frame header (bench/convert.py --multiframe): each frame an item
-    of the Per-frame Functional Groups Sequence holding one-item sequences. Sequences and
-    items of defined or undefined length, in each transfer syntax, are the same row."""
+    """An enhanced multi-frame header (bench/convert.py --multiframe): sequences and items
+    of defined or undefined length, in each transfer syntax, are the same row."""
 
     def enhanced(undefined: bool) -> Dataset:
-        ds = instance(study="1.2.3", series="1.2.3.4", sop="1.2.3.4.5")
-        ds.NumberOfFrames = 40
-        ds.SharedFunctionalGroupsSequence = sequence(item(PixelMeasuresSequence=sequence(
-            item(PixelSpacing=[0.5, 0.5], SliceThickness=1.0))))
-        ds.PerFrameFunctionalGroupsSequence = sequence(*(
-            item(FrameContentSequence=sequence(item(DimensionIndexValues=[1, frame], InStackPositionNumber=frame,
-                                                    FrameAcquisitionDateTime="20200101120000.000000")),
-                 PlanePositionSequence=sequence(item(ImagePositionPatient=[0.0, 0.0, frame / 2])),
-                 FrameVOILUTSequence=sequence(item(WindowCenter=40, WindowWidth=400)))
-            for frame in range(1, 41)))
-        if undefined:
-            _undefined_lengths(ds)
-        return ds
+        ds = enhanced_multiframe(40, study="1.2.3", series="1.2.3.4", sop="1.2.3.4.5")
+        return undefined_lengths(ds) if undefined else ds
 
     delimiter = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD) Sequence Delimitation Item, little endian
     assert to_bytes(enhanced(False)).count(delimiter) == 0
-    assert to_bytes(enhanced(True)).count(delimiter) == 3 + 40 * 3  # every sequence, at every level
+    assert to_bytes(enhanced(True)).count(delimiter) == 3 + 40 * 5  # every sequence, at every level
     meta = {"FileMetaInformationGroupLength", "TransferSyntaxUID"}  # they name the encoding
     rows = {
         (undefined, syntax): {name: value for name, value in flatten(enhanced(undefined), syntax).row.items()
@@ -748,7 +730,7 @@ def test_a_header_of_nested_sequence_items_gives_one_row_whatever_its_encoding()
     frames = first["PerFrameFunctionalGroupsSequence"]
     assert len(frames) == 40
     assert frames[39]["FrameContentSequence"] == [
-        {"DimensionIndexValues": [1, 40], "InStackPositionNumber": 40,
+        {"DimensionIndexValues": [1, 40], "StackID": "1", "InStackPositionNumber": 40,
          "FrameAcquisitionDateTime": "2020-01-01 12:00:00.000000+00:00"}]
     assert frames[39]["PlanePositionSequence"] == [{"ImagePositionPatient": ["0.0", "0.0", "20.0"]}]  # DS: text
     assert first["SharedFunctionalGroupsSequence"] == [
