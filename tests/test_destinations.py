@@ -225,6 +225,26 @@ def test_the_load_connection_writes_small_row_groups_with_one_thread_and_spills_
     assert groups == 3  # 20,000 rows in row groups of 8,192
 
 
+def test_a_loads_commit_writes_its_rows_into_the_file_not_into_the_write_ahead_log(tmp_path):
+    """LOAD_CHECKPOINT_THRESHOLD: the commit checkpoints, so closing the connection has no
+    log to read back and write again, and the rows are in the file once COMMIT returns."""
+    path = tmp_path / "load.duckdb"
+    wal = pathlib.Path(str(path) + ".wal")
+    con = DuckDBTable(str(path), "t")._connect(load=True)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("CREATE TABLE t AS SELECT range AS n, repeat('x', 200) AS s FROM range(2000)")
+        con.execute("COMMIT")
+        assert not wal.exists() or wal.stat().st_size == 0  # (with DuckDB's 16 MiB default: ~420 kB of log)
+        with duckdb.connect(":memory:") as reader:  # the file alone, as another process would see it
+            copy = tmp_path / "copy.duckdb"
+            shutil.copyfile(path, copy)
+            reader.execute(f"ATTACH '{copy}' AS c (READ_ONLY)")
+            assert reader.execute("SELECT count(*), sum(n) FROM c.t").fetchone() == (2000, 1999 * 2000 // 2)
+    finally:
+        con.close()
+
+
 def test_a_load_that_needs_more_than_the_memory_limit_is_done_again_without_it(tmp_path, monkeypatch):
     """The load connection's memory limit (LOAD_MEMORY_LIMIT) keeps a large load's cache
     small; a load DuckDB cannot fit in it is rolled back and loaded whole without it."""

@@ -66,6 +66,14 @@ LOAD_BUFFERED_ROW_GROUPS = 1
 #: this limit; 769 against 539 MiB at 300,000). A load that needs more (DuckDB's
 #: OutOfMemoryException: a far wider schema) is rolled back and done again without it.
 LOAD_MEMORY_LIMIT = "400MB"
+#: The load connection's ``checkpoint_threshold``: a commit whose log would pass it writes
+#: its changes into the file itself (a checkpoint) instead of the write-ahead log, which
+#: closing the connection would otherwise read back and write into the file a second time.
+#: With any commit past it, a load's commit checkpoints: 2,000 rows of the samples took
+#: 0.29 s to load against 0.33 s (the log's write, ~0.07 s, and the checkpoint at close,
+#: ~0.065 s, against one checkpoint at commit, ~0.08 s); the same time and peak at 10,000
+#: and 100,000 rows.
+LOAD_CHECKPOINT_THRESHOLD = "0KB"
 _ATTACHED = "export"  # the database file's name in a loading connection
 _DUCKDB_TYPES = {
     "STRING": "VARCHAR",
@@ -196,7 +204,8 @@ class DuckDBTable(Destination):
             if not load:
                 return duckdb.connect(self.path, read_only=read_only)
             # spills go beside the database, as with a connection to the file itself
-            config = {"threads": LOAD_THREADS, "temp_directory": self.path + ".tmp"}
+            config = {"threads": LOAD_THREADS, "temp_directory": self.path + ".tmp",
+                      "checkpoint_threshold": LOAD_CHECKPOINT_THRESHOLD}
             if memory_limit:
                 config["memory_limit"] = memory_limit
             con = duckdb.connect(config=config)
