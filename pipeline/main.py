@@ -513,9 +513,35 @@ def _usage(check, *args):
         raise UsageError(str(error)) from None
 
 
+#: How often Beam's state sampler wakes in this process during a local run (Beam's default:
+#: 200 ms). At the end of every bundle ``StateSampler.stop`` joins the sampler's thread,
+#: which first sleeps out its period ("May have to wait up to sampling_period_ms"); a local
+#: run's read step is one long bundle, so every run waited 0–200 ms there (0.04–0.20 s in
+#: 7 of 8 runs of 2,000 files). With 20 ms, 10 alternating pairs of such runs took 2.79 s
+#: on average against 2.89 s. Beam has no option for it; only the sampler's timing
+#: counters see the difference (sampled ten times as often, for a negligible cost).
+STATE_SAMPLING_PERIOD_MS = 20
+
+
+def sample_state_often() -> bool:
+    """Make Beam's state samplers created from now on in this process wake every
+    :data:`STATE_SAMPLING_PERIOD_MS`; False (nothing changed) if Beam's sampler is not the
+    one this was measured with."""
+    from apache_beam.runners.worker import statesampler
+
+    init = statesampler.StateSampler.__init__
+    if init.__defaults__ == (STATE_SAMPLING_PERIOD_MS,):
+        return True
+    if init.__defaults__ != (statesampler.DEFAULT_SAMPLING_PERIOD_MS,):
+        return False
+    init.__defaults__ = (STATE_SAMPLING_PERIOD_MS,)
+    return True
+
+
 def _run_to_completion(pipeline: beam.Pipeline):
     """Run a local pipeline and wait; a user error raised by a worker is re-raised as
     itself, without Beam's wrapping (see :func:`_user_error`)."""
+    sample_state_often()
     try:
         result = pipeline.run()
         result.wait_until_finish()

@@ -7,6 +7,7 @@ import os
 import pathlib
 import random
 import shutil
+import time
 
 import duckdb
 import pytest
@@ -59,6 +60,27 @@ def sop_uids(db: DuckDBTable) -> set[str]:
 
 def columns(db: DuckDBTable) -> list[str]:
     return [field["name"] for field in db.schema()]
+
+
+def test_a_local_runs_bundles_end_without_waiting_out_beams_sampling_period(db):
+    """STATE_SAMPLING_PERIOD_MS: the end of a long bundle (a local run's read step) joins
+    Beam's state sampler, which first sleeps out its period: up to 200 ms by Beam's default."""
+    from apache_beam.runners.worker import statesampler
+    from apache_beam.utils.counters import CounterFactory
+
+    from pipeline.main import STATE_SAMPLING_PERIOD_MS
+
+    export("--input", str(SAMPLES), f"--bq-table={db}")
+    assert statesampler.StateSampler("test", CounterFactory()).sampling_period_ms == STATE_SAMPLING_PERIOD_MS
+    waits = []
+    for _ in range(3):
+        sampler = statesampler.StateSampler("test", CounterFactory())  # as Beam's bundle processor makes it
+        sampler.start()
+        time.sleep(0.4)  # a long bundle: the sampler's sleep has grown to its period
+        started = time.monotonic()
+        sampler.stop()
+        waits.append(time.monotonic() - started)
+    assert max(waits) < 3 * STATE_SAMPLING_PERIOD_MS / 1000 < statesampler.DEFAULT_SAMPLING_PERIOD_MS / 1000
 
 
 # -- SPEC §4: one test per row of the disposition table -----------------------------------
