@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 
 #: What the fork server imports before it forks a read process: the reading code, and
 #: Cloud Storage's client library for a run that reads ``gs://``.
@@ -46,10 +47,21 @@ def start_fork_server(cloud_storage: bool = False) -> None:
 def stop_fork_server() -> None:
     """Stop the fork server, through the standard library's own ``ForkServer._stop``
     (there is no public call); where a Python lacks it, the server stays until the
-    process ends. A later :func:`start_fork_server` starts a new one."""
+    process ends. A later :func:`start_fork_server` starts a new one.
+
+    The server is sent SIGTERM first: it holds nothing to write or release (its read
+    processes are its children, not its state), and asked to stop the standard library's
+    way it would take down its interpreter, pydicom and the rest imported, while
+    ``_stop`` waits for it (~0.05 s at the end of every local run)."""
     from multiprocessing import forkserver
 
-    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
-    if stop is not None:
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if stop is None:
+        return
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is not None:
         with contextlib.suppress(OSError):
-            stop()
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        stop()
