@@ -191,6 +191,22 @@ def test_remote_units_are_listed_several_at_once_each_file_once(gcs_bucket, prox
     assert proxy.max_in_flight > 2  # listings overlap: one at a time never has more than one request out
 
 
+def test_splitting_a_folder_asks_for_its_sub_folders_names_only(gcs_bucket, proxy):
+    """shard_listing_units' delimiter listing pages through the folder's own objects too:
+    their metadata, which the files' listing asks for again, is left out of its answers."""
+    from transforms.listing import match_files, shard_listing_units
+
+    _client, bucket = gcs_bucket
+    names = [name for study in range(3) for name in _upload(bucket, f"split/{study}", 1)] + _upload(bucket, "split", 2)
+    proxy.paths.clear()
+    units = shard_listing_units([f"gs://{bucket.name}/split/**"])
+    assert f"gs://{bucket.name}/split/*" in units and len(units) >= 4  # the sub-folders were found
+    delimited = [path for (_method, path) in proxy.paths if "delimiter=" in path]
+    assert delimited and all("fields=prefixes%2CnextPageToken" in path for path in delimited)
+    assert sorted(f.path for unit in units for f in match_files(unit)) == sorted(
+        f"gs://{bucket.name}/{name}" for name in names)
+
+
 def test_a_failing_remote_listing_fails_the_run(gcs_bucket, proxy):
     _client, bucket = gcs_bucket
     _upload(bucket, "ok", 1)

@@ -125,12 +125,15 @@ def _sub_folders_of(folders: list[str], pipeline_options=None) -> list[list[str]
 
 
 def _sub_folders(folder: str, pipeline_options=None) -> list[str]:
-    """The immediate sub-folders of a local folder or Cloud Storage prefix."""
+    """The immediate sub-folders of a local folder or Cloud Storage prefix. On Cloud
+    Storage the listing pages through the prefix's own objects as well (a page holds up
+    to 1,000 objects and sub-folders): only the sub-folders' names are asked for, not the
+    objects' metadata, which the listing of the files asks for again."""
     if folder.startswith("gs://"):
         bucket, _, prefix = folder[len("gs://"):].partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         client = storage_client(pipeline_options)
-        blobs = client.list_blobs(bucket, prefix=prefix, delimiter="/")
+        blobs = client.list_blobs(bucket, prefix=prefix, delimiter="/", fields="prefixes,nextPageToken")
         for _page in blobs.pages:
             pass
         return sorted(f"gs://{bucket}/{sub.rstrip('/')}" for sub in blobs.prefixes)
