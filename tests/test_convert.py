@@ -707,7 +707,6 @@ def test_a_public_un_value_that_does_not_parse_as_its_dictionary_vr_is_not_fit()
     assert flat.counts["dropped_not_fit"] == 1
 
 
-
 def test_a_header_of_nested_sequence_items_gives_one_row_whatever_its_encoding():
     """An enhanced multi-frame header (bench/convert.py --multiframe): sequences and items
     of defined or undefined length, in each transfer syntax, are the same row."""
