@@ -25,6 +25,10 @@ setuptools.setup(
         "duckdb>=1.1,<3",
         "pyarrow>=14,<26",
         "requests>=2.28,<3",  # DICOMweb (also a dependency of Beam's GCP extra)
+        # Cloud Storage reads (transforms/storage.py; all three also dependencies of Beam's GCP extra)
+        "google-cloud-storage>=2.18,<4",
+        "google-auth>=2.20,<3",
+        "urllib3>=1.26,<3",
         "orjson>=3.9,<4",  # rows handed over by the read processes as JSON text
     ],
     extras_require={

@@ -32,6 +32,7 @@ class _Stats:
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.paths: dict[tuple[str, str], int] = {}
+        self.headers: dict[tuple[str, str], dict] = {}
         self.bytes_out = 0
         self.in_flight = self.max_in_flight = 0
 
@@ -40,11 +41,12 @@ class _Stats:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def add(self, method: str, size: int, path: str = "") -> None:
+    def add(self, method: str, size: int, path: str = "", headers: dict | None = None) -> None:
         with self.lock:
             self.in_flight -= 1
             self.requests[method] = self.requests.get(method, 0) + 1
             self.paths[method, path] = self.paths.get((method, path), 0) + 1
+            self.headers[method, path] = headers or {}
             self.bytes_out += size
 
     def snapshot(self) -> dict:
@@ -56,6 +58,7 @@ class _Stats:
         with self.lock:
             self.requests.clear()
             self.paths.clear()
+            self.headers.clear()
             self.bytes_out = 0
             self.max_in_flight = self.in_flight
 
@@ -110,9 +113,9 @@ def make_handler(upstream: str, delay: float, stats: _Stats):
                 except (http.client.HTTPException, OSError):
                     local.conn = None
                     if attempt == 2:
-                        stats.add(self.command, 0, self.path)
+                        stats.add(self.command, 0, self.path, headers)
                         raise
-            stats.add(self.command, len(data), self.path)
+            stats.add(self.command, len(data), self.path, headers)
             self.send_response(response.status, response.reason)
             for key, value in response.getheaders():
                 if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":

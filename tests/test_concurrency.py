@@ -337,3 +337,113 @@ def test_a_cloud_storage_listing_that_fails_in_the_launcher_is_left_to_the_pipel
     assert pipeline.main._list_here(gone, options) is None
     several_workers = parse_pipeline_options(["--input", "x", "--direct_running_mode=multi_processing"])
     assert pipeline.main._list_here(ExportPlan(listing_units=(f"gs://{bucket.name}/here/*",)), several_workers) is None
+
+
+def _download_path(bucket: str, name: str) -> tuple[str, str]:
+    return "GET", f"/download/storage/v1/b/{bucket}/o/{name.replace('/', '%2F')}?alt=media"
+
+
+def test_ranged_reads_go_by_urllib3_with_the_clients_own_request(gcs_bucket, proxy, monkeypatch):
+    """transforms.storage.ranged_get: the GET download_as_bytes makes (same URL, same
+    headers: user agent, audit header, range), sent by google-auth's urllib3 transport
+    rather than the requests session; the same bytes, the same exception for an error."""
+    from google.api_core import exceptions
+    from google.api_core.client_info import ClientInfo
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.transport.urllib3 import AuthorizedHttp
+    from google.cloud import storage as gcs
+
+    from transforms import storage
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    _client, bucket = gcs_bucket
+    name = _upload(bucket, "lean", 1)[0]
+    client = gcs.Client(project="p", credentials=AnonymousCredentials(),
+                        client_info=ClientInfo(user_agent="apache-beam/0 (GPN:Beam)"),
+                        extra_headers={"x-goog-custom-audit-job": "job"})
+    blob = client.bucket(bucket.name).blob(name)
+    key = _download_path(bucket.name, name)
+    expected = blob.download_as_bytes(start=3, end=202, raw_download=True, checksum=None)
+    by_client = {k.lower(): v for k, v in proxy.headers[key].items()}
+    sent = []
+    session_request = type(client._http).request
+    monkeypatch.setattr(type(client._http), "request", lambda *a, **k: sent.append(a) or session_request(*a, **k))
+    assert storage.ranged_get(blob, 3, 202) == expected and len(expected) == 200
+    assert sent == []  # not by the requests session
+    assert isinstance(storage._read_transports[client], AuthorizedHttp)
+    ours = {k.lower(): v for k, v in proxy.headers[key].items()}
+    invocation = "x-goog-api-client"  # ends with an id of its own per request
+    assert ours[invocation].rsplit(" ", 1)[0] == by_client[invocation].rsplit(" ", 1)[0]
+    assert {k: v for k, v in ours.items() if k != invocation} == {k: v for k, v in by_client.items() if k != invocation}
+    assert ours["range"] == "bytes=3-202" and ours["x-goog-custom-audit-job"] == "job"
+    assert ours["user-agent"].startswith("apache-beam/0 (GPN:Beam)")
+    with pytest.raises(exceptions.NotFound):
+        storage.ranged_get(client.bucket(bucket.name).blob("lean/none"), 0, 9)
+    assert storage.ranged_get(blob, 10**9, 10**9 + 9) == blob.download_as_bytes(start=10**9, end=10**9 + 9,
+                                                                               raw_download=True, checksum=None)
+
+
+def test_ranged_reads_use_the_clients_session_where_it_connects_another_way(gcs_bucket, monkeypatch, tmp_path):
+    """A proxy from the environment for the endpoint (or one set on the session): the
+    client's own download reads (requests' proxy handling); a CA bundle named in the
+    environment: the urllib3 transport verifies with it, as requests would."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    from transforms import storage
+
+    _client, bucket = gcs_bucket
+    name = _upload(bucket, "way", 1)[0]
+
+    def transport():
+        client = gcs.Client(project="p", credentials=AnonymousCredentials())
+        blob = client.bucket(bucket.name).blob(name)
+        return storage._read_transport(client, blob), client
+
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert transport()[0] is None
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the emulator's host: no proxy for it
+    assert transport()[0] is not None
+    monkeypatch.delenv("HTTP_PROXY")
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    http, _client = transport()
+    assert http.http.connection_pool_kw["ca_certs"] == str(bundle)
+    proxied = gcs.Client(project="p", credentials=AnonymousCredentials())
+    proxied._http.proxies = {"http": "http://127.0.0.1:9"}
+    assert storage._read_transport(proxied, proxied.bucket(bucket.name).blob(name)) is None
+
+
+def test_a_ranged_read_is_retried_as_the_client_retries_a_download(gcs_bucket, gcs_emulator, monkeypatch):
+    """A 503 and a connection reset before the answer: the read is retried (the storage
+    client's DEFAULT_RETRY) and returns the bytes; a 404 or a 416 is not retried, and
+    raises the exception the client raises for it."""
+    from google.api_core import exceptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    from tests.dicomweb_proxy import DicomWebProxy
+    from transforms import storage
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    _client, bucket = gcs_bucket
+    names = _upload(bucket, "retry", 2)
+    with DicomWebProxy(gcs_emulator) as faulty:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", faulty.url())
+        client = gcs.Client(project="p", credentials=AnonymousCredentials())
+        faulty.fault(r"retry%2F000", "503")
+        faulty.fault(r"retry%2F001", "reset")
+        for name in names:
+            blob = client.bucket(bucket.name).blob(name)
+            assert storage.ranged_get(blob, 0, 99) == bucket.blob(name).download_as_bytes(start=0, end=99)
+        assert storage._read_transports[client] is not None  # by the urllib3 transport
+        faulty.fault(r"retry%2F000", "404")
+        with pytest.raises(exceptions.NotFound):
+            storage.ranged_get(client.bucket(bucket.name).blob(names[0]), 0, 99)
+        faulty.fault(r"retry%2F000", "416")  # Cloud Storage's answer to a range past the end
+        with pytest.raises(exceptions.RequestRangeNotSatisfiable) as past_the_end:
+            storage.ranged_get(client.bucket(bucket.name).blob(names[0]), 0, 99)
+        assert past_the_end.value.code == 416  # what RangedBlob takes for the end of an object of unknown size
